@@ -1,0 +1,52 @@
+"""Typed failures of the serving path. ``api.py`` maps each class to one HTTP status in one table;
+the engine and the image decoder raise these and nothing HTTP-specific."""
+
+from __future__ import annotations
+
+
+class SegserveError(Exception):
+    """Base class: the message is shown to the client, so it must name the problem plainly."""
+
+
+class UnsupportedMediaError(SegserveError):
+    """Not an image, or a format we do not decode (415)."""
+
+
+class InvalidImageError(SegserveError):
+    """Empty, truncated or corrupt image data (400)."""
+
+
+class PayloadTooLargeError(SegserveError):
+    """Body over the byte limit, or more pixels than allowed / decompression bomb (413)."""
+
+
+class UnknownModelError(SegserveError):
+    """No loaded bundle has this name (404)."""
+
+
+class InvalidParameterError(SegserveError):
+    """A request option out of range: zero stride, crop too large, bad scales (422)."""
+
+
+class MaskNotFoundError(SegserveError):
+    """Unknown or expired mask id (404)."""
+
+
+class OverloadedError(SegserveError):
+    """The batch queue is full or the server is draining (503 with Retry-After)."""
+
+    def __init__(self, message: str, retry_after_s: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class StoreUnavailableError(SegserveError):
+    """The mask store (e.g. Redis) is down or full (503)."""
+
+
+class InferenceTimeoutError(SegserveError):
+    """Inference did not finish within the time limit (504)."""
+
+
+class UnauthorizedError(SegserveError):
+    """Missing or wrong API key (401)."""
