@@ -1,0 +1,96 @@
+"""What a label map becomes for a client: class statistics, label PNG, colour PNG, overlay.
+
+Pure NumPy/Pillow functions, so the routes stay thin and every rendering is testable without a
+server. Colours come from the bundle's palette; a stored mask remembers which palette it was made
+with (``palette_version``) so a replica never paints it with another one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from service.imageio import encode_palette_png, encode_png
+
+OVERLAY_OPACITY = 0.5  # mmsegmentation's default for its visualiser
+
+
+@dataclass(frozen=True)
+class ClassShare:
+    """One class present in a mask: its id, name, pixel count and share of the image."""
+
+    id: int
+    name: str
+    pixels: int
+    fraction: float
+
+
+def palette_array(palette: Sequence[Sequence[int]]) -> np.ndarray:
+    return np.asarray(palette, dtype=np.uint8).reshape(-1, 3)
+
+
+def palette_version(palette: Sequence[Sequence[int]]) -> str:
+    """A short, stable hash of the colours (12 hex digits)."""
+    return hashlib.sha256(palette_array(palette).tobytes()).hexdigest()[:12]
+
+
+def label_dtype(num_classes: int) -> type[np.unsignedinteger]:
+    """uint8 while every class id fits, uint16 beyond 256 classes."""
+    return np.uint8 if num_classes <= 256 else np.uint16
+
+
+def class_statistics(labels: np.ndarray, classes: Sequence[str]) -> list[ClassShare]:
+    """The classes present, by id, with pixel counts and fractions of the whole image."""
+    counts = np.bincount(labels.ravel(), minlength=len(classes))
+    if len(counts) > len(classes):
+        raise ValueError(f"label {len(counts) - 1} outside the model's {len(classes)} classes")
+    total = int(labels.size)
+    return [
+        ClassShare(id=i, name=classes[i], pixels=int(counts[i]), fraction=float(counts[i] / total))
+        for i in np.flatnonzero(counts).tolist()
+    ]
+
+
+def render_labels_png(labels: np.ndarray, num_classes: int) -> bytes:
+    """Class ids as grey levels: 8-bit PNG up to 256 classes, 16-bit above."""
+    return encode_png(labels.astype(label_dtype(num_classes), copy=False))
+
+
+def colorize(labels: np.ndarray, palette: np.ndarray) -> np.ndarray:
+    """(H, W) ids -> (H, W, 3) uint8 colours."""
+    if labels.size and int(labels.max()) >= len(palette):
+        raise ValueError(
+            f"label {int(labels.max())} has no colour in a {len(palette)}-colour palette"
+        )
+    return palette[labels]
+
+
+def render_color_png(labels: np.ndarray, palette: np.ndarray) -> bytes:
+    """The mask in the model's palette: an indexed PNG when it can be one, RGB otherwise."""
+    if len(palette) <= 256:
+        if labels.size and int(labels.max()) >= len(palette):
+            raise ValueError(
+                f"label {int(labels.max())} has no colour in a {len(palette)}-colour palette"
+            )
+        return encode_palette_png(labels.astype(np.uint8, copy=False), palette)
+    return encode_png(colorize(labels, palette))
+
+
+def blend_overlay(
+    labels: np.ndarray, photo: np.ndarray, palette: np.ndarray, opacity: float = OVERLAY_OPACITY
+) -> np.ndarray:
+    """``(1 - opacity) * photo + opacity * colour``, rounded, as (H, W, 3) uint8."""
+    if photo.shape[:2] != labels.shape:
+        raise ValueError(f"photo {photo.shape[:2]} and mask {labels.shape} differ in size")
+    colours = colorize(labels, palette).astype(np.float32)
+    mixed = (1.0 - opacity) * photo.astype(np.float32) + opacity * colours
+    return np.clip(np.rint(mixed), 0, 255).astype(np.uint8)
+
+
+def render_overlay_png(
+    labels: np.ndarray, photo: np.ndarray, palette: np.ndarray, opacity: float = OVERLAY_OPACITY
+) -> bytes:
+    return encode_png(blend_overlay(labels, photo, palette, opacity))

@@ -1,0 +1,65 @@
+"""Server configuration from ``SEGSERVE_*`` environment variables (pydantic-settings).
+
+One object, read once at start-up, so every limit the server enforces is visible in one place.
+Per-model overrides are a JSON object keyed by bundle name, e.g.
+``SEGSERVE_PER_MODEL='{"segformer-b5": {"max_batch_size": 2}}'``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+PROVIDERS = ("cuda", "cpu")
+
+
+class Settings(BaseSettings):
+    """Everything the server can be told; defaults suit a single CPU or GPU box."""
+
+    model_config = SettingsConfigDict(env_prefix="SEGSERVE_", extra="ignore", frozen=True)
+
+    model_repository: Path = Path("model_repository")
+    default_model: str | None = None
+    providers: Annotated[tuple[str, ...], NoDecode] = PROVIDERS
+    allow_cpu_fallback: bool = True
+    max_batch_size: int = Field(8, ge=1)
+    max_queue_delay_ms: float = Field(5.0, ge=0)
+    max_queue_size: int = Field(256, ge=1)
+    intra_op_threads: int = Field(0, ge=0)
+    max_upload_bytes: int = Field(20 * 1024 * 1024, ge=1)
+    max_pixels: int = Field(40_000_000, ge=1)
+    max_scales: int = Field(8, ge=1)
+    max_crop: int = Field(2048, ge=1)
+    max_tta_inputs: int = Field(64, ge=1)
+    inference_timeout_s: float = Field(60.0, gt=0)
+    api_key: SecretStr | None = None
+    mask_store: str = "memory"
+    mask_store_max_bytes: int = Field(256 * 1024 * 1024, ge=1)
+    mask_ttl_s: float = Field(3600.0, gt=0)
+    drain_timeout_s: float = Field(30.0, ge=0)
+    worker_threads: int = Field(4, ge=1)
+    per_model: dict[str, dict[str, Any]] = Field(default_factory=dict)
+
+    @field_validator("providers", mode="before")
+    @classmethod
+    def _split_providers(cls, value: object) -> object:
+        """Accept ``cuda,cpu`` from the environment as well as a sequence."""
+        if isinstance(value, str):
+            value = [part.strip().lower() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("providers")
+    @classmethod
+    def _known_providers(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        unknown = [p for p in value if p not in PROVIDERS]
+        if unknown or not value:
+            raise ValueError(f"providers must be a non-empty subset of {PROVIDERS}, got {value}")
+        return value
+
+    @field_validator("api_key", mode="before")
+    @classmethod
+    def _empty_key_is_none(cls, value: object) -> object:
+        return None if value == "" else value
