@@ -1,0 +1,237 @@
+"""The batch queue of one model: bounded, grouped by input shape, drained by one thread.
+
+Requests submit single model inputs (a window or a whole image, CHW) and get a
+``concurrent.futures.Future`` per input. The batch thread takes up to ``max_batch_size`` inputs of
+one shape, waiting at most ``max_queue_delay_s`` after the oldest arrived for a batch to fill, runs
+them together and resolves each future with its own slice of the output. Inputs of several
+requests share a batch; one request's inputs may span several batches. A request first reserves
+queue places (``admit``), which is where a full queue refuses it; ``release`` (or cancelling a
+future) drops its inputs that have not run yet.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable, Hashable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from service import metrics
+from service.errors import OverloadedError
+
+log = logging.getLogger(__name__)
+
+ShapeKey = tuple[int, ...]
+
+
+@dataclass
+class BatchStats:
+    """Where a request's inputs spent their time (filled in by the batch thread)."""
+
+    queue_wait_s: float = 0.0  # summed over the request's inputs
+    inputs: int = 0
+    batch_seconds: dict[int, float] = field(default_factory=dict)  # batch id -> run time
+
+    @property
+    def inference_s(self) -> float:
+        """Wall time of the batches that carried this request's inputs, each counted once."""
+        return sum(self.batch_seconds.values())
+
+
+@dataclass
+class _Item:
+    tensor: np.ndarray
+    owner: Hashable
+    stats: BatchStats
+    future: Future[np.ndarray]
+    enqueued_at: float
+
+
+class Batcher:
+    """Bounded multi-request batch queue in front of ``run_batch`` (called from one thread)."""
+
+    def __init__(
+        self,
+        run_batch: Callable[[np.ndarray], np.ndarray],
+        *,
+        model_name: str,
+        max_batch_size: int,
+        max_queue_delay_s: float,
+        max_queue_size: int,
+    ) -> None:
+        if max_batch_size < 1 or max_queue_size < 1 or max_queue_delay_s < 0:
+            raise ValueError("batch size and queue size must be positive, delay non-negative")
+        self._run_batch = run_batch
+        self._model = model_name
+        self.max_batch_size = max_batch_size
+        self.max_queue_delay_s = max_queue_delay_s
+        self.max_queue_size = max_queue_size
+        self._buckets: OrderedDict[ShapeKey, deque[_Item]] = OrderedDict()
+        self._depth = 0
+        self._reserved = 0
+        self._reservations: dict[Hashable, int] = {}
+        self._condition = threading.Condition()
+        self._accepting = False
+        self._running = False
+        self._thread: threading.Thread | None = None
+        self._batch_counter = 0
+
+    @property
+    def depth(self) -> int:
+        """Inputs waiting to run."""
+        return self._depth
+
+    def start(self) -> None:
+        with self._condition:
+            if self._thread is not None:
+                return
+            self._accepting = True
+            self._running = True
+            self._thread = threading.Thread(
+                target=self._loop, name=f"batcher-{self._model}", daemon=True
+            )
+            self._thread.start()
+
+    def admit(self, owner: Hashable, slots: int) -> None:
+        """Reserve ``slots`` queue places for a request, or refuse it with ``OverloadedError``.
+
+        A request never has more inputs queued or running than it reserved, so the queue never
+        holds more than ``max_queue_size`` inputs.
+        """
+        with self._condition:
+            if not self._accepting:
+                metrics.REJECTED.labels(self._model, "draining").inc()
+                raise OverloadedError(f"model {self._model!r} is shutting down", retry_after_s=5.0)
+            if self._reserved + slots > self.max_queue_size:
+                metrics.REJECTED.labels(self._model, "queue_full").inc()
+                raise OverloadedError(
+                    f"model {self._model!r} queue is full ({self._depth} inputs waiting)",
+                    retry_after_s=1.0,
+                )
+            self._reservations[owner] = self._reservations.get(owner, 0) + slots
+            self._reserved += slots
+
+    def submit(self, tensor: np.ndarray, owner: Hashable, stats: BatchStats) -> Future[np.ndarray]:
+        """Queue one input of an admitted request; the future resolves to its output."""
+        with self._condition:
+            if owner not in self._reservations:
+                raise RuntimeError("submit before admit")
+            future: Future[np.ndarray] = Future()
+            item = _Item(tensor, owner, stats, future, time.perf_counter())
+            self._buckets.setdefault(tuple(tensor.shape), deque()).append(item)
+            self._depth += 1
+            metrics.QUEUE_DEPTH.labels(self._model).set(self._depth)
+            self._condition.notify()
+        return future
+
+    def release(self, owner: Hashable) -> int:
+        """End a request: drop its queued inputs, free its reservation; returns inputs dropped."""
+        dropped = 0
+        with self._condition:
+            for key in list(self._buckets):
+                bucket = self._buckets[key]
+                kept = deque(item for item in bucket if item.owner != owner)
+                for item in bucket:
+                    if item.owner == owner:
+                        item.future.cancel()
+                        dropped += 1
+                if kept:
+                    self._buckets[key] = kept
+                else:
+                    del self._buckets[key]
+            self._depth -= dropped
+            self._reserved -= self._reservations.pop(owner, 0)
+            metrics.QUEUE_DEPTH.labels(self._model).set(self._depth)
+            self._condition.notify_all()
+        return dropped
+
+    def stop(self, drain_timeout_s: float = 10.0) -> None:
+        """Refuse new work, let queued inputs run for up to ``drain_timeout_s``, then cancel the
+        rest and join the thread."""
+        with self._condition:
+            self._accepting = False
+            self._condition.notify_all()
+        deadline = time.monotonic() + drain_timeout_s
+        with self._condition:
+            while self._depth and time.monotonic() < deadline:
+                self._condition.wait(timeout=min(0.05, max(0.0, deadline - time.monotonic())))
+            for bucket in self._buckets.values():
+                for item in bucket:
+                    item.future.cancel()
+            self._buckets.clear()
+            self._depth = 0
+            self._reservations.clear()
+            self._reserved = 0
+            metrics.QUEUE_DEPTH.labels(self._model).set(0)
+            self._running = False
+            self._condition.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def _next_batch(self) -> list[_Item] | None:
+        """Under the lock: wait for a runnable batch; ``None`` once stopped and empty."""
+        while True:
+            if not self._running:
+                return None
+            if not self._buckets:
+                self._condition.wait()
+                continue
+            now = time.perf_counter()
+            # A full bucket runs first; otherwise the bucket holding the oldest input runs once
+            # that input has waited max_queue_delay_s (or at once while draining).
+            full = [k for k, b in self._buckets.items() if len(b) >= self.max_batch_size]
+            oldest_key = min(self._buckets, key=lambda k: self._buckets[k][0].enqueued_at)
+            waited = now - self._buckets[oldest_key][0].enqueued_at
+            if full:
+                key = min(full, key=lambda k: self._buckets[k][0].enqueued_at)
+            elif waited >= self.max_queue_delay_s or not self._accepting:
+                key = oldest_key
+            else:
+                self._condition.wait(timeout=self.max_queue_delay_s - waited)
+                continue
+            bucket = self._buckets[key]
+            batch = [bucket.popleft() for _ in range(min(self.max_batch_size, len(bucket)))]
+            if not bucket:
+                del self._buckets[key]
+            self._depth -= len(batch)
+            metrics.QUEUE_DEPTH.labels(self._model).set(self._depth)
+            self._condition.notify_all()
+            return batch
+
+    def _loop(self) -> None:
+        while True:
+            with self._condition:
+                batch = self._next_batch()
+            if batch is None:
+                return
+            # Claim the futures; ones cancelled meanwhile (request gone) are skipped.
+            live = [item for item in batch if item.future.set_running_or_notify_cancel()]
+            if live:
+                self._execute(live)
+
+    def _execute(self, items: list[_Item]) -> None:
+        started = time.perf_counter()
+        self._batch_counter += 1
+        for item in items:
+            wait = started - item.enqueued_at
+            item.stats.queue_wait_s += wait
+            item.stats.inputs += 1
+            metrics.QUEUE_WAIT.labels(self._model).observe(wait)
+        metrics.BATCH_SIZE.labels(self._model).observe(len(items))
+        try:
+            outputs = self._run_batch(np.stack([item.tensor for item in items]))
+        except Exception as exc:
+            log.exception("batch of %d inputs failed", len(items))
+            for item in items:
+                item.future.set_exception(exc)
+            return
+        elapsed = time.perf_counter() - started
+        for index, item in enumerate(items):
+            item.stats.batch_seconds[self._batch_counter] = elapsed
+            item.future.set_result(outputs[index])

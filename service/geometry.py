@@ -1,0 +1,129 @@
+"""Pure geometry and array helpers with mmsegmentation 1.x / mmcv 2.x test-time semantics.
+
+Sizes are ``(width, height)`` where mmcv uses that order (``rescale_size``), ``(height, width)``
+everywhere else, as named. Arrays that carry class scores are HWC float32 here because OpenCV
+resizes HWC images in one call; the engine keeps that layout until the very end.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+# OpenCV images hold at most CV_CN_MAX channels; wider score maps are resized in slices.
+_MAX_CV_CHANNELS = 512
+
+
+def scale_size(width: int, height: int, factor: float) -> tuple[int, int]:
+    """mmcv ``_scale_size``: ``(int(w * f + 0.5), int(h * f + 0.5))`` (round half up)."""
+    return int(width * float(factor) + 0.5), int(height * float(factor) + 0.5)
+
+
+def rescale_size(width: int, height: int, scale: tuple[int, int]) -> tuple[int, int]:
+    """mmcv ``rescale_size`` with a (long, short) edge pair: keep the ratio, fit both edges."""
+    long_edge, short_edge = max(scale), min(scale)
+    factor = min(long_edge / max(height, width), short_edge / min(height, width))
+    return scale_size(width, height, factor)
+
+
+def ratio_size(width: int, height: int, ratio: float) -> tuple[int, int]:
+    """Size after mmcv ``Resize(scale_factor=ratio, keep_ratio=True)`` (mmseg 1.x TTA).
+
+    The transform first scales the loaded size by the ratio, then ``imrescale``\\ s the image to
+    that size keeping the ratio, which can differ from the first step by one pixel.
+    """
+    return rescale_size(width, height, scale_size(width, height, ratio))
+
+
+def resize_image(image: np.ndarray, width: int, height: int) -> np.ndarray:
+    """mmcv ``imresize`` with the cv2 backend: bilinear, half-pixel centres, no antialiasing."""
+    if image.shape[1] == width and image.shape[0] == height:
+        return image
+    return cv2.resize(image, (width, height), interpolation=cv2.INTER_LINEAR)
+
+
+def resize_scores(scores: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Bilinear resize of an (H, W, C) float32 map, ``align_corners=False`` like mmseg's ``resize``.
+
+    OpenCV's INTER_LINEAR on float32 uses the same half-pixel mapping and edge clamping as
+    ``torch.nn.functional.interpolate(mode="bilinear", align_corners=False)`` (checked by tests).
+    """
+    if scores.shape[0] == height and scores.shape[1] == width:
+        return scores
+    channels = scores.shape[2]
+    if channels == 1:
+        return cv2.resize(scores[:, :, 0], (width, height), interpolation=cv2.INTER_LINEAR)[
+            :, :, None
+        ]
+    if channels <= _MAX_CV_CHANNELS:
+        return cv2.resize(scores, (width, height), interpolation=cv2.INTER_LINEAR)
+    out = np.empty((height, width, channels), dtype=scores.dtype)
+    for start in range(0, channels, _MAX_CV_CHANNELS):
+        part = np.ascontiguousarray(scores[:, :, start : start + _MAX_CV_CHANNELS])
+        out[:, :, start : start + _MAX_CV_CHANNELS] = resize_scores(part, height, width)
+    return out
+
+
+@dataclass(frozen=True)
+class Window:
+    """One crop of the (resized) image, half-open ``[y1, y2) x [x1, x2)``."""
+
+    y1: int
+    y2: int
+    x1: int
+    x2: int
+
+    @property
+    def height(self) -> int:
+        return self.y2 - self.y1
+
+    @property
+    def width(self) -> int:
+        return self.x2 - self.x1
+
+
+def grid_count(image_size: int, crop: int, stride: int) -> int:
+    """mmseg windows along one axis: ``max(size - crop + stride - 1, 0) // stride + 1``."""
+    return max(image_size - crop + stride - 1, 0) // stride + 1
+
+
+def window_grid(
+    height: int, width: int, crop: tuple[int, int], stride: tuple[int, int]
+) -> list[Window]:
+    """mmseg ``slide_inference`` windows, row-major, the last ones clamped to the image edge.
+
+    An image smaller than the crop along an axis gets one window covering that axis whole, so
+    such windows are smaller than the crop (mmseg runs the model on them as they are).
+    """
+    crop_h, crop_w = crop
+    stride_h, stride_w = stride
+    windows = []
+    for row in range(grid_count(height, crop_h, stride_h)):
+        for col in range(grid_count(width, crop_w, stride_w)):
+            y2 = min(row * stride_h + crop_h, height)
+            x2 = min(col * stride_w + crop_w, width)
+            windows.append(Window(max(y2 - crop_h, 0), y2, max(x2 - crop_w, 0), x2))
+    return windows
+
+
+def window_counts(height: int, width: int, windows: list[Window]) -> np.ndarray:
+    """Per-pixel number of windows covering it, (H, W, 1) float32 (mmseg's ``count_mat``)."""
+    counts = np.zeros((height, width, 1), dtype=np.float32)
+    for window in windows:
+        counts[window.y1 : window.y2, window.x1 : window.x2] += 1.0
+    return counts
+
+
+def softmax(scores: np.ndarray, axis: int = -1) -> np.ndarray:
+    """Numerically stable softmax in float32."""
+    shifted = scores - scores.max(axis=axis, keepdims=True)
+    np.exp(shifted, out=shifted)
+    shifted /= shifted.sum(axis=axis, keepdims=True)
+    return shifted
+
+
+def labels_dtype(num_classes: int) -> type[np.unsignedinteger]:
+    """Smallest unsigned type holding every class index."""
+    return np.uint8 if num_classes <= 256 else np.uint16

@@ -1,0 +1,236 @@
+"""onnxruntime sessions: provider choice, thread counts, placement check, IO binding on CUDA.
+
+One ``Runtime`` per loaded bundle, used only by that model's batcher thread. The provider list is
+resolved explicitly: a requested GPU that is absent is an error, or a logged fallback when the
+configuration allows it, never a silent change.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+log = logging.getLogger(__name__)
+
+PROVIDER_NAMES = {"cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider"}
+CPU = PROVIDER_NAMES["cpu"]
+CUDA = PROVIDER_NAMES["cuda"]
+
+# Shape arithmetic that onnxruntime deliberately keeps on the CPU even under CUDA: these nodes
+# move a handful of int64 values, not activations, so their placement is not a fallback.
+SHAPE_OPS = frozenset(
+    {
+        "Shape",
+        "Size",
+        "Gather",
+        "Unsqueeze",
+        "Squeeze",
+        "Concat",
+        "Slice",
+        "Cast",
+        "Reshape",
+        "ConstantOfShape",
+        "Range",
+        "Equal",
+        "Where",
+        "Expand",
+        "Add",
+        "Sub",
+        "Mul",
+        "Div",
+        "Floor",
+        "Ceil",
+        "MemcpyToHost",
+        "MemcpyFromHost",
+    }
+)
+
+# Inputs larger than this (pixels per batch) ask onnxruntime to hand arena memory back after the
+# run, so that one huge image does not keep its peak allocation for the life of the process.
+ARENA_SHRINK_PIXELS = 4_000_000
+
+
+class ProviderUnavailableError(RuntimeError):
+    """The configured execution providers cannot serve this model on this machine."""
+
+
+class PlacementError(RuntimeError):
+    """Compute nodes of the graph were placed on the CPU under a GPU provider."""
+
+
+def resolve_providers(
+    requested: Iterable[str], available: Iterable[str], allow_cpu_fallback: bool
+) -> list[str]:
+    """Map short names to onnxruntime providers in preference order, keeping the available ones.
+
+    Raises ``ProviderUnavailableError`` when a GPU provider is requested but absent and fallback is
+    not allowed, or when nothing usable remains; logs a warning when it falls back.
+    """
+    available_set = set(available)
+    chosen: list[str] = []
+    for short in requested:
+        if short not in PROVIDER_NAMES:
+            raise ProviderUnavailableError(
+                f"unknown provider {short!r}; known: {', '.join(PROVIDER_NAMES)}"
+            )
+        provider = PROVIDER_NAMES[short]
+        if provider in available_set:
+            chosen.append(provider)
+        elif provider != CPU:
+            if not allow_cpu_fallback:
+                raise ProviderUnavailableError(
+                    f"{provider} requested but onnxruntime here offers only "
+                    f"{', '.join(sorted(available_set))} (set allow_cpu_fallback to run on CPU)"
+                )
+            log.warning("%s requested but unavailable; falling back to the next provider", provider)
+    if not chosen and allow_cpu_fallback and CPU in available_set:
+        log.warning("no requested provider available; falling back to %s", CPU)
+        chosen.append(CPU)
+    if not chosen:
+        raise ProviderUnavailableError(f"none of {list(requested)} is available")
+    return chosen
+
+
+def default_intra_op_threads() -> int:
+    """All cores this process may use: the batcher thread is the only caller of ``run``, and
+    pre/post-processing overlaps with it only briefly, so spinning is disabled instead of
+    reserving a core for it."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def misplaced_nodes(profile_events: list[dict[str, object]], expected_provider: str) -> list[str]:
+    """Compute nodes that an onnxruntime profile shows running outside ``expected_provider``.
+
+    The profile (``SessionOptions.enable_profiling``) records, for every kernel run, the node's
+    op type and the provider that executed it; shape arithmetic (``SHAPE_OPS``) is exempt.
+    """
+    misplaced: set[str] = set()
+    for event in profile_events:
+        args = event.get("args")
+        if event.get("cat") != "Node" or not isinstance(args, dict) or "provider" not in args:
+            continue
+        op_type = str(args.get("op_name", ""))
+        if args["provider"] != expected_provider and op_type not in SHAPE_OPS:
+            name = str(event.get("name", "")).removesuffix("_kernel_time")
+            misplaced.add(f"{name} ({op_type} on {args['provider']})")
+    return sorted(misplaced)
+
+
+@dataclass(frozen=True)
+class RuntimeSettings:
+    providers: tuple[str, ...] = ("cuda", "cpu")
+    allow_cpu_fallback: bool = True
+    intra_op_threads: int = 0
+    # Under CUDA, refuse a graph whose compute nodes fall back to the CPU unless this is set.
+    allow_cpu_nodes: bool = False
+    gpu_mem_limit_bytes: int = 0  # 0: onnxruntime's default
+
+
+class Runtime:
+    """An onnxruntime session for one bundle, fed NCHW batches by a single thread."""
+
+    def __init__(
+        self,
+        model_path: Path,
+        input_name: str,
+        output_name: str,
+        input_dtype: str,
+        settings: RuntimeSettings,
+    ) -> None:
+        self.input_name = input_name
+        self.output_name = output_name
+        self.input_dtype = np.dtype(input_dtype)
+        self.settings = settings
+        self.intra_op_threads = settings.intra_op_threads or default_intra_op_threads()
+        providers = resolve_providers(
+            settings.providers, ort.get_available_providers(), settings.allow_cpu_fallback
+        )
+        self._session = ort.InferenceSession(
+            str(model_path),
+            sess_options=self._session_options(profile=False),
+            providers=[(p, self._provider_options(p)) for p in providers],
+        )
+        self.provider = self._session.get_providers()[0]
+        self._model_path = model_path
+        self._providers = providers
+        self._shrink = ort.RunOptions()
+        arenas = "cpu:0;gpu:0" if self.provider == CUDA else "cpu:0"
+        self._shrink.add_run_config_entry("memory.enable_memory_arena_shrinkage", arenas)
+
+    def _session_options(self, profile: bool) -> ort.SessionOptions:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = self.intra_op_threads
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # Idle pool threads would otherwise spin and steal the cores that resize/merge need.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.enable_profiling = profile
+        return options
+
+    def _provider_options(self, provider: str) -> dict[str, str]:
+        if provider != CUDA:
+            return {}
+        options = {
+            "arena_extend_strategy": "kSameAsRequested",
+            "cudnn_conv_algo_search": "HEURISTIC",
+        }
+        if self.settings.gpu_mem_limit_bytes:
+            options["gpu_mem_limit"] = str(self.settings.gpu_mem_limit_bytes)
+        return options
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        """Logits (N, C, h, w) float32 for an (N, 3, H, W) batch in the bundle's input dtype."""
+        if batch.dtype != self.input_dtype:
+            batch = batch.astype(self.input_dtype)
+        pixels = batch.shape[0] * batch.shape[2] * batch.shape[3]
+        run_options = self._shrink if pixels > ARENA_SHRINK_PIXELS else None
+        if self.provider == CUDA:
+            output = self._run_cuda(batch, run_options)
+        else:
+            output = self._session.run([self.output_name], {self.input_name: batch}, run_options)[0]
+        return output if output.dtype == np.float32 else output.astype(np.float32)
+
+    def _run_cuda(self, batch: np.ndarray, run_options: ort.RunOptions | None) -> np.ndarray:
+        """IO binding: the batch is copied to the device once and the logits are allocated there
+        by onnxruntime, with one device-to-host copy of the result instead of staging buffers."""
+        binding = self._session.io_binding()
+        device_input = ort.OrtValue.ortvalue_from_numpy(batch, "cuda", 0)
+        binding.bind_ortvalue_input(self.input_name, device_input)
+        binding.bind_output(self.output_name, "cuda", 0)
+        self._session.run_with_iobinding(binding, run_options)
+        return np.asarray(binding.copy_outputs_to_cpu()[0])
+
+    def check_placement(self, sample: np.ndarray) -> list[str]:
+        """Run ``sample`` once with profiling and return compute nodes placed off the provider.
+
+        Under CUDA a non-empty answer raises ``PlacementError`` unless ``allow_cpu_nodes``.
+        """
+        session = ort.InferenceSession(
+            str(self._model_path),
+            sess_options=self._session_options(profile=True),
+            providers=[(p, self._provider_options(p)) for p in self._providers],
+        )
+        session.run([self.output_name], {self.input_name: sample.astype(self.input_dtype)})
+        profile_path = Path(session.end_profiling())
+        try:
+            events = json.loads(profile_path.read_text(encoding="utf-8"))
+        finally:
+            profile_path.unlink(missing_ok=True)
+        misplaced = misplaced_nodes(events, self.provider)
+        if misplaced and self.provider == CUDA:
+            message = f"{len(misplaced)} compute nodes run on the CPU: {', '.join(misplaced[:10])}"
+            if not self.settings.allow_cpu_nodes:
+                raise PlacementError(message)
+            log.warning("%s (allowed by configuration)", message)
+        return misplaced
