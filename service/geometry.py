@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-# OpenCV images hold at most CV_CN_MAX channels; wider score maps are resized in slices.
-_MAX_CV_CHANNELS = 512
+# OpenCV 5 resizes images of at most 128 channels; wider score maps are resized in slices.
+_MAX_CV_CHANNELS = 128
 
 
 def scale_size(width: int, height: int, factor: float) -> tuple[int, int]:

@@ -1,0 +1,200 @@
+"""The batch queue: shape buckets, batch limits, delays, admission, dropping and draining."""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import CancelledError, wait
+
+import numpy as np
+import pytest
+
+from service import metrics
+from service.batcher import Batcher, BatchStats
+from service.errors import OverloadedError
+
+
+class Recorder:
+    """A model stand-in: output = 2 * input + 1, records batch shapes, can be held back."""
+
+    def __init__(self) -> None:
+        self.shapes: list[tuple[int, ...]] = []
+        self.release = threading.Event()
+        self.release.set()
+        self.started = threading.Event()
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        self.started.set()
+        self.release.wait(timeout=10)
+        self.shapes.append(batch.shape)
+        return batch * 2.0 + 1.0
+
+
+def make_batcher(
+    run: Recorder, *, batch: int = 4, delay_s: float = 0.02, queue: int = 64, name: str = "t"
+) -> Batcher:
+    batcher = Batcher(
+        run,
+        model_name=name,
+        max_batch_size=batch,
+        max_queue_delay_s=delay_s,
+        max_queue_size=queue,
+    )
+    batcher.start()
+    return batcher
+
+
+def test_groups_by_shape_and_caps_batch_size() -> None:
+    run = Recorder()
+    run.release.clear()  # hold the thread so everything is queued before the first batch
+    batcher = make_batcher(run, batch=4)
+    try:
+        batcher.admit("a", 13)
+        stats = BatchStats()
+        rng = np.random.default_rng(0)
+        tensors = [rng.normal(size=(3, 8, 8)).astype(np.float32) for _ in range(10)]
+        tensors += [rng.normal(size=(3, 8, 12)).astype(np.float32) for _ in range(3)]
+        futures = [batcher.submit(t, "a", stats) for t in tensors]
+        run.release.set()
+        wait(futures, timeout=10)
+        for tensor, future in zip(tensors, futures, strict=True):
+            np.testing.assert_array_equal(future.result(), tensor * 2.0 + 1.0)
+        # The first batch may be taken before the rest arrived; after that batches are full.
+        assert all(shape[0] <= 4 for shape in run.shapes)
+        assert sum(shape[0] for shape in run.shapes) == 13
+        assert {shape[1:] for shape in run.shapes} == {(3, 8, 8), (3, 8, 12)}
+        assert stats.inputs == 13 and stats.inference_s > 0
+        assert batcher.depth == 0
+    finally:
+        batcher.stop()
+
+
+def test_waits_for_a_batch_to_fill_but_not_longer_than_the_delay() -> None:
+    run = Recorder()
+    batcher = make_batcher(run, batch=8, delay_s=0.2)
+    try:
+        batcher.admit("a", 8)
+        started = time.perf_counter()
+        lone = batcher.submit(np.zeros((1, 2, 2), np.float32), "a", BatchStats())
+        lone.result(timeout=5)
+        lone_latency = time.perf_counter() - started
+        assert 0.18 <= lone_latency < 2.0  # held for the delay, hoping for company
+
+        started = time.perf_counter()
+        full = [batcher.submit(np.ones((1, 2, 2), np.float32), "a", BatchStats()) for _ in range(8)]
+        wait(full, timeout=5)
+        assert time.perf_counter() - started < 0.15  # a full batch does not wait
+        assert run.shapes[-1][0] == 8
+    finally:
+        batcher.stop()
+
+
+def test_admission_is_bounded_and_counted() -> None:
+    batcher = make_batcher(Recorder(), queue=4, name="bounded")
+    rejected = metrics.REJECTED.labels("bounded", "queue_full")
+    before = rejected._value.get()
+    try:
+        batcher.admit("a", 3)
+        with pytest.raises(OverloadedError, match="queue is full") as info:
+            batcher.admit("b", 2)
+        assert info.value.retry_after_s > 0
+        assert rejected._value.get() == before + 1
+        batcher.release("a")
+        batcher.admit("b", 2)  # room again once a's reservation is freed
+        with pytest.raises(RuntimeError, match="submit before admit"):
+            batcher.submit(np.zeros((1,)), "nobody", BatchStats())
+    finally:
+        batcher.stop()
+
+
+def test_release_drops_queued_inputs_of_that_request_only() -> None:
+    run = Recorder()
+    run.release.clear()
+    batcher = make_batcher(run, batch=1, delay_s=0.0)
+    try:
+        batcher.admit("a", 4)
+        batcher.admit("b", 2)
+        first = batcher.submit(np.zeros((2,), np.float32), "a", BatchStats())
+        assert run.started.wait(5)  # the thread now holds `first`, blocked in the model
+        queued_a = [batcher.submit(np.zeros((2,), np.float32), "a", BatchStats()) for _ in range(3)]
+        queued_b = [batcher.submit(np.ones((2,), np.float32), "b", BatchStats()) for _ in range(2)]
+        assert batcher.depth == 5
+        assert batcher.release("a") == 3
+        assert batcher.depth == 2
+        run.release.set()
+        np.testing.assert_array_equal(first.result(timeout=5), [1.0, 1.0])  # already running
+        for future in queued_a:
+            with pytest.raises(CancelledError):
+                future.result(timeout=5)
+        for future in queued_b:
+            np.testing.assert_array_equal(future.result(timeout=5), [3.0, 3.0])
+        assert len(run.shapes) == 3  # first + b's two: a's queued inputs never ran
+    finally:
+        batcher.stop()
+
+
+def test_cancelled_future_is_skipped_by_the_thread() -> None:
+    run = Recorder()
+    run.release.clear()
+    batcher = make_batcher(run, batch=1, delay_s=0.0)
+    try:
+        batcher.admit("a", 2)
+        blocker = batcher.submit(np.zeros((2,), np.float32), "a", BatchStats())
+        assert run.started.wait(5)
+        dropped = batcher.submit(np.zeros((2,), np.float32), "a", BatchStats())
+        assert dropped.cancel()
+        run.release.set()
+        blocker.result(timeout=5)
+        time.sleep(0.1)
+        assert len(run.shapes) == 1
+    finally:
+        batcher.stop()
+
+
+def test_stop_drains_queued_work_then_refuses() -> None:
+    run = Recorder()
+    batcher = make_batcher(run, batch=2, delay_s=0.05)
+    batcher.admit("a", 5)
+    futures = [batcher.submit(np.full((2,), i, np.float32), "a", BatchStats()) for i in range(5)]
+    batcher.stop(drain_timeout_s=5)
+    assert [f.result(timeout=0)[0] for f in futures] == [1.0, 3.0, 5.0, 7.0, 9.0]
+    with pytest.raises(OverloadedError, match="shutting down"):
+        batcher.admit("b", 1)
+
+
+def test_model_errors_reach_every_input_of_the_batch() -> None:
+    def broken(batch: np.ndarray) -> np.ndarray:
+        raise ValueError("graph exploded")
+
+    batcher = Batcher(
+        broken, model_name="broken", max_batch_size=4, max_queue_delay_s=0.01, max_queue_size=8
+    )
+    batcher.start()
+    try:
+        batcher.admit("a", 2)
+        futures = [batcher.submit(np.zeros((2,)), "a", BatchStats()) for _ in range(2)]
+        for future in futures:
+            with pytest.raises(ValueError, match="graph exploded"):
+                future.result(timeout=5)
+    finally:
+        batcher.stop()
+
+
+def test_metrics_count_batches_and_waits() -> None:
+    batch_sizes = metrics.BATCH_SIZE.labels("metered")
+    waits = metrics.QUEUE_WAIT.labels("metered")
+    count_before = batch_sizes._sum.get()
+    waits_before = sum(b.get() for b in waits._buckets)
+    run = Recorder()
+    run.release.clear()
+    batcher = make_batcher(run, batch=3, delay_s=0.01, name="metered")
+    try:
+        batcher.admit("a", 3)
+        futures = [batcher.submit(np.zeros((2,)), "a", BatchStats()) for _ in range(3)]
+        run.release.set()
+        wait(futures, timeout=5)
+        assert batch_sizes._sum.get() - count_before == 3  # sum of observed batch sizes
+        assert sum(b.get() for b in waits._buckets) - waits_before == 3
+        assert metrics.QUEUE_DEPTH.labels("metered")._value.get() == 0
+    finally:
+        batcher.stop()

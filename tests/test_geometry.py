@@ -1,0 +1,147 @@
+"""Geometry helpers against mmcv's published arithmetic, PyTorch's interpolate and brute force."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from service.geometry import (
+    Window,
+    grid_count,
+    labels_dtype,
+    ratio_size,
+    rescale_size,
+    resize_image,
+    resize_scores,
+    softmax,
+    window_counts,
+    window_grid,
+)
+
+
+@pytest.mark.parametrize(
+    ("size", "scale", "expected"),
+    [
+        # ADE20K test scale (2048, 512): the short edge goes to 512 unless the long one hits 2048.
+        ((683, 512), (2048, 512), (683, 512)),
+        ((640, 427), (2048, 512), (767, 512)),  # 640 * 512/427 = 767.4 -> 767
+        ((451, 300), (2048, 512), (770, 512)),  # 451 * 1.70667 = 769.7 -> 770 (round half up)
+        ((4000, 500), (2048, 512), (2048, 256)),  # the long edge limits: factor 0.512
+        # Cityscapes (2048, 1024) on its native size is the identity.
+        ((2048, 1024), (2048, 1024), (2048, 1024)),
+        ((1024, 2048), (2048, 1024), (1024, 2048)),  # portrait: edges, not width/height
+    ],
+)
+def test_rescale_size_matches_mmcv(
+    size: tuple[int, int], scale: tuple[int, int], expected: tuple[int, int]
+) -> None:
+    assert rescale_size(*size, scale) == expected
+
+
+def test_ratio_size_is_two_step_like_mmcv_resize() -> None:
+    # Resize(scale_factor=0.75): (int(451*.75+.5), int(300*.75+.5)) = (338, 225), then imrescale
+    # to that size: factor min(338/451, 225/300) = 0.7494..., giving (338, 225).
+    assert ratio_size(451, 300, 0.75) == (338, 225)
+    # 0.5 on odd sides rounds half up: 225.5 -> 226, 150 -> 150.
+    assert ratio_size(451, 300, 0.5) == (226, 150)
+    # A case where the second step changes a side: 101 x 33 at 1.5 -> (152, 50), then
+    # factor min(152/101, 50/33) = 1.50495 -> (int(152.0+.5), int(49.66+.5)) = (152, 50).
+    assert ratio_size(101, 33, 1.5) == (152, 50)
+    assert ratio_size(7, 3, 0.5) == (4, 2)
+
+
+@pytest.mark.parametrize(
+    ("height", "width", "crop", "stride"),
+    [
+        (512, 683, (512, 512), (341, 341)),
+        (1024, 2048, (1024, 1024), (768, 768)),
+        (100, 90, (64, 48), (50, 40)),
+        (30, 500, (64, 64), (64, 64)),  # image shorter than the crop along one axis
+        (10, 10, (96, 96), (64, 64)),  # smaller than the crop: one window, the whole image
+    ],
+)
+def test_window_grid_covers_image_like_mmseg(
+    height: int, width: int, crop: tuple[int, int], stride: tuple[int, int]
+) -> None:
+    windows = window_grid(height, width, crop, stride)
+    rows = grid_count(height, crop[0], stride[0])
+    cols = grid_count(width, crop[1], stride[1])
+    assert len(windows) == rows * cols
+    for window in windows:
+        assert 0 <= window.y1 < window.y2 <= height and 0 <= window.x1 < window.x2 <= width
+        assert window.height == min(crop[0], height) and window.width == min(crop[1], width)
+    counts = window_counts(height, width, windows)
+    assert counts.min() >= 1  # every pixel covered: mmseg asserts count_mat has no zeros
+    assert counts.sum() == sum(w.height * w.width for w in windows)
+    # The last window of each axis ends exactly at the image edge (clamping).
+    assert max(w.y2 for w in windows) == height and max(w.x2 for w in windows) == width
+
+
+def test_window_grid_exact_positions() -> None:
+    # 100 rows, crop 64, stride 50: grids = (100-64+49)//50+1 = 2; second window 50..114 is
+    # clamped to 36..100.
+    assert window_grid(100, 64, (64, 64), (50, 50)) == [
+        Window(0, 64, 0, 64),
+        Window(36, 100, 0, 64),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("src", "dst"),
+    [((17, 23), (68, 92)), ((128, 171), (512, 683)), ((40, 30), (13, 11)), ((5, 9), (5, 20))],
+)
+def test_resize_scores_matches_torch_interpolate(
+    src: tuple[int, int], dst: tuple[int, int]
+) -> None:
+    rng = np.random.default_rng(0)
+    scores = rng.normal(size=(*src, 7)).astype(np.float32)
+    ours = resize_scores(scores, *dst)
+    torch_out = F.interpolate(
+        torch.from_numpy(scores).permute(2, 0, 1)[None],
+        size=dst,
+        mode="bilinear",
+        align_corners=False,
+    )[0].permute(1, 2, 0)
+    assert ours.shape == (*dst, 7)
+    np.testing.assert_allclose(
+        ours, torch_out.numpy(), atol=1e-4
+    )  # coordinates in float32 on both sides
+
+
+def test_resize_scores_beyond_opencv_channel_limit() -> None:
+    scores = np.random.default_rng(1).normal(size=(9, 11, 300)).astype(np.float32)
+    ours = resize_scores(scores, 20, 30)
+    torch_out = F.interpolate(
+        torch.from_numpy(scores).permute(2, 0, 1)[None], size=(20, 30), mode="bilinear"
+    )[0].permute(1, 2, 0)
+    np.testing.assert_allclose(
+        ours, torch_out.numpy(), atol=1e-4
+    )  # coordinates in float32 on both sides
+
+
+def test_resize_scores_single_channel_keeps_layout() -> None:
+    scores = np.arange(12, dtype=np.float32).reshape(3, 4, 1)
+    assert resize_scores(scores, 6, 8).shape == (6, 8, 1)
+
+
+def test_resize_image_is_bilinear_without_antialias(photos: dict[str, np.ndarray]) -> None:
+    """Downscaling by 4 samples 2 source pixels per axis (bilinear), not a 4x4 box average."""
+    image = photos["astronaut"]  # 512 x 512
+    small = resize_image(image, 128, 128).astype(np.float32)
+    # half-pixel centres: dst i -> src 4i + 1.5, i.e. the mean of source pixels 4i+1 and 4i+2.
+    src = image.astype(np.float32)
+    expected = (src[1::4, 1::4] + src[1::4, 2::4] + src[2::4, 1::4] + src[2::4, 2::4]) / 4.0
+    assert np.abs(small - expected).max() <= 1.0  # OpenCV's fixed-point rounding on uint8
+    box = src.reshape(128, 4, 128, 4, 3).mean(axis=(1, 3))
+    assert np.abs(small - box).mean() > 1.0  # an antialiased resize would be close to this
+
+
+def test_softmax_and_label_dtype() -> None:
+    scores = np.array([[[1.0, 2.0, 3.0]]], np.float32)
+    expected = torch.tensor([1.0, 2.0, 3.0]).softmax(0).numpy()
+    np.testing.assert_allclose(softmax(scores.copy())[0, 0], expected, rtol=1e-6)
+    assert labels_dtype(150) is np.uint8
+    assert labels_dtype(256) is np.uint8
+    assert labels_dtype(257) is np.uint16
