@@ -25,22 +25,22 @@ class Settings(BaseSettings):
     default_model: str | None = None
     providers: Annotated[tuple[str, ...], NoDecode] = PROVIDERS
     allow_cpu_fallback: bool = True
-    max_batch_size: int = Field(8, ge=1)
-    max_queue_delay_ms: float = Field(5.0, ge=0)
-    max_queue_size: int = Field(256, ge=1)
-    intra_op_threads: int = Field(0, ge=0)
-    max_upload_bytes: int = Field(20 * 1024 * 1024, ge=1)
-    max_pixels: int = Field(40_000_000, ge=1)
-    max_scales: int = Field(8, ge=1)
-    max_crop: int = Field(2048, ge=1)
-    max_tta_inputs: int = Field(64, ge=1)
-    inference_timeout_s: float = Field(60.0, gt=0)
+    max_batch_size: int = Field(default=8, ge=1)
+    max_queue_delay_ms: float = Field(default=5.0, ge=0)
+    max_queue_size: int = Field(default=256, ge=1)
+    intra_op_threads: int = Field(default=0, ge=0)
+    max_upload_bytes: int = Field(default=20 * 1024 * 1024, ge=1)
+    max_pixels: int = Field(default=40_000_000, ge=1)
+    max_scales: int = Field(default=8, ge=1)
+    max_crop: int = Field(default=2048, ge=1)
+    max_tta_inputs: int = Field(default=64, ge=1)
+    inference_timeout_s: float = Field(default=60.0, gt=0)
     api_key: SecretStr | None = None
     mask_store: str = "memory"
-    mask_store_max_bytes: int = Field(256 * 1024 * 1024, ge=1)
-    mask_ttl_s: float = Field(3600.0, gt=0)
-    drain_timeout_s: float = Field(30.0, ge=0)
-    worker_threads: int = Field(4, ge=1)
+    mask_store_max_bytes: int = Field(default=256 * 1024 * 1024, ge=1)
+    mask_ttl_s: float = Field(default=3600.0, gt=0)
+    drain_timeout_s: float = Field(default=30.0, ge=0)
+    worker_threads: int = Field(default=4, ge=1)
     per_model: dict[str, dict[str, Any]] = Field(default_factory=dict)
 
     @field_validator("providers", mode="before")
