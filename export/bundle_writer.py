@@ -1,0 +1,440 @@
+"""Checkpoint (or random weights) -> verified model bundle, written atomically.
+
+``export_bundle`` is the whole build pipeline: resolve the model and its classes, export the
+graph (``onnx_export``), write ``1/model.onnx``, ``config.pbtxt`` and ``segserve.json`` into a
+hidden staging directory next to ``out``, verify the written graph against PyTorch, and only then
+rename the staging directory into place. Any failure removes the staging directory, so a bundle
+path either holds a complete, verified bundle or whatever it held before.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import onnx
+import torch
+from torch import nn
+
+from export.attention import (
+    ATTENTION_FORMS,
+    AttentionCensus,
+    AttentionError,
+    AttentionForm,
+    expected_attention_nodes,
+)
+from export.onnx_export import (
+    INPUT_NAME,
+    OUTPUT_NAME,
+    OnnxExportError,
+    Precision,
+    export_onnx,
+    graph_io,
+)
+from export.triton import triton_config
+from export.verify import DEFAULT_SIZES, VerificationReport, verify
+from service.bundle import (
+    METADATA_FILE,
+    MODEL_FILE,
+    TRITON_CONFIG_FILE,
+    BundleError,
+    BundleMetadata,
+    InputContract,
+    OutputContract,
+    SourceCheckpoint,
+    TestConfig,
+    load_bundle,
+    write_metadata,
+)
+
+SEGSERVE_VERSION = "0.1.0"
+EXPORTER_VERSION = (
+    f"segserve-export {SEGSERVE_VERSION} (torch {torch.__version__}, onnx {onnx.__version__})"
+)
+DEFAULT_ATTENTION: AttentionForm = "onnx"  # measured on CPU, see docs/export.md
+DEFAULT_DATASET = "ade20k"  # random-init bundles with no classes given
+# Used when only a class file is given: the whole image at its own size.
+NO_DATASET_TEST_CONFIG = TestConfig(mode="whole", resize_scale=None)
+
+
+class ExportError(ValueError):
+    """A user error or a failed check; the message says what and how to fix it."""
+
+
+@dataclass(frozen=True)
+class ExportReport:
+    """What an export did, for the command line and for tests."""
+
+    out: Path
+    model_name: str
+    arch: str
+    trained: bool
+    source_checkpoint: str | None
+    dataset: str | None
+    num_classes: int
+    precision: Precision
+    opset: int
+    attention: AttentionForm
+    census: AttentionCensus
+    expected_attention_nodes: int
+    input: tuple[str, str, list[int | str]]
+    output: tuple[str, str, list[int | str]]
+    output_stride: int
+    verification: VerificationReport | None
+    files: tuple[Path, ...]
+    seconds: float
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def format(self) -> str:
+        weights = f"trained ({self.source_checkpoint})" if self.trained else "random init"
+        lines = [
+            f"exported {self.model_name} ({self.arch}, {weights}) -> {self.out}",
+            f"  classes      {self.num_classes} ({self.dataset or 'from class file'})",
+            f"  precision    {self.precision}, opset {self.opset}",
+            f"  input        {_io(self.input)}",
+            f"  output       {_io(self.output)}  (stride {self.output_stride})",
+            f"  attention    {self.census.fused(self.attention)} fused {self.attention!r} nodes "
+            f"(expected {self.expected_attention_nodes}), {self.census.softmax} Softmax",
+        ]
+        if self.verification is None:
+            lines.append("  verification SKIPPED (--skip-verify)")
+        else:
+            lines.append(f"  verification {self.verification.criterion}")
+            lines += [f"    {case.describe()}" for case in self.verification.cases]
+        lines.append("  files        " + ", ".join(str(f) for f in self.files))
+        steps = ", ".join(f"{step} {seconds:.1f}s" for step, seconds in self.timings.items())
+        lines.append(f"  time         {self.seconds:.1f}s ({steps})")
+        return "\n".join(lines)
+
+
+def _io(described: tuple[str, str, list[int | str]]) -> str:
+    name, dtype, dims = described
+    return f"{name} {dtype} [{', '.join(str(d) for d in dims)}]"
+
+
+@dataclass(frozen=True)
+class _ResolvedModel:
+    model: nn.Module
+    model_name: str
+    arch: Literal["segformer", "setr"]
+    output_stride: int
+    source: SourceCheckpoint | None
+    dataset: str | None
+    classes: tuple[str, ...]
+    palette: tuple[tuple[int, int, int], ...]
+    test_config: TestConfig
+
+
+def export_bundle(
+    model_name: str,
+    out: Path,
+    *,
+    checkpoint: Path | None = None,
+    random_init: bool = False,
+    dataset: str | None = None,
+    classes_file: Path | None = None,
+    precision: Literal["fp32", "fp16"] = "fp32",
+    opset: int = 23,
+    attention: str | None = None,
+    force: bool = False,
+    skip_verify: bool = False,
+    progress: Callable[[str], None] | None = None,
+    verify_sizes: Sequence[tuple[int, int]] = DEFAULT_SIZES,
+) -> ExportReport:
+    """Export ``model_name`` to a verified bundle at ``out``; raise ExportError on any failure."""
+    started = time.perf_counter()
+    say = progress or (lambda _: None)
+    timings: dict[str, float] = {}
+    out = Path(out)
+    form = _attention_form(attention)
+    if precision not in ("fp32", "fp16"):
+        raise ExportError(f"precision must be fp32 or fp16, got {precision!r}")
+    if checkpoint is None and not random_init:
+        raise ExportError("give --checkpoint PATH, or --random-init for an untrained model")
+    if checkpoint is not None and random_init:
+        raise ExportError("--checkpoint and --random-init exclude each other")
+    if not verify_sizes and not skip_verify:
+        raise ExportError("verification needs at least one size")
+    with _staging_directory(out, force) as staging:
+        step = time.perf_counter()
+        say(f"building {model_name}")
+        resolved = _resolve_model(model_name, checkpoint, dataset, classes_file)
+        expected = _expected_nodes(resolved.model_name)
+        timings["load"] = time.perf_counter() - step
+
+        step = time.perf_counter()
+        from models.datasets import IMAGENET_MEAN, IMAGENET_STD
+
+        mean, std = _triple(IMAGENET_MEAN), _triple(IMAGENET_STD)
+        try:
+            graph = export_onnx(
+                resolved.model,
+                mean=mean,
+                std=std,
+                precision=precision,
+                opset=opset,
+                attention=form,
+                expected_attention=expected,
+                progress=say,
+            )
+        except (OnnxExportError, AttentionError) as exc:
+            raise ExportError(str(exc)) from exc
+        timings["export"] = time.perf_counter() - step
+
+        model_path = staging / MODEL_FILE
+        model_path.parent.mkdir()
+        onnx.save(graph.model, str(model_path))
+        io = graph_io(graph.model)
+        metadata = BundleMetadata(
+            arch=resolved.arch,
+            variant=resolved.model_name,
+            trained=resolved.source is not None,
+            source_checkpoint=resolved.source,
+            dataset=resolved.dataset,
+            classes=resolved.classes,
+            palette=resolved.palette,
+            input=InputContract(
+                name=INPUT_NAME, dtype="uint8", mean=mean, std=std, normalized_in_graph=True
+            ),
+            output=OutputContract(name=OUTPUT_NAME, dtype="float32", stride=resolved.output_stride),
+            test_config=resolved.test_config,
+            precision=precision,
+            opset=opset,
+            attention=form,
+            exporter_version=EXPORTER_VERSION,
+        )
+        write_metadata(staging, metadata)
+        (staging / TRITON_CONFIG_FILE).write_text(
+            triton_config(
+                out.name,
+                input_name=INPUT_NAME,
+                input_dtype="uint8",
+                output_name=OUTPUT_NAME,
+                output_dtype="float32",
+                num_classes=len(resolved.classes),
+            ),
+            encoding="utf-8",
+        )
+        try:
+            load_bundle(staging)
+        except BundleError as exc:
+            raise ExportError(f"written bundle does not validate: {exc}") from exc
+
+        report: VerificationReport | None = None
+        if not skip_verify:
+            step = time.perf_counter()
+            report = verify(
+                model_path,
+                resolved.model,
+                mean=mean,
+                std=std,
+                precision=precision,
+                sizes=verify_sizes,
+                progress=say,
+            )
+            timings["verify"] = time.perf_counter() - step
+            if not report.passed:
+                failed = [case.describe() for case in report.cases if not case.passed]
+                raise ExportError(
+                    f"verification failed ({report.criterion}): " + " | ".join(failed)
+                )
+    files = tuple(out / name for name in (TRITON_CONFIG_FILE, MODEL_FILE, METADATA_FILE))
+    return ExportReport(
+        out=out,
+        model_name=resolved.model_name,
+        arch=resolved.arch,
+        trained=resolved.source is not None,
+        source_checkpoint=resolved.source.name if resolved.source else None,
+        dataset=resolved.dataset,
+        num_classes=len(resolved.classes),
+        precision=precision,
+        opset=opset,
+        attention=form,
+        census=graph.census,
+        expected_attention_nodes=expected,
+        input=io["input"],
+        output=io["output"],
+        output_stride=resolved.output_stride,
+        verification=report,
+        files=files,
+        seconds=time.perf_counter() - started,
+        timings=timings,
+    )
+
+
+def _attention_form(attention: str | None) -> AttentionForm:
+    if attention is None:
+        return DEFAULT_ATTENTION
+    for form in ATTENTION_FORMS:
+        if attention == form:
+            return form
+    raise ExportError(f"--attention must be one of {', '.join(ATTENTION_FORMS)}, got {attention!r}")
+
+
+def _triple(values: Sequence[float]) -> tuple[float, float, float]:
+    first, second, third = (float(v) for v in values)
+    return first, second, third
+
+
+def _expected_nodes(model_name: str) -> int:
+    try:
+        return expected_attention_nodes(model_name)
+    except AttentionError as exc:
+        raise ExportError(str(exc)) from exc
+
+
+def _resolve_model(
+    model_name: str,
+    checkpoint: Path | None,
+    dataset: str | None,
+    classes_file: Path | None,
+) -> _ResolvedModel:
+    """The model, its class names and palette, and the test configuration, or ExportError."""
+    from models import datasets
+    from models.registry import create_model, list_models
+
+    known = list_models()
+    if model_name not in known:
+        raise ExportError(f"unknown model {model_name!r}; known: {', '.join(known)}")
+    if dataset is not None and classes_file is not None:
+        raise ExportError("give --dataset or --classes, not both")
+    dataset_info = None
+    if dataset is not None:
+        try:
+            dataset_info = datasets.get_dataset(dataset)
+        except KeyError as exc:
+            raise ExportError(f"unknown dataset {dataset!r}: {exc}") from exc
+    given_classes: tuple[str, ...] | None = None
+    given_palette: tuple[tuple[int, int, int], ...] | None = None
+    if dataset_info is not None:
+        given_classes = tuple(dataset_info.classes)
+        given_palette = tuple(_rgb(c) for c in dataset_info.palette)
+    elif classes_file is not None:
+        try:
+            given_classes = tuple(datasets.load_class_file(Path(classes_file)))
+        except (OSError, ValueError) as exc:
+            raise ExportError(f"cannot read class file {classes_file}: {exc}") from exc
+        given_palette = tuple(_rgb(c) for c in datasets.default_palette(len(given_classes)))
+
+    if checkpoint is None:
+        if given_classes is None:
+            dataset_info = datasets.get_dataset(DEFAULT_DATASET)
+            given_classes = tuple(dataset_info.classes)
+            given_palette = tuple(_rgb(c) for c in dataset_info.palette)
+        assert given_palette is not None
+        model = create_model(model_name, num_classes=len(given_classes))
+        return _ResolvedModel(
+            model=model,
+            model_name=model_name,
+            arch=_arch(model),
+            output_stride=_positive_int(model, "output_stride"),
+            source=None,
+            dataset=dataset_info.name if dataset_info else None,
+            classes=given_classes,
+            palette=given_palette,
+            test_config=_test_config(dataset_info),
+        )
+
+    from models.checkpoints import CheckpointError, load_checkpoint
+
+    try:
+        loaded = load_checkpoint(Path(checkpoint), model_name=model_name)
+    except (CheckpointError, OSError, KeyError, ValueError) as exc:
+        raise ExportError(f"cannot load {checkpoint} as {model_name}: {exc}") from exc
+    if loaded.model_name != model_name:
+        raise ExportError(f"{checkpoint} holds {loaded.model_name}, not {model_name}")
+    model_classes = _positive_int(loaded.model, "num_classes")
+    if given_classes is None:
+        if not loaded.classes:
+            raise ExportError(
+                f"{checkpoint} has no class names; give --dataset NAME or --classes FILE"
+            )
+        given_classes = tuple(loaded.classes)
+        palette = loaded.palette or datasets.default_palette(len(given_classes))
+        given_palette = tuple(_rgb(c) for c in palette)
+    if len(given_classes) != model_classes:
+        raise ExportError(
+            f"{len(given_classes)} class names given but {checkpoint} predicts {model_classes}"
+        )
+    assert given_palette is not None
+    return _ResolvedModel(
+        model=loaded.model.eval(),
+        model_name=model_name,
+        arch=_arch(loaded.model),
+        output_stride=_positive_int(loaded.model, "output_stride"),
+        source=SourceCheckpoint(
+            name=str(loaded.source_name), sha256=str(loaded.sha256), format=str(loaded.format)
+        ),
+        dataset=dataset_info.name if dataset_info else None,
+        classes=given_classes,
+        palette=given_palette,
+        test_config=_test_config(dataset_info),
+    )
+
+
+def _arch(model: nn.Module) -> Literal["segformer", "setr"]:
+    arch = getattr(model, "arch", None)
+    if arch == "segformer" or arch == "setr":
+        return arch
+    raise ExportError(f"model declares architecture {arch!r}; bundles hold segformer or setr")
+
+
+def _positive_int(model: nn.Module, attribute: str) -> int:
+    value = getattr(model, attribute, None)
+    if not isinstance(value, int) or value < 1:
+        raise ExportError(f"model declares {attribute} {value!r}; expected a positive int")
+    return value
+
+
+def _test_config(dataset_info: object | None) -> TestConfig:
+    if dataset_info is None:
+        return NO_DATASET_TEST_CONFIG
+    return TestConfig.model_validate(getattr(dataset_info, "test_config"))  # noqa: B009
+
+
+def _rgb(colour: Sequence[int]) -> tuple[int, int, int]:
+    red, green, blue = (int(c) for c in colour)
+    return red, green, blue
+
+
+@contextmanager
+def _staging_directory(out: Path, force: bool) -> Iterator[Path]:
+    """A fresh hidden directory next to ``out``; renamed to ``out`` only if the block succeeds."""
+    if out.exists() and not force:
+        raise ExportError(f"{out} already exists; pass --force to replace it")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    except OSError as exc:
+        raise ExportError(f"cannot write the bundle next to {out}: {exc}") from exc
+    try:
+        yield staging
+        try:
+            _replace(staging, out)
+        except OSError as exc:
+            raise ExportError(f"cannot move the bundle into {out}: {exc}") from exc
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _replace(staging: Path, out: Path) -> None:
+    """Rename ``staging`` to ``out``, swapping out an existing ``out`` (only reached with force)."""
+    if not out.exists():
+        os.rename(staging, out)
+        return
+    retired = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+    os.rename(out, retired / out.name)
+    try:
+        os.rename(staging, out)
+    except OSError:
+        os.rename(retired / out.name, out)
+        retired.rmdir()
+        raise
+    shutil.rmtree(retired, ignore_errors=True)
