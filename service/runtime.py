@@ -23,34 +23,13 @@ PROVIDER_NAMES = {"cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider"
 CPU = PROVIDER_NAMES["cpu"]
 CUDA = PROVIDER_NAMES["cuda"]
 
-# Shape arithmetic that onnxruntime deliberately keeps on the CPU even under CUDA: these nodes
-# move a handful of int64 values, not activations, so their placement is not a fallback.
+# Nodes that onnxruntime deliberately keeps on the CPU even under CUDA: shape queries and copies.
+# Any other node whose outputs are all int64/bool is shape arithmetic (a handful of values, not
+# activations) and is exempt too; see ``misplaced_nodes``.
 SHAPE_OPS = frozenset(
-    {
-        "Shape",
-        "Size",
-        "Gather",
-        "Unsqueeze",
-        "Squeeze",
-        "Concat",
-        "Slice",
-        "Cast",
-        "Reshape",
-        "ConstantOfShape",
-        "Range",
-        "Equal",
-        "Where",
-        "Expand",
-        "Add",
-        "Sub",
-        "Mul",
-        "Div",
-        "Floor",
-        "Ceil",
-        "MemcpyToHost",
-        "MemcpyFromHost",
-    }
+    {"Shape", "Size", "ConstantOfShape", "Range", "MemcpyToHost", "MemcpyFromHost"}
 )
+SHAPE_DTYPES = frozenset({"int64", "bool"})
 
 # Inputs larger than this (pixels per batch) ask onnxruntime to hand arena memory back after the
 # run, so that one huge image does not keep its peak allocation for the life of the process.
@@ -112,18 +91,28 @@ def misplaced_nodes(profile_events: list[dict[str, object]], expected_provider: 
     """Compute nodes that an onnxruntime profile shows running outside ``expected_provider``.
 
     The profile (``SessionOptions.enable_profiling``) records, for every kernel run, the node's
-    op type and the provider that executed it; shape arithmetic (``SHAPE_OPS``) is exempt.
+    op type, output types and the provider that executed it; shape arithmetic is exempt.
     """
     misplaced: set[str] = set()
     for event in profile_events:
         args = event.get("args")
         if event.get("cat") != "Node" or not isinstance(args, dict) or "provider" not in args:
             continue
-        op_type = str(args.get("op_name", ""))
-        if args["provider"] != expected_provider and op_type not in SHAPE_OPS:
-            name = str(event.get("name", "")).removesuffix("_kernel_time")
-            misplaced.add(f"{name} ({op_type} on {args['provider']})")
+        if args["provider"] == expected_provider or _is_shape_arithmetic(args):
+            continue
+        name = str(event.get("name", "")).removesuffix("_kernel_time")
+        misplaced.add(f"{name} ({args.get('op_name')} on {args['provider']})")
     return sorted(misplaced)
+
+
+def _is_shape_arithmetic(args: dict[str, object]) -> bool:
+    if args.get("op_name") in SHAPE_OPS:
+        return True
+    outputs = args.get("output_type_shape")
+    if not isinstance(outputs, list) or not outputs:
+        return False
+    dtypes = {dtype for output in outputs if isinstance(output, dict) for dtype in output}
+    return bool(dtypes) and dtypes <= SHAPE_DTYPES
 
 
 @dataclass(frozen=True)
@@ -211,11 +200,8 @@ class Runtime:
         self._session.run_with_iobinding(binding, run_options)
         return np.asarray(binding.copy_outputs_to_cpu()[0])
 
-    def check_placement(self, sample: np.ndarray) -> list[str]:
-        """Run ``sample`` once with profiling and return compute nodes placed off the provider.
-
-        Under CUDA a non-empty answer raises ``PlacementError`` unless ``allow_cpu_nodes``.
-        """
+    def node_placements(self, sample: np.ndarray) -> list[dict[str, object]]:
+        """Profile events of one run of ``sample`` in a profiling twin of the session."""
         session = ort.InferenceSession(
             str(self._model_path),
             sess_options=self._session_options(profile=True),
@@ -224,10 +210,17 @@ class Runtime:
         session.run([self.output_name], {self.input_name: sample.astype(self.input_dtype)})
         profile_path = Path(session.end_profiling())
         try:
-            events = json.loads(profile_path.read_text(encoding="utf-8"))
+            events: list[dict[str, object]] = json.loads(profile_path.read_text(encoding="utf-8"))
         finally:
             profile_path.unlink(missing_ok=True)
-        misplaced = misplaced_nodes(events, self.provider)
+        return events
+
+    def check_placement(self, sample: np.ndarray) -> list[str]:
+        """Compute nodes placed off the session's provider when running ``sample``.
+
+        Under CUDA a non-empty answer raises ``PlacementError`` unless ``allow_cpu_nodes``.
+        """
+        misplaced = misplaced_nodes(self.node_placements(sample), self.provider)
         if misplaced and self.provider == CUDA:
             message = f"{len(misplaced)} compute nodes run on the CPU: {', '.join(misplaced[:10])}"
             if not self.settings.allow_cpu_nodes:

@@ -94,18 +94,24 @@ def write_tiny_bundle(
     *,
     normalized_in_graph: bool = True,
     test_config: TestConfig | None = None,
+    num_classes: int = len(TINY_CLASSES),
 ) -> Bundle:
     """Write a complete bundle directory for the tiny model and load it back."""
     (directory / "1").mkdir(parents=True, exist_ok=True)
-    onnx.save(tiny_model(normalized_in_graph), str(directory / MODEL_FILE))
+    onnx.save(tiny_model(normalized_in_graph, num_classes), str(directory / MODEL_FILE))
+    if num_classes == len(TINY_CLASSES):
+        classes, palette = TINY_CLASSES, TINY_PALETTE
+    else:
+        classes = tuple(f"class{i}" for i in range(num_classes))
+        palette = tuple((i % 256, (7 * i) % 256, (13 * i) % 256) for i in range(num_classes))
     metadata = BundleMetadata(
         arch="segformer",
         variant="tiny-test",
         trained=False,
         source_checkpoint=None,
         dataset=None,
-        classes=TINY_CLASSES,
-        palette=TINY_PALETTE,
+        classes=classes,
+        palette=palette,
         input=InputContract(
             name="pixels",
             dtype="uint8" if normalized_in_graph else "float32",

@@ -1,0 +1,212 @@
+"""The engine against the plain mmseg reference (tests/reference.py) on real photographs.
+
+Every mode (whole, slide, multi-scale + flip) must give the reference's label map on >= 99.9% of
+pixels and its logits / probabilities within float noise, through the batched, streamed path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from service.bundle import Bundle, TestConfig
+from service.engine import Engine, EngineConfig, SegmentOptions, SegmentResult
+from service.geometry import resize_image
+from tests.conftest import write_tiny_bundle
+from tests.reference import ReferenceConfig, onnx_forward, reference_segment
+
+AGREEMENT = 0.999
+# cv2 and torch compute bilinear coordinates in float32 with different rounding: ~3e-5 apart.
+SCORE_ATOL = 2e-4
+
+
+def start(bundle: Bundle, **config: object) -> Engine:
+    engine = Engine(bundle, EngineConfig(**config))  # type: ignore[arg-type]
+    engine.start()
+    return engine
+
+
+@pytest.fixture(scope="module")
+def whole_engine(tiny_bundle: Bundle) -> Iterator[Engine]:
+    engine = start(tiny_bundle)
+    yield engine
+    engine.stop()
+
+
+@pytest.fixture(scope="module")
+def slide_engine(tiny_float_bundle: Bundle) -> Iterator[Engine]:
+    engine = start(tiny_float_bundle)
+    yield engine
+    engine.stop()
+
+
+def segment(engine: Engine, image: np.ndarray, options: SegmentOptions) -> SegmentResult:
+    return asyncio.run(engine.segment(image, options))
+
+
+def reference_config(bundle: Bundle, options: SegmentOptions) -> ReferenceConfig:
+    test_config = bundle.metadata.test_config
+    return ReferenceConfig(
+        mode=options.mode or test_config.mode,
+        resize_scale=test_config.resize_scale,
+        crop=options.crop or test_config.crop,
+        stride=options.stride or test_config.stride,
+    )
+
+
+def assert_matches_reference(
+    engine: Engine, image: np.ndarray, options: SegmentOptions
+) -> SegmentResult:
+    result = segment(engine, image, options)
+    labels, scores = reference_segment(
+        onnx_forward(engine.bundle),
+        image,
+        reference_config(engine.bundle, options),
+        options.scales,
+        options.flip,
+    )
+    assert result.labels.shape == image.shape[:2]
+    assert result.labels.dtype == np.uint8
+    agreement = float((result.labels == labels).mean())
+    assert agreement >= AGREEMENT, f"labels agree on {agreement:.5f} of pixels"
+    assert len(np.unique(labels)) >= 2  # a constant map would prove nothing
+    if options.return_probabilities:
+        assert result.probabilities is not None
+        assert result.probabilities.shape == scores.shape
+        assert result.probabilities.dtype == np.float32
+        expected = scores
+        if len(engine.plan(options, *image.shape[:2]).passes) == 1:  # single pass: logits
+            shifted = np.exp(scores - scores.max(axis=0))
+            expected = shifted / shifted.sum(axis=0)
+        np.testing.assert_allclose(result.probabilities, expected, atol=SCORE_ATOL)
+        np.testing.assert_allclose(result.probabilities.sum(axis=0), 1.0, atol=1e-4)
+    return result
+
+
+def sized(photos: dict[str, np.ndarray], name: str, height: int, width: int) -> np.ndarray:
+    return resize_image(photos[name], width, height)
+
+
+@pytest.mark.parametrize(
+    ("photo", "size"),
+    [("astronaut", None), ("chelsea", None), ("coffee", (123, 457)), ("rocket", (61, 45))],
+)
+def test_whole_mode_matches_reference(
+    whole_engine: Engine,
+    photos: dict[str, np.ndarray],
+    photo: str,
+    size: tuple[int, int] | None,
+) -> None:
+    image = photos[photo] if size is None else sized(photos, photo, *size)
+    result = assert_matches_reference(
+        whole_engine, image, SegmentOptions(return_probabilities=True)
+    )
+    assert result.num_inputs == 1
+    assert set(result.timings) == {"preprocess", "queue_wait", "inference", "postprocess"}
+    assert all(seconds >= 0 for seconds in result.timings.values())
+    assert result.timings["inference"] > 0
+
+
+@pytest.mark.parametrize(
+    ("photo", "size", "crop", "stride"),
+    [
+        ("coffee", None, None, None),  # bundle default: 96x96 crops, 64x64 stride
+        ("chelsea", None, (64, 80), (40, 50)),
+        ("rocket", (300, 200), (72, 72), (72, 72)),  # stride == crop: no overlap
+        ("astronaut", (90, 130), (400, 200), (300, 100)),  # image smaller than the crop
+    ],
+)
+def test_slide_mode_matches_reference(
+    slide_engine: Engine,
+    photos: dict[str, np.ndarray],
+    photo: str,
+    size: tuple[int, int] | None,
+    crop: tuple[int, int] | None,
+    stride: tuple[int, int] | None,
+) -> None:
+    image = photos[photo] if size is None else sized(photos, photo, *size)
+    options = SegmentOptions(crop=crop, stride=stride, return_probabilities=True)
+    result = assert_matches_reference(slide_engine, image, options)
+    plan = slide_engine.plan(options, *image.shape[:2])
+    assert result.num_inputs == plan.num_inputs
+    if crop is None:
+        assert result.num_inputs == 8  # coffee 400x600 -> 160x240: 2 x 4 windows
+
+
+def test_slide_mode_on_uint8_bundle(whole_engine: Engine, photos: dict[str, np.ndarray]) -> None:
+    options = SegmentOptions(mode="slide", crop=(96, 128), stride=(64, 96))
+    result = assert_matches_reference(whole_engine, photos["chelsea"], options)
+    assert result.num_inputs == 6  # chelsea 300x451 -> 160x241: 2 rows x 3 columns
+
+
+@pytest.mark.parametrize(
+    ("engine_name", "scales", "flip"),
+    [
+        ("whole_engine", (0.5, 0.75, 1.0, 1.25, 1.5, 1.75), True),
+        ("whole_engine", None, True),
+        ("slide_engine", (0.5, 1.0, 1.25), True),
+        ("slide_engine", (0.75,), False),
+    ],
+)
+def test_multi_scale_and_flip_match_reference(
+    request: pytest.FixtureRequest,
+    photos: dict[str, np.ndarray],
+    engine_name: str,
+    scales: tuple[float, ...] | None,
+    flip: bool,
+) -> None:
+    engine: Engine = request.getfixturevalue(engine_name)
+    image = sized(photos, "chelsea", 150, 225)
+    options = SegmentOptions(scales=scales, flip=flip, return_probabilities=True)
+    result = assert_matches_reference(engine, image, options)
+    passes = len(scales or (1.0,)) * (2 if flip else 1)
+    assert result.num_inputs >= passes
+
+
+def test_flip_changes_the_result_for_an_asymmetric_model(
+    whole_engine: Engine, photos: dict[str, np.ndarray]
+) -> None:
+    image = photos["coffee"]
+    plain = segment(whole_engine, image, SegmentOptions(return_probabilities=True))
+    flipped = segment(whole_engine, image, SegmentOptions(flip=True, return_probabilities=True))
+    assert plain.probabilities is not None and flipped.probabilities is not None
+    # Averaging with the mirrored pass must change the scores (the stem is not symmetric).
+    assert np.abs(plain.probabilities - flipped.probabilities).max() > 1e-3
+
+
+def test_many_classes_use_uint16_and_wide_resizes(
+    tmp_path: Path, photos: dict[str, np.ndarray]
+) -> None:
+    bundle = write_tiny_bundle(tmp_path / "wide", num_classes=300)
+    engine = start(bundle)
+    try:
+        image = sized(photos, "astronaut", 64, 80)
+        result = segment(engine, image, SegmentOptions(scales=(1.0, 1.5)))
+        labels, _ = reference_segment(
+            onnx_forward(bundle), image, reference_config(bundle, SegmentOptions()), (1.0, 1.5)
+        )
+        assert result.labels.dtype == np.uint16
+        assert (result.labels == labels).mean() >= AGREEMENT
+    finally:
+        engine.stop()
+
+
+def test_keep_ratio_false_resizes_to_the_exact_scale(
+    tmp_path: Path, photos: dict[str, np.ndarray]
+) -> None:
+    bundle = write_tiny_bundle(
+        tmp_path / "exact",
+        test_config=TestConfig(mode="whole", resize_scale=(96, 64), keep_ratio=False),
+    )
+    engine = start(bundle)
+    try:
+        plan = engine.plan(SegmentOptions(), 300, 451)
+        assert (plan.passes[0].height, plan.passes[0].width) == (64, 96)
+        result = segment(engine, photos["chelsea"], SegmentOptions())
+        assert result.labels.shape == (300, 451)
+    finally:
+        engine.stop()
