@@ -1,0 +1,316 @@
+"""The engine under load and misuse: batching across requests, refusal, cancellation, timeouts,
+option validation, providers and placement, and the model manager."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from service import metrics
+from service.bundle import Bundle, BundleError
+from service.engine import Engine, EngineConfig, ModelManager, SegmentOptions
+from service.errors import (
+    InferenceTimeoutError,
+    InvalidParameterError,
+    OverloadedError,
+    PayloadTooLargeError,
+    UnknownModelError,
+)
+from service.geometry import resize_image
+from service.runtime import (
+    CPU,
+    CUDA,
+    PlacementError,
+    ProviderUnavailableError,
+    Runtime,
+    RuntimeSettings,
+    misplaced_nodes,
+    resolve_providers,
+)
+
+HAS_CUDA = CUDA in ort.get_available_providers()
+
+
+def batches_run(name: str) -> tuple[float, float]:
+    """(inputs run, batches run) so far for a model, from the batch-size histogram."""
+    histogram = metrics.BATCH_SIZE.labels(name)
+    return histogram._sum.get(), sum(bucket.get() for bucket in histogram._buckets)
+
+
+def test_concurrent_requests_share_batches_and_match_sequential(
+    tiny_bundle: Bundle, photos: dict[str, np.ndarray]
+) -> None:
+    engine = Engine(tiny_bundle, EngineConfig(max_batch_size=4, max_queue_delay_ms=200))
+    engine.start()
+    images = [resize_image(photos[n], 240, 160) for n in ("astronaut", "chelsea", "coffee")] * 2
+    try:
+        sequential = [
+            asyncio.run(engine.segment(image, SegmentOptions())).labels for image in images
+        ]
+        inputs_before, batches_before = batches_run(tiny_bundle.name)
+
+        async def together() -> list[np.ndarray]:
+            results = await asyncio.gather(
+                *(engine.segment(image, SegmentOptions()) for image in images)
+            )
+            return [r.labels for r in results]
+
+        concurrent = asyncio.run(together())
+        inputs_after, batches_after = batches_run(tiny_bundle.name)
+    finally:
+        engine.stop()
+    for alone, shared in zip(sequential, concurrent, strict=True):
+        assert (alone == shared).mean() >= 0.999
+    assert inputs_after - inputs_before == 6
+    assert batches_after - batches_before <= 3  # six equal-shape inputs in batches of <= 4
+
+
+def test_full_queue_refuses_with_overloaded(
+    tiny_float_bundle: Bundle, photos: dict[str, np.ndarray]
+) -> None:
+    engine = Engine(tiny_float_bundle, EngineConfig(max_queue_size=4, max_inputs_in_flight=4))
+    engine.start()
+
+    async def burst() -> list[object]:
+        return await asyncio.gather(
+            *(engine.segment(photos["coffee"], SegmentOptions()) for _ in range(3)),
+            return_exceptions=True,
+        )
+
+    try:
+        outcomes = asyncio.run(burst())
+    finally:
+        engine.stop()
+    refused = [o for o in outcomes if isinstance(o, OverloadedError)]
+    served = [o for o in outcomes if not isinstance(o, BaseException)]
+    # The first request reserves all four places (8 windows, 4 in flight); the others are refused.
+    assert len(served) == 1 and len(refused) == 2
+    assert all(o.retry_after_s > 0 for o in refused)
+
+
+def test_cancelled_request_drops_its_queued_windows(
+    tiny_float_bundle: Bundle, photos: dict[str, np.ndarray]
+) -> None:
+    # One input per batch and a long batch delay keep most windows queued while we cancel.
+    engine = Engine(
+        tiny_float_bundle,
+        EngineConfig(max_batch_size=64, max_queue_delay_ms=300, max_inputs_in_flight=64),
+    )
+    engine.start()
+    options = SegmentOptions(crop=(32, 32), stride=(16, 16))
+    planned = engine.plan(options, *photos["coffee"].shape[:2]).num_inputs
+    inputs_before, _ = batches_run(tiny_float_bundle.name)
+
+    async def cancel_midway() -> int:
+        task = asyncio.create_task(engine.segment(photos["coffee"], options))
+        while engine.queue_depth < 8:
+            await asyncio.sleep(0.005)
+        depth = engine.queue_depth
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return depth
+
+    try:
+        depth_at_cancel = asyncio.run(cancel_midway())
+        assert engine.queue_depth == 0
+        inputs_after, _ = batches_run(tiny_float_bundle.name)
+    finally:
+        engine.stop()
+    assert planned > 64 and depth_at_cancel >= 8
+    assert inputs_after - inputs_before < planned  # the dropped windows never ran
+
+
+def test_timeout_raises_and_frees_the_queue(
+    tiny_float_bundle: Bundle, photos: dict[str, np.ndarray]
+) -> None:
+    engine = Engine(tiny_float_bundle, EngineConfig(inference_timeout_s=0.05))
+    engine.start()
+    try:
+        with pytest.raises(InferenceTimeoutError, match=r"longer than 0\.05 s"):
+            asyncio.run(
+                engine.segment(photos["coffee"], SegmentOptions(scales=(1.0, 1.5, 1.75), flip=True))
+            )
+        assert engine.queue_depth == 0
+    finally:
+        engine.stop()
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (SegmentOptions(mode="slide", crop=(64, 64), stride=(0, 32)), "stride must be positive"),
+        (SegmentOptions(mode="slide", crop=(64, 64), stride=(96, 32)), "at most the crop"),
+        (SegmentOptions(mode="slide", crop=(9000, 64), stride=(32, 32)), "crop sides"),
+        (SegmentOptions(mode="slide", crop=(64.5, 64), stride=(32, 32)), "two integers"),  # type: ignore[arg-type]
+        (SegmentOptions(mode="slide"), "crop must be two integers"),  # bundle has no crop
+        (SegmentOptions(crop=(64, 64)), "slide mode only"),
+        (SegmentOptions(mode="tiles"), "mode must be"),  # type: ignore[arg-type]
+        (SegmentOptions(scales=()), "scales must hold"),
+        (SegmentOptions(scales=(0.0,)), "scale ratios must be in"),
+        (SegmentOptions(scales=(float("nan"),)), "not a number"),
+        (SegmentOptions(scales=(1.0, 1.5, 2.0), flip=True), "6 test-time passes"),
+        (SegmentOptions(scales=(3.0,)), "over 1000000 pixels"),
+    ],
+)
+def test_bad_options_are_refused_by_name(
+    tiny_bundle: Bundle, options: SegmentOptions, message: str
+) -> None:
+    engine = Engine(tiny_bundle, EngineConfig(max_tta_inputs=4, max_pixels=1_000_000))
+    with pytest.raises(InvalidParameterError, match=message):
+        engine.validate_options(options, 500, 600)
+
+
+def test_pixel_limit_and_image_checks(tiny_bundle: Bundle) -> None:
+    engine = Engine(tiny_bundle, EngineConfig(max_pixels=10_000))
+    with pytest.raises(PayloadTooLargeError, match="10001 pixels"):
+        engine.validate_options(SegmentOptions(), 1, 10_001)
+    engine.start()
+    try:
+        with pytest.raises(InvalidParameterError, match="uint8 RGB"):
+            asyncio.run(engine.segment(np.zeros((8, 8, 3), np.float32), SegmentOptions()))
+        with pytest.raises(InvalidParameterError, match="uint8 RGB"):
+            asyncio.run(engine.segment(np.zeros((8, 8), np.uint8), SegmentOptions()))
+    finally:
+        engine.stop()
+
+
+def test_provider_resolution() -> None:
+    available = [CPU]
+    assert resolve_providers(("cuda", "cpu"), available, allow_cpu_fallback=True) == [CPU]
+    assert resolve_providers(("cpu",), available, allow_cpu_fallback=False) == [CPU]
+    assert resolve_providers(("cuda", "cpu"), [CUDA, CPU], allow_cpu_fallback=False) == [CUDA, CPU]
+    with pytest.raises(ProviderUnavailableError, match="CUDAExecutionProvider requested"):
+        resolve_providers(("cuda", "cpu"), available, allow_cpu_fallback=False)
+    with pytest.raises(ProviderUnavailableError, match="unknown provider 'tpu'"):
+        resolve_providers(("tpu",), available, allow_cpu_fallback=True)
+    # Only a GPU asked for, fallback allowed: CPU, with a warning.
+    assert resolve_providers(("cuda",), available, allow_cpu_fallback=True) == [CPU]
+
+
+def test_cpu_fallback_is_logged_and_reported(
+    tiny_bundle: Bundle, caplog: pytest.LogCaptureFixture
+) -> None:
+    if HAS_CUDA:
+        pytest.skip("CUDA is present, so there is no fallback to observe")
+    with caplog.at_level(logging.WARNING, logger="service.runtime"):
+        engine = Engine(tiny_bundle, EngineConfig(providers=("cuda", "cpu")))
+        engine.start()
+    try:
+        assert engine.provider == CPU
+        assert "CUDAExecutionProvider requested but unavailable" in caplog.text
+        assert metrics.MODEL_LOADED.labels(tiny_bundle.name, CPU)._value.get() == 1
+    finally:
+        engine.stop()
+    assert metrics.MODEL_LOADED.labels(tiny_bundle.name, CPU)._value.get() == 0
+    strict = Engine(tiny_bundle, EngineConfig(providers=("cuda",), allow_cpu_fallback=False))
+    with pytest.raises(ProviderUnavailableError):
+        strict.start()
+
+
+def test_placement_report_flags_compute_nodes_off_the_gpu(tiny_bundle: Bundle) -> None:
+    runtime = Runtime(
+        tiny_bundle.model_path, "pixels", "logits", "uint8", RuntimeSettings(providers=("cpu",))
+    )
+    sample = np.zeros((1, 3, 64, 64), np.uint8)
+    events = runtime.node_placements(sample)
+    assert runtime.check_placement(sample) == []  # everything runs where the session runs
+    # Read as if the session were meant to be on CUDA, every compute node is reported.
+    misplaced = misplaced_nodes(events, CUDA)
+    assert any("Conv on CPUExecutionProvider" in node for node in misplaced)
+    assert any("(Div on" in node for node in misplaced)  # float arithmetic is compute
+    shape_only = {"cat": "Node", "name": "s", "args": {"op_name": "Shape", "provider": CPU}}
+    int_math = {
+        "cat": "Node",
+        "name": "m",
+        "args": {"op_name": "Mul", "provider": CPU, "output_type_shape": [{"int64": [2]}]},
+    }
+    assert misplaced_nodes([shape_only, int_math], CUDA) == []
+
+
+def test_model_manager_loads_every_bundle(
+    model_repository: Path, photos: dict[str, np.ndarray]
+) -> None:
+    manager = ModelManager(
+        model_repository,
+        EngineConfig(providers=("cpu",)),
+        per_model={"tiny-float": EngineConfig(providers=("cpu",), max_batch_size=2)},
+    )
+    assert not manager.ready
+    manager.load_all()
+    try:
+        assert manager.ready
+        assert manager.names() == ["tiny", "tiny-float"]
+        assert manager.default_name == "tiny"
+        assert manager.get(None) is manager.get("tiny")
+        assert manager.get("tiny-float").config.max_batch_size == 2
+        assert manager.get("tiny").config.max_batch_size == 8
+        with pytest.raises(UnknownModelError, match="'nope'"):
+            manager.get("nope")
+        image = resize_image(photos["rocket"], 96, 64)
+        for name in manager.names():
+            result = asyncio.run(manager.get(name).segment(image, SegmentOptions()))
+            assert result.labels.shape == (64, 96)
+    finally:
+        manager.stop(drain_timeout_s=5)
+    assert not manager.ready
+
+
+def test_model_manager_refuses_empty_or_mismatched_repositories(
+    tmp_path: Path, model_repository: Path
+) -> None:
+    with pytest.raises(BundleError, match="no model bundles"):
+        ModelManager(tmp_path, EngineConfig()).load_all()
+    with pytest.raises(BundleError, match="not in the repository"):
+        ModelManager(
+            model_repository, EngineConfig(), per_model={"ghost": EngineConfig()}
+        ).load_all()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs onnxruntime's CUDAExecutionProvider and a GPU")
+def test_cuda_engine_matches_cpu_with_placement_checked(
+    tiny_float_bundle: Bundle, photos: dict[str, np.ndarray]
+) -> None:
+    gpu = Engine(tiny_float_bundle, EngineConfig(providers=("cuda",), allow_cpu_fallback=False))
+    cpu = Engine(tiny_float_bundle, EngineConfig(providers=("cpu",)))
+    gpu.start()  # runs the placement check; raises PlacementError on CPU-placed compute nodes
+    cpu.start()
+    try:
+        assert gpu.provider == CUDA
+        options = SegmentOptions(scales=(0.75, 1.0), flip=True)
+        on_gpu = asyncio.run(gpu.segment(photos["chelsea"], options))
+        on_cpu = asyncio.run(cpu.segment(photos["chelsea"], options))
+        assert (on_gpu.labels == on_cpu.labels).mean() >= 0.999
+    finally:
+        gpu.stop()
+        cpu.stop()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs onnxruntime's CUDAExecutionProvider and a GPU")
+def test_cuda_placement_error_names_cpu_nodes(tiny_bundle: Bundle) -> None:
+    runtime = Runtime(
+        tiny_bundle.model_path,
+        "pixels",
+        "logits",
+        "uint8",
+        RuntimeSettings(providers=("cuda",), allow_cpu_fallback=False),
+    )
+    sample = np.zeros((1, 3, 64, 64), np.uint8)
+    misplaced = misplaced_nodes(runtime.node_placements(sample), CUDA)
+    if misplaced:
+        with pytest.raises(PlacementError, match="compute nodes run on the CPU"):
+            runtime.check_placement(sample)
+    else:
+        assert runtime.check_placement(sample) == []
+    batch = np.random.default_rng(0).integers(0, 255, (3, 3, 64, 64), dtype=np.uint8)
+    cpu = Runtime(
+        tiny_bundle.model_path, "pixels", "logits", "uint8", RuntimeSettings(providers=("cpu",))
+    )
+    np.testing.assert_allclose(runtime.run(batch), cpu.run(batch), atol=1e-3)  # IO binding path
