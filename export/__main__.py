@@ -12,6 +12,18 @@ from pathlib import Path
 
 from export.attention import ATTENTION_FORMS
 from export.bundle_writer import ExportError, export_bundle
+from export.verify import DEFAULT_SIZES
+
+
+def _size(text: str) -> tuple[int, int]:
+    height, sep, width = text.lower().partition("x")
+    if not sep or not height.isdigit() or not width.isdigit() or min(int(height), int(width)) < 1:
+        raise argparse.ArgumentTypeError(f"expected HEIGHTxWIDTH, e.g. 384x640, got {text!r}")
+    return int(height), int(width)
+
+
+def _sizes_text(sizes: tuple[tuple[int, int], ...]) -> str:
+    return ", ".join(f"{h}x{w}" for h, w in sizes)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -34,6 +46,13 @@ def _parser() -> argparse.ArgumentParser:
         "--attention", choices=ATTENTION_FORMS, default=None, help="fused form (default: onnx)"
     )
     parser.add_argument("--force", action="store_true", help="replace an existing bundle")
+    parser.add_argument(
+        "--verify-size",
+        type=_size,
+        action="append",
+        metavar="HxW",
+        help=f"verification size, repeatable (default: {_sizes_text(DEFAULT_SIZES)})",
+    )
     parser.add_argument("--skip-verify", action="store_true", help="do not compare against PyTorch")
     return parser
 
@@ -53,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
             attention=args.attention,
             force=args.force,
             skip_verify=args.skip_verify,
+            verify_sizes=tuple(args.verify_size or DEFAULT_SIZES),
             progress=lambda message: print(f"... {message}", file=sys.stderr, flush=True),
         )
     except ExportError as exc:

@@ -12,6 +12,7 @@ emit provider-specific ops, so they are left to load time), then the fused-atten
 from __future__ import annotations
 
 import copy
+import re
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -111,6 +112,7 @@ def export_onnx(
         raise OnnxExportError("torch.onnx.export returned no program")
     proto = program.model_proto
     _require_dynamic_input(proto)
+    _name_dynamic_axes(proto)
     if attention == "ort-contrib":
         progress("rewriting Attention -> com.microsoft.MultiHeadAttention")
         proto = to_contrib_attention(proto)
@@ -140,6 +142,17 @@ def _require_dynamic_input(model: onnx.ModelProto) -> None:
     if fixed:
         names = ", ".join(("batch", "channels", "height", "width")[a] for a in fixed)
         raise OnnxExportError(f"export fixed the input's {names}; the model must trace dynamically")
+
+
+def _name_dynamic_axes(model: onnx.ModelProto) -> None:
+    """Rename the exporter's symbols (s0, s81...) to batch/height/width in every shape."""
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    names = {dims[0].dim_param: "batch", dims[2].dim_param: "height", dims[3].dim_param: "width"}
+    symbol = re.compile(r"\b(" + "|".join(re.escape(s) for s in names) + r")\b")
+    for value in [*model.graph.input, *model.graph.value_info, *model.graph.output]:
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.HasField("dim_param"):
+                dim.dim_param = symbol.sub(lambda m: names[m.group(1)], dim.dim_param)
 
 
 def graph_io(model: onnx.ModelProto) -> dict[str, Any]:
