@@ -175,13 +175,16 @@ def photos() -> dict[str, np.ndarray]:
 
 @pytest.fixture(scope="session")
 def segformer_b0_bundle(tmp_path_factory: pytest.TempPathFactory) -> Bundle:
-    """A random-init SegFormer-B0 (ADE20K classes and test config) exported to a bundle."""
-    if importlib.util.find_spec("export.bundle_writer") is None and not hasattr(
-        importlib.import_module("export"), "export_bundle"
-    ):
-        pytest.skip("export.export_bundle is not in the repository yet (export engineer's part)")
-    from export import export_bundle  # type: ignore[attr-defined]
+    """A random-init SegFormer-B0 (ADE20K classes and test config) exported to a bundle.
+
+    ``export.export_bundle`` reads class lists from ``models.datasets``; until that module lands
+    the real-model tests skip and say so. The export's own verification is tested in
+    tests/test_export*; here it is skipped to keep the fixture cheap.
+    """
+    if importlib.util.find_spec("models.datasets") is None:
+        pytest.skip("models/datasets.py (needed by export.export_bundle) is not in the tree yet")
+    from export import export_bundle
 
     out = tmp_path_factory.mktemp("segformer_repo") / "segformer-b0"
-    export_bundle("segformer-b0", out, random_init=True, dataset="ade20k")
+    export_bundle("segformer-b0", out, random_init=True, dataset="ade20k", skip_verify=True)
     return load_bundle(out)
