@@ -254,7 +254,7 @@ class ConvModule(nn.Module):
         return self.activate(self.bn(self.conv(features)))
 
 
-def _layer_norm_channels(norm: nn.LayerNorm, features: torch.Tensor) -> torch.Tensor:
+def _layer_norm_channels(norm: nn.Module, features: torch.Tensor) -> torch.Tensor:
     """LayerNorm over the channels of an NCHW map, the way the SETR heads apply it to tokens."""
     return norm(features.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
