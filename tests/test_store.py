@@ -1,0 +1,320 @@
+"""The mask store: round trips, limits and failures, against a real redis-server process."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import redis
+from skimage import data, filters
+
+from service.errors import MaskNotFoundError, StoreUnavailableError
+from service.store import (
+    MemoryMaskStore,
+    RedisMaskStore,
+    StoredMask,
+    create_store,
+    decode_mask,
+    encode_mask,
+)
+
+REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class RedisProcess:
+    """A throwaway redis-server on a loopback port, restartable on the same port."""
+
+    def __init__(self, workdir: Path, *extra: str) -> None:
+        self.port = free_port()
+        self.workdir = workdir
+        self.extra = extra
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        command = [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1"]
+        command += ["--save", "", "--appendonly", "no", "--dir", str(self.workdir), *self.extra]
+        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL)
+        client = redis.Redis(port=self.port)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                client.ping()
+                return
+            except redis.ConnectionError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.02)
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait(timeout=10)
+            self.process = None
+
+    def client(self) -> redis.Redis:
+        return redis.Redis(port=self.port)
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisProcess]:
+    if not Path(REDIS_SERVER).exists():
+        pytest.fail("redis-server missing: run scripts/system_packages.sh")
+    server = RedisProcess(tmp_path)
+    server.start()
+    yield server
+    server.stop()
+
+
+def astronaut_labels() -> np.ndarray:
+    """A label map with regions like a real one: the astronaut photo, blurred, in 8 grey bands."""
+    grey = filters.gaussian(data.astronaut()[::4, ::4].mean(axis=2) / 255, sigma=3)
+    return np.minimum(grey * 8, 7).astype(np.uint8)
+
+
+def mask_of(
+    labels: np.ndarray, model: str = "segformer-b0", jpeg: bytes | None = None
+) -> StoredMask:
+    return StoredMask(model=model, labels=labels, palette_version="a1b2c3d4", image_jpeg=jpeg)
+
+
+def noise_labels(seed: int, size: int = 64) -> np.ndarray:
+    """Incompressible labels, so each mask's stored size is known to within the header."""
+    return np.random.default_rng(seed).integers(0, 256, (size, size), dtype=np.uint8)
+
+
+def test_blob_round_trip_is_exact_and_compressed() -> None:
+    labels = astronaut_labels()
+    jpeg = b"\xff\xd8 not really a jpeg \xff\xd9"
+    blob = encode_mask("id-1", mask_of(labels, jpeg=jpeg))
+    back = decode_mask("id-1", blob)
+    np.testing.assert_array_equal(back.labels, labels)
+    assert back.labels.dtype == np.uint8
+    assert (back.model, back.palette_version, back.image_jpeg) == ("segformer-b0", "a1b2c3d4", jpeg)
+    assert len(blob) < labels.nbytes / 4
+
+    wide = (astronaut_labels().astype(np.uint16) * 1000 + 7).astype(np.uint16)  # > 255 classes
+    back16 = decode_mask("id-2", encode_mask("id-2", mask_of(wide)))
+    assert back16.labels.dtype == np.uint16
+    np.testing.assert_array_equal(back16.labels, wide)
+    assert back16.image_jpeg is None
+
+
+def test_blob_refuses_other_ids_damage_and_bad_labels() -> None:
+    blob = encode_mask("id-1", mask_of(astronaut_labels()))
+    with pytest.raises(StoreUnavailableError, match="belongs to mask"):
+        decode_mask("id-2", blob)
+    with pytest.raises(StoreUnavailableError, match="damaged"):
+        decode_mask("id-1", blob[:-10])
+    with pytest.raises(ValueError, match="uint8 or uint16"):
+        encode_mask("x", mask_of(astronaut_labels().astype(np.int32)))
+    with pytest.raises(ValueError, match=r"\(H, W\)"):
+        encode_mask("x", mask_of(np.zeros((2, 2, 3), np.uint8)))
+
+
+def test_memory_round_trip_ids_and_not_found() -> None:
+    async def scenario() -> None:
+        store = create_store("memory", max_bytes=10_000_000, ttl_s=60)
+        labels = astronaut_labels()
+        ids = {await store.put(mask_of(labels, model=f"m{i}")) for i in range(20)}
+        assert len(ids) == 20 and all(len(i) >= 22 for i in ids)
+        for mask_id in ids:
+            got = await store.get(mask_id)
+            np.testing.assert_array_equal(got.labels, labels)
+        with pytest.raises(MaskNotFoundError):
+            await store.get("does-not-exist-aaaaaaaaaaaa")
+        await store.check()
+        await store.close()
+
+    asyncio.run(scenario())
+
+
+def test_memory_ttl_expires_on_access() -> None:
+    now = [1000.0]
+    store = MemoryMaskStore(max_bytes=10_000_000, ttl_s=30, clock=lambda: now[0])
+
+    async def scenario() -> None:
+        first = await store.put(mask_of(astronaut_labels()))
+        now[0] += 20
+        second = await store.put(mask_of(astronaut_labels()))
+        now[0] += 15  # first is 35 s old, second 15 s
+        with pytest.raises(MaskNotFoundError):
+            await store.get(first)
+        assert (await store.get(second)).model == "segformer-b0"
+        assert len(store) == 1
+        now[0] += 16
+        with pytest.raises(MaskNotFoundError):
+            await store.get(second)
+        assert len(store) == 0 and store.total_bytes == 0
+
+    asyncio.run(scenario())
+
+
+def test_memory_byte_limit_evicts_oldest_first() -> None:
+    one = len(encode_mask("x" * 22, mask_of(noise_labels(0))))
+    store = MemoryMaskStore(max_bytes=3 * one + one // 2, ttl_s=60)
+
+    async def scenario() -> None:
+        ids = [await store.put(mask_of(noise_labels(seed))) for seed in range(5)]
+        assert len(store) == 3
+        assert store.total_bytes <= store.max_bytes
+        for mask_id in ids[:2]:
+            with pytest.raises(MaskNotFoundError):
+                await store.get(mask_id)
+        for seed, mask_id in enumerate(ids[2:], start=2):
+            np.testing.assert_array_equal((await store.get(mask_id)).labels, noise_labels(seed))
+        with pytest.raises(StoreUnavailableError, match="more than the whole mask store"):
+            await store.put(mask_of(noise_labels(9, size=256)))
+
+    asyncio.run(scenario())
+
+
+def test_create_store_rejects_unknown_urls() -> None:
+    with pytest.raises(ValueError, match="memory"):
+        create_store("postgres://user:secret@db/x", 1000, 10)
+    with pytest.raises(ValueError, match="positive"):
+        create_store("memory", 0, 10)
+
+
+def test_redis_round_trip_shared_between_two_clients(redis_server: RedisProcess) -> None:
+    async def scenario() -> None:
+        replica_a = create_store(redis_server.url, max_bytes=10_000_000, ttl_s=60)
+        replica_b = create_store(redis_server.url, max_bytes=10_000_000, ttl_s=60)
+        labels = astronaut_labels()
+        wide = labels.astype(np.uint16) * 300
+        id_a = await replica_a.put(mask_of(labels, model="segformer-b0", jpeg=b"jpeg-a"))
+        id_b = await replica_b.put(mask_of(wide, model="setr-pup"))
+        got_a = await replica_b.get(id_a)
+        got_b = await replica_a.get(id_b)
+        np.testing.assert_array_equal(got_a.labels, labels)
+        np.testing.assert_array_equal(got_b.labels, wide)
+        assert (got_a.model, got_a.image_jpeg) == ("segformer-b0", b"jpeg-a")
+        assert (got_b.model, got_b.labels.dtype, got_b.image_jpeg) == ("setr-pup", np.uint16, None)
+        with pytest.raises(MaskNotFoundError):
+            await replica_a.get("not-a-real-mask-id-000000")
+        with pytest.raises(MaskNotFoundError):
+            await replica_a.get("../../etc/passwd")
+        await replica_a.check()
+        await replica_a.close()
+        await replica_b.close()
+
+    asyncio.run(scenario())
+    stored = redis_server.client().get(
+        next(iter(redis_server.client().scan_iter("segserve:mask:*")))
+    )
+    assert stored is not None and len(stored) < astronaut_labels().nbytes  # compressed at rest
+
+
+def test_redis_expiry_is_redis_own(redis_server: RedisProcess) -> None:
+    client = redis_server.client()
+
+    async def scenario() -> None:
+        store = RedisMaskStore(redis_server.url, max_bytes=10_000_000, ttl_s=0.4)
+        mask_id = await store.put(mask_of(astronaut_labels()))
+        assert 0 < client.pttl(f"segserve:mask:{mask_id}") <= 400
+        assert (await store.get(mask_id)).model == "segformer-b0"
+        await asyncio.sleep(0.6)
+        with pytest.raises(MaskNotFoundError):
+            await store.get(mask_id)
+        await store.close()
+
+    asyncio.run(scenario())
+    assert client.dbsize() == 0  # masks, index and byte counter all expired by Redis itself
+
+
+def test_redis_byte_limit_evicts_oldest_across_replicas(redis_server: RedisProcess) -> None:
+    one = len(encode_mask("x" * 22, mask_of(noise_labels(0))))
+    limit = 3 * one + one // 2
+
+    async def scenario() -> None:
+        replicas = [RedisMaskStore(redis_server.url, limit, ttl_s=60) for _ in range(2)]
+        ids = [await replicas[seed % 2].put(mask_of(noise_labels(seed))) for seed in range(5)]
+        for mask_id in ids[:2]:
+            with pytest.raises(MaskNotFoundError):
+                await replicas[0].get(mask_id)
+        for seed, mask_id in enumerate(ids[2:], start=2):
+            got = await replicas[1].get(mask_id)
+            np.testing.assert_array_equal(got.labels, noise_labels(seed))
+        # Concurrent puts from both replicas: the bound holds and every surviving id is its own.
+        labelled = [noise_labels(100 + i) for i in range(12)]
+        new_ids = await asyncio.gather(
+            *(replicas[i % 2].put(mask_of(labels)) for i, labels in enumerate(labelled))
+        )
+        survivors = 0
+        for labels, mask_id in zip(labelled, new_ids, strict=True):
+            try:
+                got = await replicas[0].get(mask_id)
+            except MaskNotFoundError:
+                continue
+            survivors += 1
+            np.testing.assert_array_equal(got.labels, labels)
+        assert survivors == 3
+        for replica in replicas:
+            await replica.close()
+
+    asyncio.run(scenario())
+    client = redis_server.client()
+    stored = sum(len(client.get(key) or b"") for key in client.scan_iter("segserve:mask:*"))
+    assert stored <= limit
+    assert int(client.get("segserve:mask-bytes") or 0) == stored
+
+
+def test_redis_down_gives_503_and_recovers(redis_server: RedisProcess) -> None:
+    async def scenario() -> None:
+        store = RedisMaskStore(redis_server.url, 10_000_000, ttl_s=60, timeout_s=0.5)
+        before = await store.put(mask_of(astronaut_labels()))
+        redis_server.stop()
+        with pytest.raises(StoreUnavailableError, match=r"Redis at redis://127\.0\.0\.1"):
+            await store.check()
+        with pytest.raises(StoreUnavailableError):
+            await store.put(mask_of(astronaut_labels()))
+        with pytest.raises(StoreUnavailableError):
+            await store.get(before)
+        redis_server.start()  # same port, empty: the old mask is gone, not mixed up
+        await store.check()
+        with pytest.raises(MaskNotFoundError):
+            await store.get(before)
+        after = await store.put(mask_of(astronaut_labels(), model="after-restart"))
+        assert (await store.get(after)).model == "after-restart"
+        await store.close()
+
+    asyncio.run(scenario())
+
+
+def test_redis_out_of_memory_gives_503(tmp_path: Path) -> None:
+    server = RedisProcess(tmp_path, "--maxmemory", "3mb", "--maxmemory-policy", "noeviction")
+    server.start()
+    try:
+
+        async def scenario() -> None:
+            store = RedisMaskStore(server.url, max_bytes=100_000_000, ttl_s=60)
+            kept = []
+            with pytest.raises(StoreUnavailableError, match="out of memory"):
+                for seed in range(200):
+                    kept.append((seed, await store.put(mask_of(noise_labels(seed, size=256)))))
+            assert kept, "Redis refused before storing anything"
+            for seed, mask_id in kept:  # what was accepted is intact
+                np.testing.assert_array_equal(
+                    (await store.get(mask_id)).labels, noise_labels(seed, 256)
+                )
+            await store.close()
+
+        asyncio.run(scenario())
+    finally:
+        server.stop()
