@@ -25,6 +25,7 @@ classes are never imported and nothing of theirs runs. Any other global (``os.sy
 
 from __future__ import annotations
 
+import _compat_pickle
 import hashlib
 import importlib
 import io
@@ -141,6 +142,9 @@ class RestrictedUnpickler(pickle.Unpickler):
     """Resolves only the globals a weights file needs; see the module docstring."""
 
     def find_class(self, module: str, name: str) -> Any:
+        # Protocol-2 pickles (torch.save's default) spell builtins with Python 2 names.
+        module, name = _compat_pickle.NAME_MAPPING.get((module, name), (module, name))
+        module = _compat_pickle.IMPORT_MAPPING.get(module, module)
         return _resolve_safe_global(module, name)
 
 
