@@ -119,6 +119,8 @@ class Batcher:
     def submit(self, tensor: np.ndarray, owner: Hashable, stats: BatchStats) -> Future[np.ndarray]:
         """Queue one input of an admitted request; the future resolves to its output."""
         with self._condition:
+            if not self._running:
+                raise OverloadedError(f"model {self._model!r} has stopped", retry_after_s=5.0)
             if owner not in self._reservations:
                 raise RuntimeError("submit before admit")
             future: Future[np.ndarray] = Future()
@@ -151,14 +153,14 @@ class Batcher:
         return dropped
 
     def stop(self, drain_timeout_s: float = 10.0) -> None:
-        """Refuse new work, let queued inputs run for up to ``drain_timeout_s``, then cancel the
-        rest and join the thread."""
+        """Refuse new requests, let admitted ones finish for up to ``drain_timeout_s``, then
+        cancel what is still queued and join the thread."""
         with self._condition:
             self._accepting = False
             self._condition.notify_all()
         deadline = time.monotonic() + drain_timeout_s
         with self._condition:
-            while self._depth and time.monotonic() < deadline:
+            while (self._depth or self._reservations) and time.monotonic() < deadline:
                 self._condition.wait(timeout=min(0.05, max(0.0, deadline - time.monotonic())))
             for bucket in self._buckets.values():
                 for item in bucket:

@@ -36,6 +36,7 @@ from service.bundle import Bundle, BundleError, TestConfig, discover_bundles, lo
 from service.errors import (
     InferenceTimeoutError,
     InvalidParameterError,
+    OverloadedError,
     PayloadTooLargeError,
     UnknownModelError,
 )
@@ -345,7 +346,8 @@ class Engine:
 
     async def segment(self, image: np.ndarray, options: SegmentOptions) -> SegmentResult:
         """Label map (and probabilities if asked) of an (H, W, 3) uint8 RGB image."""
-        if self._batcher is None:
+        batcher = self._batcher
+        if batcher is None:
             raise RuntimeError(f"engine {self.name!r} is not started")
         if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
             raise InvalidParameterError(
@@ -354,7 +356,7 @@ class Engine:
         height, width = image.shape[:2]
         plan = self.plan(options, height, width)
         request = _Request(owner=object(), slots=asyncio.Semaphore(self._in_flight))
-        self._batcher.admit(request.owner, min(self._in_flight, plan.num_inputs))
+        batcher.admit(request.owner, min(self._in_flight, plan.num_inputs))
         try:
             async with asyncio.timeout(self.config.inference_timeout_s):
                 scores = await self._scores(image, plan, request)
@@ -366,7 +368,7 @@ class Engine:
                 f"inference took longer than {self.config.inference_timeout_s} s"
             ) from None
         finally:
-            self._batcher.release(request.owner)
+            batcher.release(request.owner)
         stats = request.stats
         timings = {
             "preprocess": request.preprocess_s,
@@ -384,7 +386,14 @@ class Engine:
     async def _compute(self, request: _Request, fn: Callable[[], T], pre: bool = False) -> T:
         """Run ``fn`` in the worker pool, charging its time to pre- or post-processing."""
         loop = asyncio.get_running_loop()
-        value, seconds = await loop.run_in_executor(self._pool, _timed(fn))
+        pool = self._pool
+        try:
+            if pool is None:
+                raise RuntimeError("no pool")
+            work = loop.run_in_executor(pool, _timed(fn))
+        except RuntimeError:  # the pool is gone or shut down: stop() outlasted its drain time
+            raise self._stopped_error() from None
+        value, seconds = await work
         if pre:
             request.preprocess_s += seconds
         else:
@@ -466,13 +475,26 @@ class Engine:
     async def _run_window(
         self, scaled: np.ndarray, window: Window, merge: _Merge, request: _Request
     ) -> None:
-        assert self._batcher is not None
         async with request.slots:
+            if self._batcher is None:
+                raise self._stopped_error()
             crop = scaled[window.y1 : window.y2, window.x1 : window.x2]
             tensor = await self._compute(request, lambda: self._to_input(crop), pre=True)
             future = self._batcher.submit(tensor, request.owner, request.stats)
-            logits = await asyncio.wrap_future(future)
+            try:
+                logits = await asyncio.wrap_future(future)
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if future.cancelled() and task is not None and task.cancelling() == 0:
+                    # Dropped by a shutdown that outlasted its drain time, not by our caller.
+                    raise self._stopped_error() from None
+                raise
             await self._compute(request, lambda: merge.add(window, logits))
+
+    def _stopped_error(self) -> OverloadedError:
+        return OverloadedError(
+            f"model {self.name!r} stopped before this request finished", retry_after_s=5.0
+        )
 
     def _to_input(self, pixels: np.ndarray) -> np.ndarray:
         """HWC uint8 -> CHW in the graph's input dtype, normalised here when the graph does not."""
@@ -496,11 +518,13 @@ class ModelManager:
         self.config = config
         self.per_model = dict(per_model or {})
         self._engines: dict[str, Engine] = {}
+        self._loaded = False
         self.default_name: str | None = None
 
     @property
     def ready(self) -> bool:
-        return bool(self._engines) and all(e.started for e in self._engines.values())
+        """True once every bundle is loaded and warm, until ``stop``."""
+        return self._loaded and all(e.started for e in self._engines.values())
 
     def load_all(self) -> None:
         """Load and warm every bundle; a missing or invalid one fails the whole start-up."""
@@ -520,6 +544,7 @@ class ModelManager:
             engine.start()
             self._engines[bundle.name] = engine
         self.default_name = bundles[0].name
+        self._loaded = True
 
     def get(self, name: str | None) -> Engine:
         key = name if name is not None else self.default_name
@@ -532,5 +557,9 @@ class ModelManager:
         return list(self._engines)
 
     def stop(self, drain_timeout_s: float) -> None:
-        for engine in self._engines.values():
-            engine.stop(drain_timeout_s)
+        """Drain and stop every engine (each gets up to ``drain_timeout_s``)."""
+        self._loaded = False
+        engines = list(self._engines.values())
+        if engines:  # drain side by side so the total wait is one drain time, not one per model
+            with ThreadPoolExecutor(max_workers=len(engines)) as pool:
+                list(pool.map(lambda engine: engine.stop(drain_timeout_s), engines))

@@ -66,7 +66,7 @@ def test_groups_by_shape_and_caps_batch_size() -> None:
         assert stats.inputs == 13 and stats.inference_s > 0
         assert batcher.depth == 0
     finally:
-        batcher.stop()
+        batcher.stop(drain_timeout_s=0)
 
 
 def test_waits_for_a_batch_to_fill_but_not_longer_than_the_delay() -> None:
@@ -86,7 +86,7 @@ def test_waits_for_a_batch_to_fill_but_not_longer_than_the_delay() -> None:
         assert time.perf_counter() - started < 0.15  # a full batch does not wait
         assert run.shapes[-1][0] == 8
     finally:
-        batcher.stop()
+        batcher.stop(drain_timeout_s=0)
 
 
 def test_admission_is_bounded_and_counted() -> None:
@@ -104,7 +104,7 @@ def test_admission_is_bounded_and_counted() -> None:
         with pytest.raises(RuntimeError, match="submit before admit"):
             batcher.submit(np.zeros((1,)), "nobody", BatchStats())
     finally:
-        batcher.stop()
+        batcher.stop(drain_timeout_s=0)
 
 
 def test_release_drops_queued_inputs_of_that_request_only() -> None:
@@ -130,7 +130,7 @@ def test_release_drops_queued_inputs_of_that_request_only() -> None:
             np.testing.assert_array_equal(future.result(timeout=5), [3.0, 3.0])
         assert len(run.shapes) == 3  # first + b's two: a's queued inputs never ran
     finally:
-        batcher.stop()
+        batcher.stop(drain_timeout_s=0)
 
 
 def test_cancelled_future_is_skipped_by_the_thread() -> None:
@@ -148,7 +148,7 @@ def test_cancelled_future_is_skipped_by_the_thread() -> None:
         time.sleep(0.1)
         assert len(run.shapes) == 1
     finally:
-        batcher.stop()
+        batcher.stop(drain_timeout_s=0)
 
 
 def test_stop_drains_queued_work_then_refuses() -> None:
@@ -156,7 +156,17 @@ def test_stop_drains_queued_work_then_refuses() -> None:
     batcher = make_batcher(run, batch=2, delay_s=0.05)
     batcher.admit("a", 5)
     futures = [batcher.submit(np.full((2,), i, np.float32), "a", BatchStats()) for i in range(5)]
+
+    def request_finishes() -> None:  # what the engine does: wait for its outputs, then release
+        wait(futures, timeout=5)
+        batcher.release("a")
+
+    finisher = threading.Thread(target=request_finishes)
+    finisher.start()
+    started = time.perf_counter()
     batcher.stop(drain_timeout_s=5)
+    assert time.perf_counter() - started < 2  # returned when the request released, not at 5 s
+    finisher.join()
     assert [f.result(timeout=0)[0] for f in futures] == [1.0, 3.0, 5.0, 7.0, 9.0]
     with pytest.raises(OverloadedError, match="shutting down"):
         batcher.admit("b", 1)
@@ -177,7 +187,7 @@ def test_model_errors_reach_every_input_of_the_batch() -> None:
             with pytest.raises(ValueError, match="graph exploded"):
                 future.result(timeout=5)
     finally:
-        batcher.stop()
+        batcher.stop(drain_timeout_s=0)
 
 
 def test_metrics_count_batches_and_waits() -> None:
@@ -197,4 +207,4 @@ def test_metrics_count_batches_and_waits() -> None:
         assert sum(b.get() for b in waits._buckets) - waits_before == 3
         assert metrics.QUEUE_DEPTH.labels("metered")._value.get() == 0
     finally:
-        batcher.stop()
+        batcher.stop(drain_timeout_s=0)

@@ -314,3 +314,52 @@ def test_cuda_placement_error_names_cpu_nodes(tiny_bundle: Bundle) -> None:
         tiny_bundle.model_path, "pixels", "logits", "uint8", RuntimeSettings(providers=("cpu",))
     )
     np.testing.assert_allclose(runtime.run(batch), cpu.run(batch), atol=1e-3)  # IO binding path
+
+
+def test_stop_lets_admitted_requests_finish_and_refuses_new_ones(
+    tiny_float_bundle: Bundle, photos: dict[str, np.ndarray]
+) -> None:
+    engine = Engine(tiny_float_bundle, EngineConfig(max_batch_size=4, max_inputs_in_flight=4))
+    engine.start()
+    options = SegmentOptions(crop=(48, 48), stride=(32, 32))  # 4 x 7 windows, 4 at a time
+
+    async def scenario() -> tuple[np.ndarray, BaseException | None]:
+        running = asyncio.create_task(engine.segment(photos["coffee"], options))
+        while engine.queue_depth == 0:
+            await asyncio.sleep(0.001)
+        stopping = asyncio.create_task(asyncio.to_thread(engine.stop, 30.0))
+        await asyncio.sleep(0.01)
+        refused: BaseException | None = None
+        try:
+            await engine.segment(photos["coffee"], options)
+        except OverloadedError as exc:
+            refused = exc
+        result = await running
+        await stopping
+        return result.labels, refused
+
+    labels, refused = asyncio.run(scenario())
+    assert labels.shape == photos["coffee"].shape[:2]
+    assert isinstance(refused, OverloadedError) and "shutting down" in str(refused)
+    assert not engine.started
+
+
+def test_stop_past_its_drain_time_fails_the_request_as_overloaded(
+    tiny_float_bundle: Bundle, photos: dict[str, np.ndarray]
+) -> None:
+    engine = Engine(
+        tiny_float_bundle,
+        EngineConfig(max_batch_size=1, max_queue_delay_ms=0, max_inputs_in_flight=2),
+    )
+    engine.start()
+    options = SegmentOptions(scales=(1.0, 1.5), crop=(32, 32), stride=(16, 16))
+
+    async def scenario() -> None:
+        running = asyncio.create_task(engine.segment(photos["coffee"], options))
+        while engine.queue_depth == 0:
+            await asyncio.sleep(0.001)
+        await asyncio.to_thread(engine.stop, 0.0)
+        with pytest.raises(OverloadedError, match="stopped before this request finished"):
+            await running
+
+    asyncio.run(scenario())
