@@ -608,7 +608,9 @@ def _class_metadata(
         labels = tuple(str(id2label[k]) for k in sorted(id2label, key=int))
         generic = all(label == f"LABEL_{i}" for i, label in enumerate(labels))
         return (None if generic or not labels else labels), None
-    dataset_meta = meta.get("dataset_meta") if isinstance(meta.get("dataset_meta"), dict) else {}
+    dataset_meta = meta.get("dataset_meta")
+    if not isinstance(dataset_meta, dict):
+        dataset_meta = {}
     classes = dataset_meta.get("classes", meta.get("CLASSES"))
     palette = dataset_meta.get("palette", meta.get("PALETTE"))
     names = tuple(str(c) for c in classes) if isinstance(classes, list | tuple) else None
