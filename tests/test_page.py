@@ -1,0 +1,179 @@
+"""The web page in a real headless Chromium (Debian's /usr/bin/chromium driven by Playwright):
+pick or drop a photo, choose options, see the overlay, the mask and the legend, and errors."""
+
+from __future__ import annotations
+
+import base64
+import io
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import cv2
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+from playwright.sync_api import Browser, Page, sync_playwright
+
+from service.bundle import load_bundle
+from tests.test_e2e_server import SegserveServer, start_server
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+
+
+@pytest.fixture(scope="module")
+def server(
+    model_repository: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[SegserveServer]:
+    yield from start_server(model_repository, tmp_path_factory.mktemp("page"))
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    assert shutil.which(CHROMIUM), "chromium missing: scripts/system_packages.sh installs it"
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture
+def page(browser: Browser, server: SegserveServer) -> Iterator[Page]:
+    context = browser.new_context()
+    tab = context.new_page()
+    problems: list[str] = []
+    tab.on("pageerror", lambda error: problems.append(str(error)))
+    tab.goto(server.url + "/")
+    tab.wait_for_function("document.querySelectorAll('#model option').length === 2")
+    yield tab
+    context.close()
+    assert not problems, problems
+
+
+def png_file(image: np.ndarray, path: Path) -> Path:
+    Image.fromarray(image).save(path)
+    return path
+
+
+def shown_image(page: Page, selector: str) -> np.ndarray:
+    """The pixels an <img> on the page shows (its blob fetched inside the page)."""
+    encoded = page.evaluate(
+        """async (selector) => {
+            const blob = await (await fetch(document.querySelector(selector).src)).blob();
+            const bytes = new Uint8Array(await blob.arrayBuffer());
+            let text = "";
+            for (const b of bytes) text += String.fromCharCode(b);
+            return btoa(text);
+        }""",
+        selector,
+    )
+    bgr = cv2.imdecode(np.frombuffer(base64.b64decode(encoded), np.uint8), cv2.IMREAD_COLOR)
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+
+def mask_id(page: Page) -> str:
+    return page.text_content("#status").removeprefix("done: mask ").strip()  # type: ignore[union-attr]
+
+
+def check_results(page: Page, server: SegserveServer, model_dir: Path, photo: np.ndarray) -> None:
+    """Overlay, mask and legend on the page equal what the API stored for the page's mask."""
+    labels_png = httpx.get(f"{server.url}/masks/{mask_id(page)}/labels.png").content
+    labels = cv2.imdecode(np.frombuffer(labels_png, np.uint8), cv2.IMREAD_UNCHANGED)
+    meta = load_bundle(model_dir).metadata
+    palette = np.asarray(meta.palette, np.uint8)
+    np.testing.assert_array_equal(shown_image(page, "#mask"), palette[labels])
+    overlay = shown_image(page, "#overlay")
+    assert overlay.shape == photo.shape
+    expected = cv2.addWeighted(photo, 0.5, palette[labels], 0.5, 0)
+    assert np.abs(overlay.astype(int) - expected.astype(int)).mean() < 2.0
+
+    rows = page.query_selector_all("#legend tbody tr")
+    ids, counts = np.unique(labels, return_counts=True)
+    order = np.argsort(-counts, kind="stable")
+    shown_ids = [int(row.get_attribute("data-class-id") or -1) for row in rows]
+    assert sorted(shown_ids) == ids.tolist()
+    assert shown_ids[0] == ids[order[0]]  # the largest class first
+    for row in rows:
+        cells = [cell.inner_text() for cell in row.query_selector_all("td")]
+        class_id = int(cells[2])
+        assert cells[1] == meta.classes[class_id]
+        share = counts[ids.tolist().index(class_id)] / labels.size
+        assert cells[3] == f"{100 * share:.1f}%"
+        swatch = row.query_selector(".swatch")
+        assert swatch is not None
+        colour = swatch.evaluate("e => getComputedStyle(e).backgroundColor")
+        assert colour == "rgb({}, {}, {})".format(*meta.palette[class_id])
+    assert page.is_visible("#untrained")  # random-weight bundles say so
+
+
+def test_pick_a_photo_and_see_overlay_mask_legend(
+    page: Page,
+    server: SegserveServer,
+    photos: dict[str, np.ndarray],
+    model_repository: Path,
+    tmp_path: Path,
+) -> None:
+    photo = photos["chelsea"]
+    assert page.is_disabled("#run")
+    page.set_input_files("#file", png_file(photo, tmp_path / "cat.png"))
+    assert page.is_visible("#preview")
+    page.click("#run")
+    page.wait_for_selector("#results", state="visible", timeout=30_000)
+    assert page.is_hidden("#error")
+    check_results(page, server, model_repository / "tiny", photo)
+
+
+def test_drop_a_photo_with_slide_options(
+    page: Page, server: SegserveServer, photos: dict[str, np.ndarray], model_repository: Path
+) -> None:
+    photo = photos["coffee"][::2, ::2].copy()
+    buffer = io.BytesIO()
+    Image.fromarray(photo).save(buffer, format="PNG")
+    transfer = page.evaluate_handle(
+        """(encoded) => {
+            const bytes = Uint8Array.from(atob(encoded), (c) => c.charCodeAt(0));
+            const transfer = new DataTransfer();
+            transfer.items.add(new File([bytes], "coffee.png", { type: "image/png" }));
+            return transfer;
+        }""",
+        base64.b64encode(buffer.getvalue()).decode(),
+    )
+    page.dispatch_event("#drop", "drop", {"dataTransfer": transfer})
+    assert page.is_enabled("#run")
+    page.select_option("#model", "tiny-float")
+    page.select_option("#mode", "slide")
+    page.fill("#crop", "96")
+    page.fill("#stride", "64")
+    page.check("#flip")
+    with page.expect_request(lambda r: "/segment?" in r.url) as request:
+        page.click("#run")
+    query = request.value.url
+    for part in ("model=tiny-float", "mode=slide", "crop=96", "stride=64", "flip=true"):
+        assert part in query
+    page.wait_for_selector("#results", state="visible", timeout=30_000)
+    check_results(page, server, model_repository / "tiny-float", photo)
+    assert "model input(s)" in (page.text_content("#timing") or "")
+
+
+def test_errors_are_shown(page: Page, tmp_path: Path) -> None:
+    text = tmp_path / "notes.txt"
+    text.write_text("not a picture")
+    page.set_input_files("#file", text)
+    page.click("#run")
+    page.wait_for_selector("#error", state="visible", timeout=30_000)
+    assert (page.text_content("#error") or "").startswith("415:")
+    assert page.is_hidden("#results")
+    page.fill("#scales", "0")
+    page.set_input_files("#file", {"name": "x.png", "mimeType": "image/png", "buffer": b"\x89PNG"})
+    page.click("#run")
+    page.wait_for_function("document.querySelector('#error').textContent.startsWith('422:')")
