@@ -632,7 +632,10 @@ def _load_setr(
             f"{where}: this is an mmsegmentation SETR checkpoint (backbone.cls_token) but SETR "
             "support (models/setr.py) is not installed (format assumed: mmseg-setr)"
         ) from exc
-    model, name = setr.load_mmseg_setr(state_dict, meta, model_name)
+    try:
+        model, name = setr.load_mmseg_setr(state_dict, meta, model_name)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{where}: {exc} (format assumed: mmseg-setr)") from exc
     return model, name
 
 
@@ -650,6 +653,9 @@ def load_checkpoint(
     if fmt == "mmseg-setr":
         model, name = _load_setr(state_dict, meta, model_name, where)
         classes, palette = _class_metadata(meta, "mmseg")
+        setr_classes = model.num_classes
+        assert isinstance(setr_classes, int), "registry models expose num_classes: int"
+        _check_class_count(setr_classes, classes, palette, where, fmt)
     else:
         name = detect_variant(state_dict, meta, fmt, where)
         if model_name is not None and model_name != name:

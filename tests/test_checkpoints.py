@@ -530,7 +530,9 @@ def test_setr_dispatch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         state_dict: dict[str, torch.Tensor], meta: dict, model_name: str | None
     ) -> tuple[nn.Module, str]:
         calls.append((sorted(state_dict), model_name))
-        return nn.Identity(), "setr-vit-l-pup"
+        model = nn.Identity()
+        model.num_classes = 150
+        return model, "setr-vit-l-pup"
 
     fake = types.ModuleType("models.setr")
     fake.load_mmseg_setr = load_mmseg_setr  # type: ignore[attr-defined]
@@ -550,3 +552,17 @@ def test_reference_batch_norm_statistics_are_not_trivial(reference: nn.Module) -
     """Guards the fixtures: a loader that skipped BatchNorm buffers could not pass the others."""
     bn = reference.decode_head.batch_norm
     assert bn.running_var.sub(1).abs().max() > 0.05 and bn.running_mean.abs().max() > 0.05
+
+
+def test_setr_errors_name_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def load_mmseg_setr(state_dict: dict, meta: dict, model_name: str | None) -> tuple:
+        raise CheckpointError("missing keys: backbone.ln1.weight")
+
+    fake = types.ModuleType("models.setr")
+    fake.load_mmseg_setr = load_mmseg_setr  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "models.setr", fake)
+    with pytest.raises(
+        CheckpointError,
+        match=r"setr\.pth: missing keys: backbone\.ln1\.weight \(format assumed: mmseg-setr\)",
+    ):
+        load_checkpoint(_setr_like_checkpoint(tmp_path))
