@@ -1,0 +1,99 @@
+"""The serving image's exact CMD and HEALTHCHECK, parsed from the Dockerfile and run as the image
+runs them (no Docker engine here): from a directory holding only ``service/`` (the image's /app),
+the image's ENV, its port 8000 inside a private network namespace (so a developer's server on
+8000 does not interfere), and a ``torch`` that fails to import, since the image has none."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.deploy_files import (
+    REPO_ROOT,
+    dockerfile_stages,
+    exec_form,
+    stage_env,
+    stage_instructions,
+)
+
+# Runs inside the namespace: loopback up, the CMD started, the HEALTHCHECK run before and after
+# readiness, SIGTERM, then one JSON line with what happened.
+DRIVER = r"""
+import json, signal, subprocess, sys, time, urllib.request
+command, health = json.loads(sys.argv[1]), json.loads(sys.argv[2])
+subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+report = {"health_before": subprocess.run(health, timeout=30).returncode}
+server = subprocess.Popen(command)
+deadline, ready = time.monotonic() + 120, None
+while time.monotonic() < deadline and server.poll() is None:
+    try:
+        with urllib.request.urlopen("http://127.0.0.1:8000/readyz", timeout=2) as response:
+            ready = (response.status, json.loads(response.read()))
+            break
+    except OSError:
+        time.sleep(0.2)
+report["ready"] = ready
+report["health_after"] = subprocess.run(health, timeout=30).returncode
+with urllib.request.urlopen("http://127.0.0.1:8000/models", timeout=5) as response:
+    report["models"] = [m["name"] for m in json.loads(response.read())]
+server.send_signal(signal.SIGTERM)
+report["exit"] = server.wait(60)
+print(json.dumps(report))
+"""
+
+
+def can_unshare_network() -> bool:
+    unshare = shutil.which("unshare")
+    if unshare is None or shutil.which("ip") is None:
+        return False
+    probe = subprocess.run([unshare, "--net", "true"], capture_output=True, timeout=10)
+    return probe.returncode == 0
+
+
+def test_image_cmd_serves_a_bundle_and_healthcheck_follows_readiness(
+    model_repository: Path, tmp_path: Path
+) -> None:
+    if not can_unshare_network():
+        pytest.fail("needs `unshare --net` (root or CAP_SYS_ADMIN) and iproute2's `ip`")
+    stages = dockerfile_stages()
+    command = exec_form(stage_instructions(stages, "serve", "CMD")[-1])
+    (health_line,) = stage_instructions(stages, "serve", "HEALTHCHECK")
+    health = exec_form(health_line[health_line.index("CMD") + 3 :].strip())
+    assert exec_form(stage_instructions(stages, "serve-cpu", "CMD")[-1]) == command
+
+    app = tmp_path / "app"  # the image's WORKDIR: only service/ is copied there
+    app.mkdir()
+    (app / "service").symlink_to(REPO_ROOT / "service")
+    (app / "torch").mkdir()
+    (app / "torch" / "__init__.py").write_text("raise ImportError('no torch in the image')\n")
+
+    env = stage_env(stages, "serve-cpu")  # the GPU image's ENV asks for CUDA, absent here
+    venv_bin = str(Path(sys.executable).parent)
+    env["PATH"] = env["PATH"].replace("/opt/venv/bin", venv_bin)
+    env["SEGSERVE_MODEL_REPOSITORY"] = str(model_repository)  # the image mounts it at /models
+    env["SEGSERVE_INTRA_OP_THREADS"] = "1"
+    env["HOME"] = str(tmp_path)
+    driver = [sys.executable, "-c", DRIVER, json.dumps(command), json.dumps(health)]
+    result = subprocess.run(
+        ["unshare", "--net", "--", *driver],
+        cwd=app,
+        env=env | {"LANG": os.environ.get("LANG", "C.UTF-8")},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["health_before"] != 0  # nothing listening yet: unhealthy
+    assert report["ready"] is not None, result.stderr
+    status, body = report["ready"]
+    assert status == 200 and body["ready"] is True
+    assert report["health_after"] == 0
+    assert sorted(report["models"]) == sorted(p.name for p in model_repository.iterdir())
+    assert report["exit"] == 0, result.stderr
