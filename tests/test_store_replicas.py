@@ -1,0 +1,164 @@
+"""Two real ``python -m service`` replicas sharing one real redis-server: a mask posted to one is
+rendered identically by the other, expiry is Redis' own, and a Redis outage gives 503s on the
+calls that need the store (and on /readyz) and heals when Redis is back."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.test_e2e_server import SegserveServer
+from tests.test_store import REDIS_SERVER, RedisProcess
+
+MASK_TTL_S = 120
+
+
+def jpeg_bytes(image: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def decode_png(content: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(content)))
+
+
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisProcess]:
+    if not Path(REDIS_SERVER).exists():
+        pytest.fail("redis-server missing: run scripts/system_packages.sh")
+    server = RedisProcess(tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def replicas(
+    model_repository: Path,
+    redis_server: RedisProcess,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[tuple[httpx.Client, httpx.Client]]:
+    logs = tmp_path_factory.mktemp("replicas")
+    servers = [
+        SegserveServer(
+            model_repository,
+            logs / f"replica-{name}.log",
+            mask_store=redis_server.url,
+            mask_ttl_s=MASK_TTL_S,
+        )
+        for name in "ab"
+    ]
+    try:
+        for server in servers:
+            server.wait_ready()
+        with (
+            httpx.Client(base_url=servers[0].url, timeout=60) as a,
+            httpx.Client(base_url=servers[1].url, timeout=60) as b,
+        ):
+            yield a, b
+    finally:
+        for server in servers:
+            server.terminate()
+
+
+def segment_json(client: httpx.Client, image: np.ndarray) -> dict[str, object]:
+    response = client.post(
+        "/segment", params={"model": "tiny"}, files={"image": ("p.jpg", jpeg_bytes(image))}
+    )
+    assert response.status_code == 200, response.text
+    result: dict[str, object] = response.json()
+    return result
+
+
+RENDERINGS = ("png", "labels", "overlay")
+
+
+def test_mask_from_one_replica_renders_identically_on_the_other(
+    replicas: tuple[httpx.Client, httpx.Client],
+    redis_server: RedisProcess,
+    photos: dict[str, np.ndarray],
+) -> None:
+    a, b = replicas
+    for maker, other, photo in ((a, b, "chelsea"), (b, a, "coffee")):
+        image = photos[photo]
+        result = segment_json(maker, image)
+        urls = result["urls"]
+        assert isinstance(urls, dict) and set(RENDERINGS) <= set(urls)
+        for rendering in RENDERINGS:
+            mine = maker.get(urls[rendering])
+            theirs = other.get(urls[rendering])
+            assert mine.status_code == theirs.status_code == 200, theirs.text
+            assert theirs.headers["content-type"] == "image/png"
+            assert theirs.content == mine.content, rendering
+        labels = decode_png(other.get(urls["labels"]).content)
+        direct = maker.post(
+            "/segment",
+            params={"model": "tiny", "output": "labels"},
+            files={"image": ("p.jpg", jpeg_bytes(image))},
+        )
+        np.testing.assert_array_equal(labels, decode_png(direct.content))
+        assert labels.shape == image.shape[:2]
+        assert len(np.unique(labels)) > 1  # a real map, not a constant image
+    keys = list(redis_server.client().scan_iter("segserve:mask:*"))
+    assert len(keys) == 2
+    ttl_ms = redis_server.client().pttl(keys[0])
+    assert (MASK_TTL_S - 30) * 1000 < ttl_ms <= MASK_TTL_S * 1000  # the setting, set in Redis
+
+
+def test_expiry_in_redis_is_seen_by_both_replicas(
+    replicas: tuple[httpx.Client, httpx.Client],
+    redis_server: RedisProcess,
+    photos: dict[str, np.ndarray],
+) -> None:
+    a, b = replicas
+    result = segment_json(a, photos["rocket"])
+    mask_id = result["mask_id"]
+    assert isinstance(mask_id, str)
+    assert b.get(f"/masks/{mask_id}.png").status_code == 200
+    assert redis_server.client().pexpire(f"segserve:mask:{mask_id}", 1)  # Redis expires it
+    for client in (a, b):
+        response = client.get(f"/masks/{mask_id}/labels.png")
+        assert response.status_code == 404, response.text
+
+
+def test_redis_outage_gives_503_then_recovers(
+    replicas: tuple[httpx.Client, httpx.Client],
+    redis_server: RedisProcess,
+    photos: dict[str, np.ndarray],
+) -> None:
+    a, b = replicas
+    image = photos["astronaut"][::2, ::2].copy()
+    before = segment_json(a, image)
+    redis_server.stop()
+    try:
+        for client in (a, b):
+            ready = client.get("/readyz")
+            assert ready.status_code == 503
+            assert any("mask store unavailable" in p for p in ready.json()["problems"])
+            fetched = client.get(f"/masks/{before['mask_id']}.png")
+            assert fetched.status_code == 503, fetched.text
+            posted = client.post(
+                "/segment", params={"model": "tiny"}, files={"image": ("p.jpg", jpeg_bytes(image))}
+            )
+            assert posted.status_code == 503, posted.text
+            # Renderings that do not keep a mask do not need the store.
+            direct = client.post(
+                "/segment",
+                params={"model": "tiny", "output": "png"},
+                files={"image": ("p.jpg", jpeg_bytes(image))},
+            )
+            assert direct.status_code == 200
+    finally:
+        redis_server.start()  # same port, empty
+    for client in (a, b):
+        assert client.get("/readyz").status_code == 200
+        assert client.get(f"/masks/{before['mask_id']}.png").status_code == 404  # gone, not mixed
+    after = segment_json(b, image)
+    assert a.get(f"/masks/{after['mask_id']}/overlay.png").status_code == 200
