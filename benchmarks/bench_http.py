@@ -1,0 +1,176 @@
+"""The whole HTTP path against HuggingFace's ``pipeline("image-segmentation")``, same model.
+
+One random-init SegFormer-B0 (ADE20K head, 150 classes) is built from a ``SegformerConfig`` and
+saved locally (nothing is downloaded); the same weights are exported to a segserve bundle. Both
+then segment the same 512x512 photograph (scikit-image's astronaut): segserve through a real
+``python -m service`` process (whole mode, JSON answer, multipart upload), the pipeline in this
+process. Each is timed sequentially and at concurrency 4 (four threads).
+
+    .venv/bin/python -m benchmarks.bench_http [--requests 40] [--work DIR]
+
+Prints median / p95 latency and throughput per row and the segserve / pipeline ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import numpy as np
+from PIL import Image
+from skimage import data
+
+from tests.test_e2e_server import SegserveServer
+
+NUM_CLASSES = 150
+CONCURRENCY = 4
+
+
+@dataclass(frozen=True)
+class Row:
+    system: str
+    concurrency: int
+    latencies_s: list[float]
+    wall_s: float
+
+    @property
+    def throughput(self) -> float:
+        return len(self.latencies_s) / self.wall_s
+
+    def line(self) -> str:
+        ordered = sorted(self.latencies_s)
+        p95 = ordered[min(len(ordered) - 1, round(0.95 * (len(ordered) - 1)))]
+        return (
+            f"| {self.system} | {self.concurrency} | {statistics.median(ordered) * 1000:.0f} | "
+            f"{p95 * 1000:.0f} | {self.throughput:.2f} |"
+        )
+
+
+def timed_run(
+    call: Callable[[], None], requests: int, concurrency: int
+) -> tuple[list[float], float]:
+    """Run ``call`` ``requests`` times on ``concurrency`` threads; per-call latencies and wall."""
+
+    def one(_: int) -> float:
+        started = time.perf_counter()
+        call()
+        return time.perf_counter() - started
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        latencies = list(pool.map(one, range(requests)))
+    return latencies, time.perf_counter() - started
+
+
+def build_models(work: Path) -> tuple[Path, Path]:
+    """Random-init HF SegFormer-B0 saved to ``work/hf``, exported to ``work/repo/segformer-b0``."""
+    import torch
+    from transformers import (
+        SegformerConfig,
+        SegformerForSemanticSegmentation,
+        SegformerImageProcessorPil,
+    )
+
+    hf_dir, repository = work / "hf", work / "repo"
+    if not (hf_dir / "config.json").is_file():
+        torch.manual_seed(0)
+        config = SegformerConfig(
+            num_labels=NUM_CLASSES,
+            id2label={i: f"class{i}" for i in range(NUM_CLASSES)},
+            label2id={f"class{i}": i for i in range(NUM_CLASSES)},
+        )
+        SegformerForSemanticSegmentation(config).eval().save_pretrained(hf_dir)
+        SegformerImageProcessorPil(size={"height": 512, "width": 512}).save_pretrained(hf_dir)
+    bundle = repository / "segformer-b0"
+    if not (bundle / "segserve.json").is_file():
+        subprocess.run(
+            [sys.executable, "-m", "export", "--model", "segformer-b0", "--checkpoint", str(hf_dir),
+             "--dataset", "ade20k", "--out", str(bundle), "--verify-size", "512x512"],
+            check=True,
+        )  # fmt: skip
+    return hf_dir, repository
+
+
+def bench_segserve(repository: Path, work: Path, photo: bytes, requests: int) -> list[Row]:
+    server = SegserveServer(
+        repository, work / "server.log", intra_op_threads=0, worker_threads=2, max_batch_size=4
+    )
+    try:
+        server.wait_ready(timeout_s=300)
+        with httpx.Client(base_url=server.url, timeout=120) as client:
+
+            def call() -> None:
+                response = client.post("/segment", files={"image": ("astronaut.jpg", photo)})
+                response.raise_for_status()
+                assert response.json()["width"] == 512
+
+            for _ in range(3):
+                call()
+            rows = []
+            for concurrency in (1, CONCURRENCY):
+                latencies, wall = timed_run(call, requests, concurrency)
+                rows.append(Row("segserve (HTTP, onnxruntime)", concurrency, latencies, wall))
+            return rows
+    finally:
+        server.terminate()
+
+
+def bench_pipeline(hf_dir: Path, photo: bytes, requests: int) -> list[Row]:
+    from transformers import pipeline
+
+    segmenter = pipeline("image-segmentation", model=str(hf_dir), device="cpu")
+    image = Image.open(io.BytesIO(photo)).convert("RGB")
+
+    def call() -> None:
+        segments = segmenter(image)
+        assert segments and np.asarray(segments[0]["mask"]).shape == (512, 512)
+
+    for _ in range(2):
+        call()
+    rows = []
+    for concurrency in (1, CONCURRENCY):
+        latencies, wall = timed_run(call, requests, concurrency)
+        rows.append(Row("HF pipeline (PyTorch)", concurrency, latencies, wall))
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--requests", type=int, default=40, help="requests per row")
+    parser.add_argument("--work", type=Path, help="keep models here (default: a temp dir)")
+    args = parser.parse_args()
+    work = args.work or Path(tempfile.mkdtemp(prefix="segserve-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    hf_dir, repository = build_models(work)
+
+    buffer = io.BytesIO()
+    Image.fromarray(data.astronaut()).save(buffer, format="JPEG", quality=90)
+    photo = buffer.getvalue()
+
+    ours = bench_segserve(repository, work, photo, args.requests)
+    theirs = bench_pipeline(hf_dir, photo, args.requests)
+    machine = f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}"
+    print(f"\nmachine: {machine}; {args.requests} requests per row, 512x512 JPEG, SegFormer-B0")
+    print("| system | concurrency | median ms | p95 ms | images/s |")
+    print("| --- | --- | --- | --- | --- |")
+    for row in ours + theirs:
+        print(row.line())
+    for mine, base in zip(ours, theirs, strict=True):
+        ratio = mine.throughput / base.throughput
+        print(f"throughput ratio at concurrency {mine.concurrency}: {ratio:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
