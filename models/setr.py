@@ -473,7 +473,7 @@ def _section(config: dict[str, Any], name: str) -> dict[str, Any]:
 
 def _pick(section: dict[str, Any], key: str, kind: type | tuple[type, ...], default: Any) -> Any:
     value = section.get(key, default)
-    return value if isinstance(value, kind) and not isinstance(value, _Unparsed) else default
+    return value if isinstance(value, kind) else default
 
 
 def _grid_from_pos_embed(tokens: int, patch_size: int, img_size: Any) -> tuple[int, int]:
@@ -609,7 +609,12 @@ def load_mmseg_setr(
     """
     from models.checkpoints import CheckpointError
 
-    weights = {k: v for k, v in state_dict.items() if not k.startswith(_AUX_PREFIX)}
+    # float32 throughout: the serving contract, whatever precision the checkpoint was saved in.
+    weights = {
+        k: v.float() if v.is_floating_point() else v
+        for k, v in state_dict.items()
+        if not k.startswith(_AUX_PREFIX)
+    }
     try:
         spec, num_classes = infer_setr_spec(weights, meta)
     except (KeyError, ValueError) as exc:

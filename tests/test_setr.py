@@ -402,14 +402,18 @@ def test_mmseg_checkpoint_round_trip(name: str, tmp_path: Path) -> None:
         torch.testing.assert_close(model(pixels), source(pixels), rtol=0, atol=0)
 
 
-def test_load_mmseg_setr_returns_variant_name() -> None:
+def test_half_precision_checkpoint_loads_as_float32() -> None:
     torch.manual_seed(11)
     source = create_model("setr-naive-base", num_classes=19, img_size=128)
-    state = dict(source.state_dict())
-    model, variant = load_mmseg_setr(state, {}, "setr-naive-base")
+    half = {k: v.half() if v.is_floating_point() else v for k, v in source.state_dict().items()}
+    model, variant = load_mmseg_setr(half, {}, "setr-naive-base")
     assert variant == "setr-naive-base"
     assert model.num_classes == 19
     assert model.backbone.pos_grid == (8, 8)
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    pixels = _pixels(64, 64, seed=22)
+    with torch.no_grad():
+        torch.testing.assert_close(model(pixels), source(pixels), rtol=0.05, atol=0.05)
 
 
 @pytest.fixture(scope="module")
