@@ -106,6 +106,7 @@ async def run(args: argparse.Namespace) -> int:
     try:
         server.wait_ready(timeout_s=300)
         process = psutil.Process(server.process.pid)
+        rss_start = process.memory_info().rss
         limits = httpx.Limits(max_connections=1000, max_keepalive_connections=100)
         async with httpx.AsyncClient(base_url=server.url, timeout=120, limits=limits) as client:
             rate = await calibrate(client, body, params, args.calibrate)
@@ -142,7 +143,8 @@ async def run(args: argparse.Namespace) -> int:
             f"goodput {len(accepted) / elapsed:.2f} req/s"
         )
     print(
-        f"server RSS: before {rss_before / mib:.0f} MiB, peak {peak / mib:.0f} MiB, "
+        f"server RSS: warm {rss_start / mib:.0f} MiB, "
+        f"after calibration {rss_before / mib:.0f} MiB, peak {peak / mib:.0f} MiB, "
         f"after {args.settle:.0f} s {rss_after / mib:.0f} MiB; ready after: {healthy}"
     )
     return 0 if not others and kinds["refused"] > 0 and healthy else 1
@@ -156,7 +158,7 @@ def main() -> None:
     parser.add_argument("--calibrate", type=float, default=10.0, help="calibration seconds")
     parser.add_argument("--factor", type=float, default=2.0, help="offered / sustainable rate")
     parser.add_argument("--batch", type=int, default=4, help="SEGSERVE_MAX_BATCH_SIZE")
-    parser.add_argument("--queue", type=int, default=8, help="SEGSERVE_MAX_QUEUE_SIZE (inputs)")
+    parser.add_argument("--queue", type=int, default=4, help="SEGSERVE_MAX_QUEUE_SIZE (inputs)")
     parser.add_argument("--settle", type=float, default=5.0, help="seconds before the last RSS")
     sys.exit(asyncio.run(run(parser.parse_args())))
 
