@@ -40,6 +40,8 @@ from export.onnx_export import (
 )
 from export.triton import triton_config
 from export.verify import DEFAULT_SIZES, VerificationReport, verify
+from models import datasets
+from models.registry import create_model, list_models
 from service.bundle import (
     METADATA_FILE,
     MODEL_FILE,
@@ -162,6 +164,9 @@ def export_bundle(
         raise ExportError("--checkpoint and --random-init exclude each other")
     if not verify_sizes and not skip_verify:
         raise ExportError("verification needs at least one size")
+    known = list_models()
+    if model_name not in known:
+        raise ExportError(f"unknown model {model_name!r}; known: {', '.join(known)}")
     with _staging_directory(out, force) as staging:
         step = time.perf_counter()
         say(f"building {model_name}")
@@ -170,9 +175,7 @@ def export_bundle(
         timings["load"] = time.perf_counter() - step
 
         step = time.perf_counter()
-        from models.datasets import IMAGENET_MEAN, IMAGENET_STD
-
-        mean, std = _triple(IMAGENET_MEAN), _triple(IMAGENET_STD)
+        mean, std = datasets.IMAGENET_MEAN, datasets.IMAGENET_STD
         try:
             graph = export_onnx(
                 resolved.model,
@@ -278,11 +281,6 @@ def _attention_form(attention: str | None) -> AttentionForm:
     raise ExportError(f"--attention must be one of {', '.join(ATTENTION_FORMS)}, got {attention!r}")
 
 
-def _triple(values: Sequence[float]) -> tuple[float, float, float]:
-    first, second, third = (float(v) for v in values)
-    return first, second, third
-
-
 def _expected_nodes(model_name: str) -> int:
     try:
         return expected_attention_nodes(model_name)
@@ -297,12 +295,6 @@ def _resolve_model(
     classes_file: Path | None,
 ) -> _ResolvedModel:
     """The model, its class names and palette, and the test configuration, or ExportError."""
-    from models import datasets
-    from models.registry import create_model, list_models
-
-    known = list_models()
-    if model_name not in known:
-        raise ExportError(f"unknown model {model_name!r}; known: {', '.join(known)}")
     if dataset is not None and classes_file is not None:
         raise ExportError("give --dataset or --classes, not both")
     dataset_info = None
@@ -310,7 +302,7 @@ def _resolve_model(
         try:
             dataset_info = datasets.get_dataset(dataset)
         except KeyError as exc:
-            raise ExportError(f"unknown dataset {dataset!r}: {exc}") from exc
+            raise ExportError(str(exc.args[0])) from exc
     given_classes: tuple[str, ...] | None = None
     given_palette: tuple[tuple[int, int, int], ...] | None = None
     if dataset_info is not None:
@@ -318,10 +310,11 @@ def _resolve_model(
         given_palette = tuple(_rgb(c) for c in dataset_info.palette)
     elif classes_file is not None:
         try:
-            given_classes = tuple(datasets.load_class_file(Path(classes_file)))
+            names, colours = datasets.load_class_file(Path(classes_file))
         except (OSError, ValueError) as exc:
             raise ExportError(f"cannot read class file {classes_file}: {exc}") from exc
-        given_palette = tuple(_rgb(c) for c in datasets.default_palette(len(given_classes)))
+        given_classes = tuple(names)
+        given_palette = tuple(_rgb(c) for c in colours or datasets.default_palette(len(names)))
 
     if checkpoint is None:
         if given_classes is None:
@@ -393,10 +386,10 @@ def _positive_int(model: nn.Module, attribute: str) -> int:
     return value
 
 
-def _test_config(dataset_info: object | None) -> TestConfig:
+def _test_config(dataset_info: datasets.DatasetInfo | None) -> TestConfig:
     if dataset_info is None:
         return NO_DATASET_TEST_CONFIG
-    return TestConfig.model_validate(getattr(dataset_info, "test_config"))  # noqa: B009
+    return TestConfig.model_validate(dataset_info.test_config)
 
 
 def _rgb(colour: Sequence[int]) -> tuple[int, int, int]:

@@ -133,7 +133,13 @@ def optimise_offline(model: onnx.ModelProto) -> onnx.ModelProto:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
         options.optimized_model_filepath = str(optimised)
         ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-        return onnx.load(str(optimised))
+        result = onnx.load(str(optimised))
+    # onnxruntime declares every domain it knows; keep only those the graph uses (portability).
+    used = {node.domain or "" for node in result.graph.node}
+    kept = [o for o in result.opset_import if (o.domain or "") in used | {"", "ai.onnx"}]
+    del result.opset_import[:]
+    result.opset_import.extend(kept)
+    return result
 
 
 def _require_dynamic_input(model: onnx.ModelProto) -> None:

@@ -172,7 +172,7 @@ def test_published_block_counts() -> None:
         expected_attention_nodes("segformer-b9")
 
 
-def _triton_schema() -> object:
+def triton_schema() -> object:
     """tritonclient's generated ModelConfig module, loaded without its grpc package import."""
     spec = importlib.util.find_spec("tritonclient")
     assert spec is not None and spec.submodule_search_locations
@@ -185,7 +185,7 @@ def _triton_schema() -> object:
 
 
 def test_triton_config_parses_with_tritons_schema() -> None:
-    schema = _triton_schema()
+    schema = triton_schema()
     text = triton_config(
         "segformer-b0",
         input_name="pixels",

@@ -1,0 +1,360 @@
+"""End-to-end exports: SegFormer-B0 and SETR-PUP ViT-B to verified bundles, fp16, and bad input.
+
+Each model is exported once per module (exports take tens of seconds on 2 cores) with small
+verification sizes. Independent references: transformers' SegformerForSemanticSegmentation for
+the checkpoint export, Triton's protobuf schema for config.pbtxt, ``service.bundle.load_bundle``
+for the metadata, and onnxruntime re-run at sizes and batch sizes the export never saw.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+import transformers
+from google.protobuf import text_format
+
+from export import ExportError, ExportReport, export_bundle
+from export.__main__ import main
+from export.attention import attention_census
+from export.verify import FP16_MIN_ARGMAX_AGREEMENT, FP32_RELATIVE_TOLERANCE, photo_batch
+from models.datasets import IMAGENET_MEAN, IMAGENET_STD, get_dataset
+from models.registry import create_model
+from service.bundle import Bundle, TestConfig, load_bundle
+from tests.test_export_attention import triton_schema
+
+VERIFY_SIZES = ((64, 64), (48, 80))
+# Sizes and batches the export and its verification never saw; 45x83 is not a stride multiple.
+DYNAMIC_SIZES = ((96, 64), (64, 128), (45, 83))
+DYNAMIC_BATCHES = (1, 3)
+SEED = 20261125
+
+
+def _export_seeded(model_name: str, out: Path, **kwargs: object) -> ExportReport:
+    """Export with a fixed torch seed, so ``_seeded_model`` rebuilds the same random weights."""
+    torch.manual_seed(SEED)
+    return export_bundle(model_name, out, random_init=True, verify_sizes=VERIFY_SIZES, **kwargs)  # type: ignore[arg-type]
+
+
+def _seeded_model(model_name: str, num_classes: int) -> torch.nn.Module:
+    torch.manual_seed(SEED)
+    return create_model(model_name, num_classes=num_classes)
+
+
+def _leftovers(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir() if p.name.startswith("."))
+
+
+def _run_bundle(bundle: Bundle, pixels: np.ndarray) -> np.ndarray:
+    session = ort.InferenceSession(str(bundle.model_path), providers=["CPUExecutionProvider"])
+    return np.asarray(session.run(None, {bundle.metadata.input.name: pixels})[0])
+
+
+def _torch_logits(model: torch.nn.Module, pixels: np.ndarray) -> np.ndarray:
+    mean = np.asarray(IMAGENET_MEAN, dtype=np.float64).reshape(1, 3, 1, 1)
+    std = np.asarray(IMAGENET_STD, dtype=np.float64).reshape(1, 3, 1, 1)
+    normalised = ((pixels - mean) / std).astype(np.float32)
+    with torch.no_grad():
+        return model(torch.from_numpy(normalised)).numpy()
+
+
+def _check_dynamic_shapes(bundle: Bundle, model: torch.nn.Module, stride: int) -> None:
+    rng = np.random.default_rng(7)
+    for height, width in DYNAMIC_SIZES:
+        for batch in DYNAMIC_BATCHES:
+            pixels = rng.integers(0, 256, (batch, 3, height, width), dtype=np.uint8)
+            actual = _run_bundle(bundle, pixels)
+            expected = _torch_logits(model, pixels)
+            assert actual.dtype == np.float32
+            assert actual.shape == expected.shape
+            assert actual.shape[:2] == (batch, bundle.metadata.num_classes)
+            if stride > 1:  # SegFormer: ceil(size / 4)
+                assert actual.shape[2:] == (math.ceil(height / stride), math.ceil(width / stride))
+            diff = np.abs(actual - expected).max()
+            assert diff <= FP32_RELATIVE_TOLERANCE * np.abs(expected).max(), (height, width, batch)
+
+
+# --------------------------------------------------------------------------- SegFormer-B0 fp32
+
+
+@pytest.fixture(scope="module")
+def b0(tmp_path_factory: pytest.TempPathFactory) -> tuple[ExportReport, list[str]]:
+    messages: list[str] = []
+    out = tmp_path_factory.mktemp("repository") / "segformer-b0"
+    report = _export_seeded("segformer-b0", out, progress=messages.append)
+    return report, messages
+
+
+def test_b0_report(b0: tuple[ExportReport, list[str]]) -> None:
+    report, messages = b0
+    assert (report.model_name, report.arch, report.trained) == ("segformer-b0", "segformer", False)
+    assert report.census.onnx_attention == report.expected_attention_nodes == 8
+    assert (report.census.contrib_attention, report.census.softmax) == (0, 0)
+    assert report.input == ("pixels", "uint8", ["batch", 3, "height", "width"])
+    assert report.output[:2] == ("logits", "float32")
+    assert report.output[2][:2] == ["batch", 150]
+    assert report.verification is not None and report.verification.passed
+    cases = report.verification.cases
+    assert sorted((c.inputs, c.shape) for c in cases) == sorted(
+        (kind, (2, 3, h, w)) for kind in ("random", "photos") for h, w in VERIFY_SIZES
+    )
+    for case in cases:
+        assert case.logit_scale > 0.01
+        assert case.max_abs_diff <= FP32_RELATIVE_TOLERANCE * case.logit_scale
+        assert case.argmax_agreement > 0.99
+    text = report.format()
+    assert "8 fused 'onnx' nodes (expected 8), 0 Softmax" in text
+    assert text.count(" ok") == len(cases)
+    assert any("torch.onnx.export" in m for m in messages)
+    assert any("verifying photos batch 2x3x48x80" in m for m in messages)
+
+
+def test_b0_bundle_files(b0: tuple[ExportReport, list[str]]) -> None:
+    report, _ = b0
+    bundle = load_bundle(report.out)
+    assert report.files == (
+        report.out / "config.pbtxt",
+        report.out / "1" / "model.onnx",
+        report.out / "segserve.json",
+    )
+    assert sorted(p.name for p in report.out.iterdir()) == ["1", "config.pbtxt", "segserve.json"]
+    assert _leftovers(report.out.parent) == []
+    meta = bundle.metadata
+    ade = get_dataset("ade20k")
+    assert (meta.arch, meta.variant, meta.trained, meta.source_checkpoint) == (
+        "segformer",
+        "segformer-b0",
+        False,
+        None,
+    )
+    assert (meta.dataset, meta.classes) == ("ade20k", tuple(ade.classes))
+    assert meta.palette == tuple(tuple(c) for c in ade.palette)
+    assert meta.test_config == TestConfig.model_validate(ade.test_config)
+    assert (meta.input.name, meta.input.dtype, meta.input.normalized_in_graph) == (
+        "pixels",
+        "uint8",
+        True,
+    )
+    assert meta.input.mean == pytest.approx(IMAGENET_MEAN)
+    assert meta.input.std == pytest.approx(IMAGENET_STD)
+    assert (meta.output.name, meta.output.dtype, meta.output.stride) == ("logits", "float32", 4)
+    assert (meta.precision, meta.opset, meta.attention) == ("fp32", 23, "onnx")
+
+    schema = triton_schema()
+    config = text_format.Parse(
+        (report.out / "config.pbtxt").read_text(),
+        schema.ModelConfig(),  # type: ignore[attr-defined]
+    )
+    assert config.name == "segformer-b0" and config.platform == "onnxruntime_onnx"
+    assert [(i.name, list(i.dims)) for i in config.input] == [("pixels", [3, -1, -1])]
+    assert [(o.name, list(o.dims)) for o in config.output] == [("logits", [150, -1, -1])]
+
+
+def test_b0_graph_is_folded_and_fused(b0: tuple[ExportReport, list[str]]) -> None:
+    report, _ = b0
+    graph = onnx.load(str(report.out / "1" / "model.onnx"))
+    onnx.checker.check_model(graph)
+    ops = {node.op_type for node in graph.graph.node}
+    model = _seeded_model("segformer-b0", 150)
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    assert "BatchNormalization" not in ops
+    census = attention_census(graph)
+    assert (census.onnx_attention, census.contrib_attention, census.softmax) == (8, 0, 0)
+    assert {opset.domain for opset in graph.opset_import} <= {"", "ai.onnx"}
+    assert max(o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")) == 23
+
+
+def test_b0_dynamic_batch_and_size(b0: tuple[ExportReport, list[str]]) -> None:
+    report, _ = b0
+    _check_dynamic_shapes(load_bundle(report.out), _seeded_model("segformer-b0", 150), stride=4)
+
+
+# --------------------------------------------------------------------------- SETR-PUP ViT-B
+
+
+@pytest.fixture(scope="module")
+def setr(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> tuple[Path, str]:
+    """Exported through the command line, so the CLI's report is what is checked."""
+    out = tmp_path_factory.mktemp("repository") / "setr-pup-base"
+    torch.manual_seed(SEED)
+    argv = ["--model", "setr-pup-base", "--random-init", "--dataset", "cityscapes"]
+    argv += ["--out", str(out), "--verify-size", "64x64", "--verify-size", "48x80"]
+    with pytest.MonkeyPatch.context() as patch:
+        lines: list[str] = []
+        patch.setattr("builtins.print", lambda *a, **k: lines.append(" ".join(map(str, a))))
+        status = main(argv)
+    assert status == 0, lines
+    return out, "\n".join(lines)
+
+
+def test_setr_export(setr: tuple[Path, str]) -> None:
+    out, printed = setr
+    bundle = load_bundle(out)
+    assert (bundle.metadata.arch, bundle.metadata.variant) == ("setr", "setr-pup-base")
+    assert bundle.metadata.dataset == "cityscapes" and bundle.metadata.num_classes == 19
+    census = attention_census(onnx.load(str(bundle.model_path)))
+    assert (census.onnx_attention, census.contrib_attention, census.softmax) == (12, 0, 0)
+    assert "12 fused 'onnx' nodes (expected 12), 0 Softmax" in printed
+    verified = [
+        line for line in printed.splitlines() if line.startswith(("    random", "    photos"))
+    ]
+    assert len(verified) == 4 and all(line.endswith(" ok") for line in verified)
+    assert "exported setr-pup-base (setr, random init)" in printed
+
+
+def test_setr_dynamic_batch_and_size(setr: tuple[Path, str]) -> None:
+    out, _ = setr
+    bundle = load_bundle(out)
+    model = _seeded_model("setr-pup-base", 19)
+    _check_dynamic_shapes(bundle, model, stride=bundle.metadata.output.stride)
+
+
+# --------------------------------------------------------------------------- checkpoint, fp16
+
+
+def _save_hf_b0(directory: Path, num_labels: int) -> torch.nn.Module:
+    """A random-init transformers SegFormer-B0 (its default config), saved as an HF checkpoint."""
+    torch.manual_seed(SEED)
+    config = transformers.SegformerConfig(
+        num_labels=num_labels,
+        id2label={i: f"class {i}" for i in range(num_labels)},
+        label2id={f"class {i}": i for i in range(num_labels)},
+    )
+    model = transformers.SegformerForSemanticSegmentation(config).eval()
+    model.save_pretrained(directory)
+    return model
+
+
+@pytest.fixture(scope="module")
+def hf_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, torch.nn.Module]:
+    directory = tmp_path_factory.mktemp("hf-segformer-b0")
+    return directory, _save_hf_b0(directory, num_labels=19)
+
+
+def test_fp16_checkpoint_export_replaces_with_force(
+    tmp_path: Path, hf_checkpoint: tuple[Path, torch.nn.Module]
+) -> None:
+    checkpoint, reference = hf_checkpoint
+    out = tmp_path / "b0-fp16"
+    out.mkdir()
+    (out / "stale.txt").write_text("an older bundle")
+    with pytest.raises(ExportError, match="already exists; pass --force"):
+        export_bundle("segformer-b0", out, checkpoint=checkpoint, dataset="cityscapes")
+    assert (out / "stale.txt").is_file()
+
+    report = export_bundle(
+        "segformer-b0",
+        out,
+        checkpoint=checkpoint,
+        dataset="cityscapes",
+        precision="fp16",
+        force=True,
+        verify_sizes=VERIFY_SIZES,
+    )
+    assert not (out / "stale.txt").exists()
+    assert _leftovers(tmp_path) == []
+    assert report.verification is not None and report.verification.passed
+    assert all(c.argmax_agreement >= FP16_MIN_ARGMAX_AGREEMENT for c in report.verification.cases)
+    assert report.census.onnx_attention == 8 and report.census.softmax == 0
+
+    bundle = load_bundle(out)
+    meta = bundle.metadata
+    weights = checkpoint / "model.safetensors"
+    assert meta.trained and meta.source_checkpoint is not None
+    assert meta.source_checkpoint.sha256 == hashlib.sha256(weights.read_bytes()).hexdigest()
+    assert meta.source_checkpoint.format == "hf"
+    assert (meta.precision, meta.output.dtype) == ("fp16", "float32")
+    assert meta.classes == tuple(get_dataset("cityscapes").classes)
+    graph = onnx.load(str(bundle.model_path))
+    weight_types = {init.data_type for init in graph.graph.initializer if len(init.dims) >= 2}
+    assert onnx.TensorProto.FLOAT16 in weight_types
+
+    # Independent of our model code: transformers' own SegFormer on real photographs.
+    pixels = photo_batch(96, 128)
+    actual = _run_bundle(bundle, pixels)
+    mean = np.asarray(IMAGENET_MEAN).reshape(1, 3, 1, 1)
+    std = np.asarray(IMAGENET_STD).reshape(1, 3, 1, 1)
+    with torch.no_grad():
+        expected = reference(
+            pixel_values=torch.from_numpy(((pixels - mean) / std).astype(np.float32))
+        ).logits.numpy()
+    assert actual.shape == expected.shape
+    agreement = (actual.argmax(1) == expected.argmax(1)).mean()
+    assert agreement >= FP16_MIN_ARGMAX_AGREEMENT
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def test_unknown_variant(tmp_path: Path) -> None:
+    with pytest.raises(ExportError, match=r"unknown model 'segformer-b9'; known: .*segformer-b0"):
+        export_bundle("segformer-b9", tmp_path / "x", random_init=True)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_checkpoint_of_another_architecture(
+    tmp_path: Path, hf_checkpoint: tuple[Path, torch.nn.Module]
+) -> None:
+    checkpoint, _ = hf_checkpoint
+    with pytest.raises(ExportError, match=r"cannot load .* as setr-pup-base"):
+        export_bundle("setr-pup-base", tmp_path / "x", checkpoint=checkpoint)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_class_count_disagreeing_with_checkpoint(
+    tmp_path: Path, hf_checkpoint: tuple[Path, torch.nn.Module]
+) -> None:
+    checkpoint, _ = hf_checkpoint
+    with pytest.raises(ExportError, match=r"150 class names given but .* predicts 19"):
+        export_bundle("segformer-b0", tmp_path / "x", checkpoint=checkpoint, dataset="ade20k")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unwritable_output_directory(tmp_path: Path) -> None:
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("a file where the repository should be")
+    with pytest.raises(ExportError, match="cannot write the bundle next to"):
+        export_bundle("segformer-b0", blocker / "segformer-b0", random_init=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["not-a-directory"]
+
+
+def test_existing_bundle_is_refused(tmp_path: Path) -> None:
+    out = tmp_path / "segformer-b0"
+    out.mkdir()
+    with pytest.raises(ExportError, match="already exists; pass --force"):
+        export_bundle("segformer-b0", out, random_init=True)
+    assert list(out.iterdir()) == [] and _leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({}, "give --checkpoint PATH, or --random-init"),
+        ({"random_init": True, "dataset": "kitti"}, "unknown dataset 'kitti'"),
+        ({"random_init": True, "attention": "flash"}, "--attention must be one of"),
+        ({"random_init": True, "opset": 18}, "opset 18 has no fused Attention operator"),
+    ],
+)
+def test_other_user_errors_leave_nothing(
+    tmp_path: Path, kwargs: dict[str, object], message: str
+) -> None:
+    with pytest.raises(ExportError, match=message):
+        export_bundle("segformer-b0", tmp_path / "b0", **kwargs)  # type: ignore[arg-type]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_error_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    status = main(["--model", "segformer-b9", "--random-init", "--out", str(tmp_path / "x")])
+    captured = capsys.readouterr()
+    assert status == 2
+    assert captured.err.startswith("error: unknown model 'segformer-b9'")
+    assert captured.err.count("\n") == 1 and "Traceback" not in captured.err
+    assert captured.out == ""
