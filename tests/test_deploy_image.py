@@ -1,17 +1,21 @@
 """The serving image's exact CMD and HEALTHCHECK, parsed from the Dockerfile and run as the image
 runs them (no Docker engine here): from a directory holding only ``service/`` (the image's /app),
 the image's ENV, its port 8000 inside a private network namespace (so a developer's server on
-8000 does not interfere), and a ``torch`` that fails to import, since the image has none."""
+8000 does not interfere), and a ``torch`` that fails to import, since the image has none. Also
+``scripts/serve.sh``, the local "run the service" command, on a repository that has a bundle."""
 
 from __future__ import annotations
 
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import httpx
 import pytest
 
 from tests.deploy_files import (
@@ -21,6 +25,7 @@ from tests.deploy_files import (
     stage_env,
     stage_instructions,
 )
+from tests.test_e2e_server import free_port
 
 # Runs inside the namespace: loopback up, the CMD started, the HEALTHCHECK run before and after
 # readiness, SIGTERM, then one JSON line with what happened.
@@ -97,3 +102,50 @@ def test_image_cmd_serves_a_bundle_and_healthcheck_follows_readiness(
     assert report["health_after"] == 0
     assert sorted(report["models"]) == sorted(p.name for p in model_repository.iterdir())
     assert report["exit"] == 0, result.stderr
+
+
+def test_serve_script_serves_an_existing_repository_without_exporting(
+    model_repository: Path, tmp_path: Path
+) -> None:
+    """scripts/serve.sh (the README's "run the service"): reuses .venv, exports nothing when the
+    repository already holds a bundle, and serves it on the port it is given."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SEGSERVE_")}
+    env |= {
+        "SEGSERVE_MODEL_REPOSITORY": str(model_repository),
+        "SEGSERVE_PROVIDERS": "cpu",
+        "SEGSERVE_INTRA_OP_THREADS": "1",
+        "HOST": "127.0.0.1",
+        "PORT": str(port),
+    }
+    log_path = tmp_path / "serve.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            ["bash", str(REPO_ROOT / "scripts" / "serve.sh")],
+            cwd=tmp_path,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            deadline = time.monotonic() + 240  # setup_env may run pip once for the export profile
+            status = None
+            while time.monotonic() < deadline and process.poll() is None:
+                try:
+                    status = httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code
+                except httpx.TransportError:
+                    status = None
+                if status == 200:
+                    break
+                time.sleep(0.3)
+            assert status == 200, log_path.read_text()
+            models = httpx.get(f"http://127.0.0.1:{port}/models", timeout=10).json()
+            assert sorted(m["name"] for m in models) == sorted(
+                p.name for p in model_repository.iterdir()
+            )
+        finally:
+            process.send_signal(signal.SIGTERM)  # exec'd: the server itself gets it
+            exit_code = process.wait(60)
+    assert exit_code == 0
+    assert "exporting" not in log_path.read_text()
+    assert sorted(p.name for p in model_repository.iterdir()) == ["tiny", "tiny-float"]
