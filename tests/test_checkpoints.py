@@ -347,19 +347,35 @@ class _WritesFile:
         return os.system, (f"touch {self.target}",)
 
 
+@pytest.mark.parametrize("zip_format", [True, False], ids=["zip", "legacy"])
 @pytest.mark.parametrize(("via", "global_name"), [("exec", "builtins.exec"), ("system", "system")])
 def test_code_in_a_pickle_is_refused_and_never_runs(
-    tmp_path: Path, reference: nn.Module, via: str, global_name: str
+    tmp_path: Path, reference: nn.Module, via: str, global_name: str, zip_format: bool
 ) -> None:
     target = tmp_path / "pwned.txt"
     path = tmp_path / "evil.pth"
     state = to_nvlabs(hf_state(reference))
-    torch.save({"state_dict": state, "meta": {"note": _WritesFile(target, via)}}, path)
+    checkpoint = {"state_dict": state, "meta": {"note": _WritesFile(target, via)}}
+    torch.save(checkpoint, path, _use_new_zipfile_serialization=zip_format)
     with pytest.raises(CheckpointError, match=rf"evil\.pth: refused.*{global_name}"):
         load_checkpoint(path)
     with pytest.raises(CheckpointError, match="refused"):
         read_checkpoint(path)
     assert not target.exists()
+
+
+def test_legacy_torch_format_loads(tmp_path: Path, reference: nn.Module) -> None:
+    """Pre-1.6 (non-zip) torch.save files, as old mmcv runners wrote them."""
+    path = tmp_path / "legacy.pth"
+    torch.save(
+        {"state_dict": to_nvlabs(hf_state(reference))}, path, _use_new_zipfile_serialization=False
+    )
+    loaded = load_checkpoint(path)
+    zipped = tmp_path / "zipped.pth"
+    torch.save({"state_dict": to_nvlabs(hf_state(reference))}, zipped)
+    x = pixels(*SIZE)
+    with torch.no_grad():
+        assert torch.equal(loaded.model(x), load_checkpoint(zipped).model(x))
 
 
 def test_safetensors_preferred_over_pickle_in_hf_directory(tmp_path: Path, hf_dir: Path) -> None:
