@@ -128,7 +128,7 @@ class Batcher:
             self._buckets.setdefault(tuple(tensor.shape), deque()).append(item)
             self._depth += 1
             metrics.QUEUE_DEPTH.labels(self._model).set(self._depth)
-            self._condition.notify()
+            self._condition.notify_all()  # the batch thread and a draining stop() both wait
         return future
 
     def release(self, owner: Hashable) -> int:

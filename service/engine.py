@@ -21,7 +21,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
@@ -42,11 +42,13 @@ from service.errors import (
 )
 from service.geometry import (
     Window,
+    argmax_planes,
     labels_dtype,
+    planes_to_original,
     ratio_size,
     rescale_size,
     resize_image,
-    resize_scores,
+    resize_plane,
     softmax,
     window_counts,
     window_grid,
@@ -184,7 +186,12 @@ def plan_request(
 
 
 class _Merge:
-    """Running sum of one pass's window logits at the resized image size (HWC float32)."""
+    """One pass's logits as its windows' outputs arrive.
+
+    A single window (whole mode, or an image within one crop) keeps the raw model output: its
+    resize to the image happens plane by plane in the final step. Several windows are resized to
+    their windows and summed at the resized image size, then divided by the per-pixel count.
+    """
 
     def __init__(self, plan: PassPlan) -> None:
         self.plan = plan
@@ -192,28 +199,24 @@ class _Merge:
         self._sum: np.ndarray | None = None
 
     def add(self, window: Window, logits: np.ndarray) -> None:
-        """Resize one window's (C, h, w) logits to the window and add them (thread-safe)."""
-        scores = resize_scores(np.ascontiguousarray(logits.transpose(1, 2, 0)), *_size(window))
+        """Merge one window's (C, h, w) logits (thread-safe)."""
+        if len(self.plan.windows) == 1:
+            self._sum = logits
+            return
         with self._lock:
             if self._sum is None:
-                if len(self.plan.windows) == 1:
-                    self._sum = scores  # whole mode: no overlap, no copy
-                    return
-                channels = scores.shape[2]
-                self._sum = np.zeros((self.plan.height, self.plan.width, channels), np.float32)
-            self._sum[window.y1 : window.y2, window.x1 : window.x2] += scores
+                shape = (logits.shape[0], self.plan.height, self.plan.width)
+                self._sum = np.zeros(shape, np.float32)
+            region = self._sum[:, window.y1 : window.y2, window.x1 : window.x2]
+            for channel, plane in enumerate(logits):
+                region[channel] += resize_plane(plane, window.height, window.width)
 
     def logits(self) -> np.ndarray:
+        """(C, h, w) for a single window, else the count-normalised sum at the resized size."""
         assert self._sum is not None, "no window merged"
-        if len(self.plan.windows) == 1:
-            return self._sum
-        counts = window_counts(self.plan.height, self.plan.width, list(self.plan.windows))
-        self._sum /= counts
+        if len(self.plan.windows) > 1:
+            self._sum /= window_counts(self.plan.height, self.plan.width, list(self.plan.windows))
         return self._sum
-
-
-def _size(window: Window) -> tuple[int, int]:
-    return window.height, window.width
 
 
 @dataclass
@@ -223,6 +226,13 @@ class _Request:
     stats: BatchStats = field(default_factory=BatchStats)
     preprocess_s: float = 0.0
     postprocess_s: float = 0.0
+
+
+def _stack(planes: Iterator[np.ndarray], channels: int, size: tuple[int, int]) -> np.ndarray:
+    stacked = np.empty((channels, *size), np.float32)
+    for channel, plane in enumerate(planes):
+        stacked[channel] = plane
+    return stacked
 
 
 def _timed(fn: Callable[[], T]) -> Callable[[], tuple[T, float]]:
@@ -347,8 +357,8 @@ class Engine:
     async def segment(self, image: np.ndarray, options: SegmentOptions) -> SegmentResult:
         """Label map (and probabilities if asked) of an (H, W, 3) uint8 RGB image."""
         batcher = self._batcher
-        if batcher is None:
-            raise RuntimeError(f"engine {self.name!r} is not started")
+        if batcher is None:  # loading or stopped: retryable, like a full queue
+            raise OverloadedError(f"model {self.name!r} is not running", retry_after_s=5.0)
         if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
             raise InvalidParameterError(
                 f"image must be (H, W, 3) uint8 RGB, got {image.shape} {image.dtype}"
@@ -359,10 +369,9 @@ class Engine:
         batcher.admit(request.owner, min(self._in_flight, plan.num_inputs))
         try:
             async with asyncio.timeout(self.config.inference_timeout_s):
-                scores = await self._scores(image, plan, request)
-            labels, probabilities = await self._compute(
-                request, lambda: self._finish(scores, len(plan.passes), options)
-            )
+                labels, probabilities = await self._labels(
+                    image, plan, request, options.return_probabilities
+                )
         except TimeoutError:
             raise InferenceTimeoutError(
                 f"inference took longer than {self.config.inference_timeout_s} s"
@@ -400,13 +409,18 @@ class Engine:
             request.postprocess_s += seconds
         return value
 
-    async def _scores(self, image: np.ndarray, plan: Plan, request: _Request) -> np.ndarray:
-        """(H, W, C): logits of a single pass, or the mean softmax of several."""
-        height, width = image.shape[:2]
+    async def _labels(
+        self, image: np.ndarray, plan: Plan, request: _Request, with_probabilities: bool
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Label map, and (C, H, W) probabilities when asked: argmax of the logits for a single
+        pass, of the mean softmax over passes otherwise."""
+        original = image.shape[:2]
         if len(plan.passes) == 1:
-            logits = await self._run_pass(image, plan.passes[0], request)
+            pass_plan = plan.passes[0]
+            logits = await self._run_pass(image, pass_plan, request)
             return await self._compute(
-                request, lambda: self._to_original(logits, plan.passes[0], height, width)
+                request,
+                partial(self._single_pass_labels, logits, pass_plan, original, with_probabilities),
             )
         total: np.ndarray | None = None
         # A pass and its flipped twin share shapes, so they run together and share batches.
@@ -417,44 +431,50 @@ class Engine:
             results = await asyncio.gather(*(self._run_pass(image, p, request) for p in group))
             for pass_plan, logits in zip(group, results, strict=True):
                 total = await self._compute(
-                    request, partial(self._accumulate, total, logits, pass_plan, height, width)
+                    request, partial(self._accumulate, total, logits, pass_plan, original)
                 )
         assert total is not None
-        total /= len(plan.passes)
-        return total
 
-    @classmethod
+        def finish(total: np.ndarray = total) -> tuple[np.ndarray, np.ndarray | None]:
+            total /= len(plan.passes)
+            labels = argmax_planes(total, labels_dtype(self._num_classes))
+            return labels, total if with_probabilities else None
+
+        return await self._compute(request, finish)
+
+    def _single_pass_labels(
+        self,
+        logits: np.ndarray,
+        pass_plan: PassPlan,
+        original: tuple[int, int],
+        with_probabilities: bool,
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        planes = planes_to_original(
+            logits, (pass_plan.height, pass_plan.width), pass_plan.flip, original
+        )
+        dtype = labels_dtype(self._num_classes)
+        if not with_probabilities:
+            return argmax_planes(planes, dtype), None
+        scores = _stack(planes, logits.shape[0], original)
+        labels = argmax_planes(scores, dtype)
+        return labels, softmax(scores)
+
+    @staticmethod
     def _accumulate(
-        cls,
         total: np.ndarray | None,
         logits: np.ndarray,
         pass_plan: PassPlan,
-        height: int,
-        width: int,
+        original: tuple[int, int],
     ) -> np.ndarray:
         """Add one pass's softmax at the original size to the running TTA sum."""
-        probabilities = softmax(cls._to_original(logits, pass_plan, height, width))
+        planes = planes_to_original(
+            logits, (pass_plan.height, pass_plan.width), pass_plan.flip, original
+        )
+        probabilities = softmax(_stack(planes, logits.shape[0], original))
         if total is None:
             return probabilities
         total += probabilities
         return total
-
-    @staticmethod
-    def _to_original(
-        logits: np.ndarray, pass_plan: PassPlan, height: int, width: int
-    ) -> np.ndarray:
-        if pass_plan.flip:
-            logits = np.ascontiguousarray(logits[:, ::-1])
-        return resize_scores(logits, height, width)
-
-    def _finish(
-        self, scores: np.ndarray, passes: int, options: SegmentOptions
-    ) -> tuple[np.ndarray, np.ndarray | None]:
-        labels = scores.argmax(axis=2).astype(labels_dtype(self._num_classes))
-        if not options.return_probabilities:
-            return labels, None
-        probabilities = scores if passes > 1 else softmax(scores)
-        return labels, np.ascontiguousarray(probabilities.transpose(2, 0, 1))
 
     async def _run_pass(
         self, image: np.ndarray, pass_plan: PassPlan, request: _Request

@@ -1,19 +1,17 @@
 """Pure geometry and array helpers with mmsegmentation 1.x / mmcv 2.x test-time semantics.
 
 Sizes are ``(width, height)`` where mmcv uses that order (``rescale_size``), ``(height, width)``
-everywhere else, as named. Arrays that carry class scores are HWC float32 here because OpenCV
-resizes HWC images in one call; the engine keeps that layout until the very end.
+everywhere else, as named. Class scores are (C, H, W) float32, processed one class plane at a
+time where possible.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import cv2
 import numpy as np
-
-# OpenCV 5 resizes images of at most 128 channels; wider score maps are resized in slices.
-_MAX_CV_CHANNELS = 128
 
 
 def scale_size(width: int, height: int, factor: float) -> tuple[int, int]:
@@ -44,26 +42,66 @@ def resize_image(image: np.ndarray, width: int, height: int) -> np.ndarray:
     return cv2.resize(image, (width, height), interpolation=cv2.INTER_LINEAR)
 
 
-def resize_scores(scores: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Bilinear resize of an (H, W, C) float32 map, ``align_corners=False`` like mmseg's ``resize``.
+def resize_plane(plane: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Bilinear resize of one (H, W) float32 score plane, ``align_corners=False`` like mmseg.
 
     OpenCV's INTER_LINEAR on float32 uses the same half-pixel mapping and edge clamping as
     ``torch.nn.functional.interpolate(mode="bilinear", align_corners=False)`` (checked by tests).
+    One plane at a time: OpenCV's single-channel path is SIMD and several times faster than its
+    many-channel one, and a plane stays in cache for what follows (argmax, sums).
     """
-    if scores.shape[0] == height and scores.shape[1] == width:
+    if plane.shape[0] == height and plane.shape[1] == width:
+        return plane
+    return cv2.resize(plane, (width, height), interpolation=cv2.INTER_LINEAR)
+
+
+def resize_scores(scores: np.ndarray, height: int, width: int) -> np.ndarray:
+    """(C, h, w) -> (C, height, width) float32, plane by plane (see ``resize_plane``)."""
+    if scores.shape[1] == height and scores.shape[2] == width:
         return scores
-    channels = scores.shape[2]
-    if channels == 1:
-        return cv2.resize(scores[:, :, 0], (width, height), interpolation=cv2.INTER_LINEAR)[
-            :, :, None
-        ]
-    if channels <= _MAX_CV_CHANNELS:
-        return cv2.resize(scores, (width, height), interpolation=cv2.INTER_LINEAR)
-    out = np.empty((height, width, channels), dtype=scores.dtype)
-    for start in range(0, channels, _MAX_CV_CHANNELS):
-        part = np.ascontiguousarray(scores[:, :, start : start + _MAX_CV_CHANNELS])
-        out[:, :, start : start + _MAX_CV_CHANNELS] = resize_scores(part, height, width)
+    out = np.empty((scores.shape[0], height, width), dtype=np.float32)
+    for channel, plane in enumerate(scores):
+        out[channel] = resize_plane(plane, height, width)
     return out
+
+
+def planes_to_original(
+    scores: np.ndarray, scaled: tuple[int, int], flip: bool, original: tuple[int, int]
+) -> Iterator[np.ndarray]:
+    """Each class plane of one pass taken back to the original image, in mmseg's order.
+
+    ``scores`` (C, h, w) are first resized to the resized image's size ``scaled`` (the decode
+    head's resize; a no-op for merged slide logits), then flipped back if the pass was flipped,
+    then resized to ``original`` (``postprocess_result``). Sizes are (height, width).
+    """
+    for plane in scores:
+        plane = resize_plane(plane, *scaled)
+        if flip:
+            plane = np.ascontiguousarray(plane[:, ::-1])
+        yield resize_plane(plane, *original)
+
+
+def argmax_planes(
+    planes: Iterable[np.ndarray], dtype: type[np.unsignedinteger] = np.uint8
+) -> np.ndarray:
+    """Index of the largest plane per pixel, the first one on ties (like ``argmax``), computed
+    as the planes stream by so the (C, H, W) stack never has to exist."""
+    best: np.ndarray | None = None
+    labels: np.ndarray | None = None
+    mask: np.ndarray | None = None
+    for channel, plane in enumerate(planes):
+        if best is None:
+            best = np.array(plane, dtype=np.float32, copy=True)
+            labels = np.zeros(plane.shape, dtype=dtype)
+            mask = np.empty(plane.shape, dtype=bool)
+            continue
+        assert labels is not None and mask is not None
+        np.greater(plane, best, out=mask)
+        np.maximum(best, plane, out=best)
+        np.copyto(labels, channel, where=mask, casting="unsafe")
+    if labels is None:
+        raise ValueError("no score planes")
+    return labels
 
 
 @dataclass(frozen=True)
@@ -109,19 +147,19 @@ def window_grid(
 
 
 def window_counts(height: int, width: int, windows: list[Window]) -> np.ndarray:
-    """Per-pixel number of windows covering it, (H, W, 1) float32 (mmseg's ``count_mat``)."""
-    counts = np.zeros((height, width, 1), dtype=np.float32)
+    """Per-pixel number of windows covering it, (H, W) float32 (mmseg's ``count_mat``)."""
+    counts = np.zeros((height, width), dtype=np.float32)
     for window in windows:
         counts[window.y1 : window.y2, window.x1 : window.x2] += 1.0
     return counts
 
 
-def softmax(scores: np.ndarray, axis: int = -1) -> np.ndarray:
-    """Numerically stable softmax in float32."""
-    shifted = scores - scores.max(axis=axis, keepdims=True)
-    np.exp(shifted, out=shifted)
-    shifted /= shifted.sum(axis=axis, keepdims=True)
-    return shifted
+def softmax(scores: np.ndarray, axis: int = 0) -> np.ndarray:
+    """Numerically stable float32 softmax computed in place (over the class axis by default)."""
+    scores -= scores.max(axis=axis, keepdims=True)
+    np.exp(scores, out=scores)
+    scores /= scores.sum(axis=axis, keepdims=True)
+    return scores
 
 
 def labels_dtype(num_classes: int) -> type[np.unsignedinteger]:

@@ -9,8 +9,10 @@ import torch.nn.functional as F
 
 from service.geometry import (
     Window,
+    argmax_planes,
     grid_count,
     labels_dtype,
+    planes_to_original,
     ratio_size,
     rescale_size,
     resize_image,
@@ -88,6 +90,12 @@ def test_window_grid_exact_positions() -> None:
     ]
 
 
+def torch_resize(scores: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """What mmseg's ``resize`` does: F.interpolate bilinear, align_corners False."""
+    tensor = torch.from_numpy(np.ascontiguousarray(scores))[None]
+    return F.interpolate(tensor, size=size, mode="bilinear", align_corners=False)[0].numpy()
+
+
 @pytest.mark.parametrize(
     ("src", "dst"),
     [((17, 23), (68, 92)), ((128, 171), (512, 683)), ((40, 30), (13, 11)), ((5, 9), (5, 20))],
@@ -95,35 +103,29 @@ def test_window_grid_exact_positions() -> None:
 def test_resize_scores_matches_torch_interpolate(
     src: tuple[int, int], dst: tuple[int, int]
 ) -> None:
-    rng = np.random.default_rng(0)
-    scores = rng.normal(size=(*src, 7)).astype(np.float32)
+    scores = np.random.default_rng(0).normal(size=(7, *src)).astype(np.float32)
     ours = resize_scores(scores, *dst)
-    torch_out = F.interpolate(
-        torch.from_numpy(scores).permute(2, 0, 1)[None],
-        size=dst,
-        mode="bilinear",
-        align_corners=False,
-    )[0].permute(1, 2, 0)
-    assert ours.shape == (*dst, 7)
-    np.testing.assert_allclose(
-        ours, torch_out.numpy(), atol=1e-4
-    )  # coordinates in float32 on both sides
+    assert ours.shape == (7, *dst) and ours.dtype == np.float32
+    # Both sides compute source coordinates in float32 with different rounding: ~3e-5 apart.
+    np.testing.assert_allclose(ours, torch_resize(scores, dst), atol=1e-4)
 
 
-def test_resize_scores_beyond_opencv_channel_limit() -> None:
-    scores = np.random.default_rng(1).normal(size=(9, 11, 300)).astype(np.float32)
-    ours = resize_scores(scores, 20, 30)
-    torch_out = F.interpolate(
-        torch.from_numpy(scores).permute(2, 0, 1)[None], size=(20, 30), mode="bilinear"
-    )[0].permute(1, 2, 0)
-    np.testing.assert_allclose(
-        ours, torch_out.numpy(), atol=1e-4
-    )  # coordinates in float32 on both sides
+def test_planes_to_original_resizes_flips_back_and_resizes_like_mmseg() -> None:
+    logits = np.random.default_rng(1).normal(size=(4, 9, 13)).astype(np.float32)
+    planes = list(planes_to_original(logits, (36, 52), flip=True, original=(50, 70)))
+    expected = torch_resize(torch_resize(logits, (36, 52))[:, :, ::-1], (50, 70))
+    np.testing.assert_allclose(np.stack(planes), expected, atol=1e-4)
 
 
-def test_resize_scores_single_channel_keeps_layout() -> None:
-    scores = np.arange(12, dtype=np.float32).reshape(3, 4, 1)
-    assert resize_scores(scores, 6, 8).shape == (6, 8, 1)
+def test_argmax_planes_streams_like_argmax_with_first_index_on_ties() -> None:
+    rng = np.random.default_rng(2)
+    scores = rng.integers(0, 4, size=(300, 6, 7)).astype(np.float32)  # many ties
+    labels = argmax_planes(iter(scores), np.uint16)
+    assert labels.dtype == np.uint16
+    np.testing.assert_array_equal(labels, torch.from_numpy(scores).argmax(dim=0).numpy())
+    np.testing.assert_array_equal(labels, scores.argmax(axis=0))
+    with pytest.raises(ValueError, match="no score planes"):
+        argmax_planes(iter([]))
 
 
 def test_resize_image_is_bilinear_without_antialias(photos: dict[str, np.ndarray]) -> None:
@@ -139,9 +141,9 @@ def test_resize_image_is_bilinear_without_antialias(photos: dict[str, np.ndarray
 
 
 def test_softmax_and_label_dtype() -> None:
-    scores = np.array([[[1.0, 2.0, 3.0]]], np.float32)
-    expected = torch.tensor([1.0, 2.0, 3.0]).softmax(0).numpy()
-    np.testing.assert_allclose(softmax(scores.copy())[0, 0], expected, rtol=1e-6)
+    scores = np.random.default_rng(3).normal(size=(5, 4, 3)).astype(np.float32) * 30
+    expected = torch.from_numpy(scores).softmax(dim=0).numpy()
+    np.testing.assert_allclose(softmax(scores.copy()), expected, rtol=1e-5, atol=1e-7)
     assert labels_dtype(150) is np.uint8
     assert labels_dtype(256) is np.uint8
     assert labels_dtype(257) is np.uint16
