@@ -215,6 +215,17 @@ def mmseg_segformer_head(features: list[torch.Tensor], p: dict[str, torch.Tensor
     return F.conv2d(fused, p["decode_head.conv_seg.weight"], p["decode_head.conv_seg.bias"])
 
 
+def layer_norm_eps(model: nn.Module) -> dict[str, float]:
+    """eps of the patch-embedding, key/value-reduction and block LayerNorms of our model."""
+    stage = model.encoder.stages[0]
+    return {
+        "patch_embed": stage.patch_embed.norm.eps,
+        "reduction": stage.blocks[0].attn.sr_norm.eps,
+        "block": stage.blocks[0].norm1.eps,
+        "stage": stage.norm.eps,
+    }
+
+
 def test_nvlabs_round_trip(tmp_path: Path, reference: nn.Module) -> None:
     state = to_nvlabs(hf_state(reference))
     # SegFormerHead's base class creates a conv_seg it never uses; releases carry it.
@@ -234,6 +245,12 @@ def test_nvlabs_round_trip(tmp_path: Path, reference: nn.Module) -> None:
     assert loaded.classes == tuple(classes)
     assert loaded.palette == tuple(tuple(c) for c in palette)
     assert loaded.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert layer_norm_eps(loaded.model) == {
+        "patch_embed": 1e-5,
+        "reduction": 1e-5,
+        "block": 1e-6,
+        "stage": 1e-6,
+    }
 
     set_layer_norm_eps(reference, NVLABS_EPS)
     try:
@@ -272,6 +289,7 @@ def test_mmseg_round_trip_against_plain_torch_head(tmp_path: Path, reference: nn
     assert (loaded.classes, loaded.palette) == (classes, palette)
     _, read_meta = read_checkpoint(path)
     assert read_meta["cfg"] == meta["cfg"]
+    assert set(layer_norm_eps(loaded.model).values()) == {1e-6}
 
     set_layer_norm_eps(reference, MMSEG_EPS)
     try:
@@ -388,6 +406,11 @@ def test_safetensors_preferred_over_pickle_in_hf_directory(tmp_path: Path, hf_di
     assert (
         loaded.sha256 == hashlib.sha256((directory / "model.safetensors").read_bytes()).hexdigest()
     )
+
+
+def test_hf_layer_norm_eps_matches_transformers(hf_dir: Path, reference: nn.Module) -> None:
+    theirs = {m.eps for m in reference.modules() if isinstance(m, nn.LayerNorm)}
+    assert set(layer_norm_eps(load_checkpoint(hf_dir).model).values()) == theirs == {1e-5}
 
 
 def test_pytorch_model_bin_directory_loads(
