@@ -152,7 +152,8 @@ def _transformers_vit_from(backbone: nn.Module, image_size: int) -> nn.Module:
         layer_norm_eps=1e-6,
         hidden_act="gelu",
     )
-    reference = ViTModel(config, add_pooling_layer=False).eval()
+    with torch.device("meta"):  # skip random init; every weight is assigned below
+        reference = ViTModel(config, add_pooling_layer=False).eval()
     ours = backbone.state_dict()
     weights = {
         "embeddings.cls_token": ours["cls_token"],
@@ -179,7 +180,7 @@ def _transformers_vit_from(backbone: nn.Module, image_size: int) -> nn.Module:
         for theirs, mine in pairs.items():
             for param in ("weight", "bias"):
                 weights[f"{dst}{theirs}.{param}"] = ours[f"{src}{mine}.{param}"]
-    reference.load_state_dict(weights, strict=True)
+    reference.load_state_dict(weights, strict=True, assign=True)
     return reference
 
 
