@@ -385,3 +385,37 @@ def test_kubernetes_mask_store_and_autoscaling_are_wired() -> None:
     (rule,) = adapter["rules"]
     assert rule["name"]["as"] == "segserve_queue_depth"
     assert rule["seriesQuery"].startswith("segserve_queue_depth{")
+
+
+def pod_specs() -> list[tuple[str, dict[str, Any]]]:
+    specs = []
+    for _, document in manifests():
+        if document["kind"] in ("Deployment", "Job"):
+            specs.append((document["kind"], document["spec"]["template"]["spec"]))
+    return specs
+
+
+def test_kubernetes_lint_every_workload() -> None:
+    """Our lint (kube-linter is not installable from a package registry here): what a cluster's
+    admission policies usually demand of every container."""
+    version = re.search(r'^version = "([^"]+)"', (REPO_ROOT / "pyproject.toml").read_text(), re.M)
+    assert version is not None
+    for kind, pod in pod_specs():
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
+        assert pod.get("automountServiceAccountToken") is False, "no API access needed"
+        for container in pod["containers"]:
+            name = container["name"]
+            image, _, tag = container["image"].partition(":")
+            assert tag and tag != "latest", f"{name}: pin the image tag"
+            if image.startswith("segserve"):
+                assert tag == version.group(1), f"{name}: tag {tag} is not the project version"
+            resources = container["resources"]
+            assert {"cpu", "memory"} <= set(resources["requests"]), name
+            assert "memory" in resources["limits"], name
+            security = container["securityContext"]
+            assert security["allowPrivilegeEscalation"] is False, name
+            assert security["readOnlyRootFilesystem"] is True, name
+            assert security["capabilities"]["drop"] == ["ALL"], name
+            if kind == "Deployment":
+                assert "readinessProbe" in container and "livenessProbe" in container, name
