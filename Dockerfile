@@ -48,6 +48,7 @@ FROM ${PYTHON_IMAGE} AS runtime
 ENV PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     PATH=/opt/venv/bin:$PATH \
+    HOME=/tmp \
     SEGSERVE_MODEL_REPOSITORY=/models
 RUN useradd --uid 10001 --no-create-home --shell /usr/sbin/nologin segserve
 WORKDIR /app

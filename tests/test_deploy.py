@@ -184,6 +184,12 @@ def test_compose_gpu_service_as_the_issue_asks() -> None:
     env = segserve["environment"]
     assert env["SEGSERVE_MODEL_REPOSITORY"] == "/models"
     assert duration_s(segserve["stop_grace_period"]) > float(env["SEGSERVE_DRAIN_TIMEOUT_S"])
+    known = {f"SEGSERVE_{name.upper()}" for name in Settings.model_fields}
+    assert {k for k in env if k.startswith("SEGSERVE_")} <= known
+    for stage in ("serve", "serve-cpu"):
+        assert {
+            k for k in stage_env(dockerfile_stages(), stage) if k.startswith("SEGSERVE_")
+        } <= known
     assert services["export"]["profiles"] == ["export"]
     assert services["export"]["build"]["target"] == "export"
     stages = dockerfile_stages()
