@@ -322,3 +322,17 @@ def test_redis_out_of_memory_gives_503(tmp_path: Path) -> None:
         asyncio.run(scenario())
     finally:
         server.stop()
+
+
+def test_redis_errors_name_the_server_but_not_its_password() -> None:
+    async def scenario() -> None:
+        store = create_store("redis://user:s3cret@127.0.0.1:1/0", 1000, 10)  # nothing listens
+        with pytest.raises(StoreUnavailableError) as failure:
+            await store.check()
+        assert "127.0.0.1:1" in str(failure.value) and "s3cret" not in str(failure.value)
+        await store.close()
+
+    asyncio.run(scenario())
+    with pytest.raises(ValueError) as refused:
+        create_store("postgres://user:s3cret@db/x", 1000, 10)
+    assert "s3cret" not in str(refused.value)
