@@ -33,6 +33,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Message
 
 from service import errors
+from service.bundle import BundleMetadata
 from service.engine import Engine, EngineConfig, ModelManager, SegmentOptions, SegmentResult
 from service.imageio import decode_image, encode_jpeg
 from service.metrics import REQUEST_LATENCY, REQUESTS, STAGE_LATENCY
@@ -559,16 +560,18 @@ def _add_routes(app: FastAPI) -> None:
                 stride=parse_size("stride", query.stride, settings.max_crop),
             )
             started = time.perf_counter()
-            body = await read_body_capped(request, settings.max_upload_bytes)
-            payload = await extract_image(request, body)
-            del body
+            payload = await extract_image(
+                request, await read_body_capped(request, settings.max_upload_bytes)
+            )
+            received = time.perf_counter()
             image = await services.in_pool(decode_image, payload, settings.max_pixels)
-            decoded = time.perf_counter()
-            STAGE_LATENCY.labels(engine.name, "decode").observe(decoded - started)
+            del payload
+            clock = _Clock(started, received, time.perf_counter())
+            STAGE_LATENCY.labels(engine.name, "decode").observe(clock.decoded - received)
             height, width = image.shape[:2]
             engine.validate_options(options, height, width)
             result = await engine.segment(image, options)
-            return await _respond(services, engine, query.output, image, result, started, decoded)
+            return await _respond(services, engine, query.output, image, result, clock)
 
     async def mask_for(request: Request, mask_id: str) -> tuple[StoredMask, np.ndarray]:
         """The stored mask and the palette of the model that made it (same version only)."""
@@ -619,46 +622,51 @@ def _add_routes(app: FastAPI) -> None:
         return png(request, rendered)
 
 
+@dataclass
+class _Clock:
+    """Timestamps of one /segment request: body received, image decoded."""
+
+    started: float
+    received: float
+    decoded: float
+
+
 async def _respond(
     services: Services,
     engine: Engine,
     output: str,
     image: np.ndarray,
     result: SegmentResult,
-    started: float,
-    decoded: float,
+    clock: _Clock,
 ) -> Response:
     """Turn an engine result into the requested output, timing the encode stage."""
     meta = engine.bundle.metadata
-    palette = palette_array(meta.palette)
-    labels: np.ndarray = result.labels
     encode_started = time.perf_counter()
-    mask_id = None
-    if output == "json":
-        stats = await services.in_pool(class_statistics, labels, meta.classes)
-        photo_jpeg = await services.in_pool(encode_jpeg, image)
-        stored = StoredMask(engine.name, labels, palette_version(meta.palette), photo_jpeg)
-        mask_id = await services.store.put(stored)
-        content: bytes | None = None
-    elif output == "png":
-        content = await services.in_pool(render_color_png, labels, palette)
-    elif output == "labels":
-        content = await services.in_pool(render_labels_png, labels, meta.num_classes)
-    else:
-        content = await services.in_pool(render_overlay_png, labels, image, palette)
-    finished = time.perf_counter()
-    STAGE_LATENCY.labels(engine.name, "encode").observe(finished - encode_started)
-    timings = {
-        "decode": decoded - started,
-        **result.timings,
-        "encode": finished - encode_started,
-        "total": finished - started,
-    }
-    headers = {"Server-Timing": _server_timing(timings)}
-    if content is not None:
-        return Response(content, media_type=PNG, headers=headers)
-    assert mask_id is not None
-    response = SegmentResponse(
+
+    def timings() -> dict[str, float]:
+        finished = time.perf_counter()
+        STAGE_LATENCY.labels(engine.name, "encode").observe(finished - encode_started)
+        return {
+            "receive": clock.received - clock.started,
+            "decode": clock.decoded - clock.received,
+            **result.timings,
+            "encode": finished - encode_started,
+            "total": finished - clock.started,
+        }
+
+    if output != "json":
+        content = await services.in_pool(_render, output, result.labels, image, meta)
+        stages = timings()
+        return Response(content, media_type=PNG, headers={"Server-Timing": _server_timing(stages)})
+
+    stats, photo_jpeg = await asyncio.gather(
+        services.in_pool(class_statistics, result.labels, meta.classes),
+        services.in_pool(encode_jpeg, image),
+    )
+    stored = StoredMask(engine.name, result.labels, palette_version(meta.palette), photo_jpeg)
+    mask_id = await services.store.put(stored)
+    stages = timings()
+    answer = SegmentResponse(
         mask_id=mask_id,
         model=engine.name,
         trained=meta.trained,
@@ -667,19 +675,25 @@ async def _respond(
         num_inputs=result.num_inputs,
         classes=[
             ClassInfo(
-                id=s.id,
-                name=s.name,
-                pixels=s.pixels,
-                fraction=s.fraction,
-                color=meta.palette[s.id],
+                id=s.id, name=s.name, pixels=s.pixels, fraction=s.fraction, color=meta.palette[s.id]
             )
             for s in stats
         ],
-        timings=timings,
+        timings=stages,
         urls=MaskUrls(
             png=f"/masks/{mask_id}.png",
             labels=f"/masks/{mask_id}/labels.png",
             overlay=f"/masks/{mask_id}/overlay.png",
         ),
     )
-    return JSONResponse(response.model_dump(), headers=headers)
+    return JSONResponse(answer.model_dump(), headers={"Server-Timing": _server_timing(stages)})
+
+
+def _render(output: str, labels: np.ndarray, image: np.ndarray, meta: BundleMetadata) -> bytes:
+    """The PNG for ``output=png|labels|overlay``."""
+    palette = palette_array(meta.palette)
+    if output == "png":
+        return render_color_png(labels, palette)
+    if output == "labels":
+        return render_labels_png(labels, meta.num_classes)
+    return render_overlay_png(labels, image, palette)
