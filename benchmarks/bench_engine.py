@@ -1,0 +1,243 @@
+"""Engine speed on real photographs, against PyTorch eager in the same process.
+
+    PYTHONPATH=. .venv/bin/python benchmarks/bench_engine.py [--models segformer-b0 segformer-b2]
+        [--batch-sizes 1 2 4 8 16] [--repository DIR] [--repeats 3]
+
+For each model (random-init bundles exported with ``export.export_bundle`` unless a repository
+holding them is given; speed does not depend on the weights) it prints:
+
+1. latency (median, p95) of ``Engine.segment`` per mode on four scikit-image photographs:
+   whole (ADE20K test scale), slide (512x512 crops, 341 stride) and multi-scale + flip;
+2. throughput (images/s) at each batch size for 512x512 images: the engine (``2 x batch``
+   concurrent requests, ``max_batch_size = batch``) against PyTorch eager running the same work
+   (normalise, forward, bilinear resize to 512x512, argmax) with our ``models/`` SegFormer and
+   HuggingFace ``transformers``' ``SegformerForSemanticSegmentation``, and the ratios;
+3. slide overhead on a 2048x1024 image: engine latency / sum of its window forwards run alone.
+
+PyTorch gets the same number of threads as onnxruntime's intra-op pool.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from skimage import data
+
+from service.bundle import Bundle, load_bundle
+from service.engine import Engine, EngineConfig, SegmentOptions
+from service.geometry import resize_image
+from service.runtime import default_intra_op_threads
+
+PHOTOS = {
+    "astronaut": data.astronaut,
+    "chelsea": data.chelsea,
+    "coffee": data.coffee,
+    "rocket": data.rocket,
+}
+MODES = {
+    "whole": SegmentOptions(),
+    "slide": SegmentOptions(mode="slide", crop=(512, 512), stride=(341, 341)),
+    "ms+flip": SegmentOptions(scales=(0.5, 0.75, 1.0, 1.25, 1.5, 1.75), flip=True),
+}
+# transformers SegformerConfig fields per variant (the MiT-B0/B2 tables of the paper).
+HF_CONFIGS = {
+    "segformer-b0": dict(
+        hidden_sizes=[32, 64, 160, 256], depths=[2, 2, 2, 2], decoder_hidden_size=256
+    ),
+    "segformer-b2": dict(
+        hidden_sizes=[64, 128, 320, 512], depths=[3, 4, 6, 3], decoder_hidden_size=768
+    ),
+}
+
+
+def percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values), q))
+
+
+def bundle_for(model: str, repository: Path | None, scratch: Path) -> Bundle:
+    if repository is not None and (repository / model).is_dir():
+        return load_bundle(repository / model)
+    from export import export_bundle
+
+    out = scratch / model
+    print(f"exporting {model} (random init, ADE20K) ...", flush=True)
+    export_bundle(model, out, random_init=True, dataset="ade20k", skip_verify=True)
+    return load_bundle(out)
+
+
+def timed(fn: Callable[[], object]) -> float:
+    started = time.perf_counter()
+    fn()
+    return time.perf_counter() - started
+
+
+def latency_table(engine: Engine, photos: dict[str, np.ndarray], repeats: int) -> list[str]:
+    rows = []
+    for mode, options in MODES.items():
+        runs = 1 if mode == "ms+flip" else repeats
+        asyncio.run(engine.segment(photos["chelsea"], options))  # warm this mode's shapes
+        samples = [
+            timed(lambda image=image, options=options: asyncio.run(engine.segment(image, options)))
+            for image in photos.values()
+            for _ in range(runs)
+        ]
+        inputs = asyncio.run(engine.segment(photos["astronaut"], options)).num_inputs
+        rows.append(
+            f"| {engine.name} | {mode} | {len(samples)} | {inputs} | "
+            f"{statistics.median(samples) * 1000:.0f} | {percentile(samples, 95) * 1000:.0f} |"
+        )
+    return rows
+
+
+def engine_throughput(bundle: Bundle, images: list[np.ndarray], batch: int) -> float:
+    engine = Engine(
+        bundle,
+        EngineConfig(providers=("cpu",), max_batch_size=batch, max_queue_delay_ms=20.0),
+    )
+    engine.start()
+    work = [images[i % len(images)] for i in range(2 * batch)]
+
+    async def burst() -> None:
+        await asyncio.gather(*(engine.segment(image, SegmentOptions()) for image in work))
+
+    try:
+        asyncio.run(burst())  # warm-up at this batch size
+        seconds = timed(lambda: asyncio.run(burst()))
+    finally:
+        engine.stop()
+    return len(work) / seconds
+
+
+def eager_throughput(
+    forward: Callable[[torch.Tensor], torch.Tensor], images: list[np.ndarray], batch: int
+) -> float:
+    mean = torch.tensor([123.675, 116.28, 103.53]).view(1, 3, 1, 1)
+    std = torch.tensor([58.395, 57.12, 57.375]).view(1, 3, 1, 1)
+    work = [images[i % len(images)] for i in range(2 * batch)]
+
+    def run_all() -> None:
+        for start in range(0, len(work), batch):
+            chunk = np.stack(work[start : start + batch]).transpose(0, 3, 1, 2)
+            pixels = (torch.from_numpy(chunk).float() - mean) / std
+            logits = forward(pixels)
+            resized = F.interpolate(logits, size=pixels.shape[2:], mode="bilinear")
+            resized.argmax(dim=1).to(torch.uint8).numpy()
+
+    with torch.inference_mode():
+        run_all()
+        seconds = timed(run_all)
+    return len(work) / seconds
+
+
+def torch_models(model: str, num_classes: int) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+    from transformers import SegformerConfig, SegformerForSemanticSegmentation
+
+    from models.registry import create_model
+
+    ours = create_model(model, num_classes=num_classes).eval()
+    config = SegformerConfig(num_labels=num_classes, **HF_CONFIGS[model])
+    hf = SegformerForSemanticSegmentation(config).eval()
+    return {
+        "models/ eager": lambda pixels: ours(pixels),
+        "HF eager": lambda pixels: hf(pixel_values=pixels).logits,
+    }
+
+
+def slide_overhead(engine: Engine, image: np.ndarray, repeats: int) -> str:
+    options = MODES["slide"]
+    plan = engine.plan(options, *image.shape[:2])
+    pass_plan = plan.passes[0]
+    scaled = resize_image(image, pass_plan.width, pass_plan.height)
+    windows = [
+        np.ascontiguousarray(scaled[w.y1 : w.y2, w.x1 : w.x2].transpose(2, 0, 1))[None]
+        for w in pass_plan.windows
+    ]
+    runtime = engine._runtime  # the engine's own session, so both sides run the same graph
+    assert runtime is not None
+    for window in windows:
+        runtime.run(window)
+    forwards = statistics.median(
+        sum(timed(lambda w=window: runtime.run(w)) for window in windows) for _ in range(repeats)
+    )
+    asyncio.run(engine.segment(image, options))
+    total = statistics.median(
+        timed(lambda: asyncio.run(engine.segment(image, options))) for _ in range(repeats)
+    )
+    return (
+        f"| {engine.name} | {image.shape[1]}x{image.shape[0]} -> "
+        f"{pass_plan.width}x{pass_plan.height} | {len(windows)} | {forwards * 1000:.0f} | "
+        f"{total * 1000:.0f} | {total / forwards:.2f}x |"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--models", nargs="+", default=["segformer-b0", "segformer-b2"])
+    parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 2, 4, 8, 16])
+    parser.add_argument("--repository", type=Path, default=None)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+
+    threads = default_intra_op_threads()
+    torch.set_num_threads(threads)
+    photos = {name: np.ascontiguousarray(load()) for name, load in PHOTOS.items()}
+    squares = [resize_image(photo, 512, 512) for photo in photos.values()]
+    wide = resize_image(photos["astronaut"], 2048, 1024)
+    print(f"# cpu: {os.cpu_count()} cores visible, onnxruntime intra-op {threads}, torch {threads}")
+
+    latency, throughput, overhead = [], [], []
+    with tempfile.TemporaryDirectory() as scratch:
+        for model in args.models:
+            bundle = bundle_for(model, args.repository, Path(scratch))
+            engine = Engine(bundle, EngineConfig(providers=("cpu",)))
+            engine.start()
+            try:
+                latency += latency_table(engine, photos, args.repeats)
+                overhead.append(slide_overhead(engine, wide, args.repeats))
+            finally:
+                engine.stop()
+            baselines = torch_models(model, bundle.metadata.num_classes)
+            for batch in args.batch_sizes:
+                ours = engine_throughput(bundle, squares, batch)
+                eager = {
+                    name: eager_throughput(fn, squares, batch) for name, fn in baselines.items()
+                }
+                throughput.append(
+                    f"| {model} | {batch} | {ours:.2f} | "
+                    + " | ".join(f"{value:.2f}" for value in eager.values())
+                    + " | "
+                    + " | ".join(f"{ours / value:.2f}x" for value in eager.values())
+                    + " |"
+                )
+                print(throughput[-1], flush=True)
+
+    print("\n## Latency (ms), engine, CPU")
+    print("| model | mode | runs | inputs (astronaut) | median | p95 |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    print("\n".join(latency))
+    print("\n## Throughput (images/s), 512x512, whole mode")
+    print(
+        "| model | batch | engine | models/ eager | HF eager | vs models/ | vs HF |\n"
+        "| --- | --- | --- | --- | --- | --- | --- |"
+    )
+    print("\n".join(throughput))
+    print("\n## Slide overhead (2048x1024 image, 512x512 crops, stride 341)")
+    print(
+        "| model | image -> resized | windows | window forwards alone (ms) | engine (ms) | ratio |"
+    )
+    print("| --- | --- | --- | --- | --- | --- |")
+    print("\n".join(overhead))
+
+
+if __name__ == "__main__":
+    main()
