@@ -380,6 +380,13 @@ def test_kubernetes_mask_store_and_autoscaling_are_wired() -> None:
     assert maxmemory.endswith("gb") and int(maxmemory[:-2]) * 2**30 > int(
         settings["SEGSERVE_MASK_STORE_MAX_BYTES"]
     )
+    policy = by_kind("NetworkPolicy", "segserve-redis")["spec"]
+    redis_labels = by_kind("Deployment", url.group(1))["spec"]["template"]["metadata"]["labels"]
+    assert policy["podSelector"]["matchLabels"].items() <= redis_labels.items()
+    (allowed,) = policy["ingress"]
+    segserve_labels = by_kind("Deployment", "segserve")["spec"]["template"]["metadata"]["labels"]
+    assert allowed["from"][0]["podSelector"]["matchLabels"].items() <= segserve_labels.items()
+    assert allowed["ports"][0]["port"] == int(url.group(2))
     hpa = by_kind("HorizontalPodAutoscaler", "segserve")
     assert hpa["spec"]["scaleTargetRef"]["name"] == "segserve"
     (metric,) = hpa["spec"]["metrics"]
