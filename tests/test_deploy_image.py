@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.deploy_files import (
+from tests.test_deploy import (
     REPO_ROOT,
     dockerfile_stages,
     exec_form,
