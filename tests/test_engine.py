@@ -16,6 +16,7 @@ import pytest
 from service.bundle import Bundle, TestConfig
 from service.engine import Engine, EngineConfig, SegmentOptions, SegmentResult
 from service.geometry import resize_image
+from service.runtime import Runtime
 from tests.conftest import write_tiny_bundle
 from tests.reference import ReferenceConfig, onnx_forward, reference_segment
 
@@ -210,3 +211,26 @@ def test_keep_ratio_false_resizes_to_the_exact_scale(
         assert result.labels.shape == (300, 451)
     finally:
         engine.stop()
+
+
+def test_many_windows_stream_with_bounded_inputs_in_flight(
+    tiny_float_bundle: Bundle, photos: dict[str, np.ndarray], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """54 windows, at most 3 queued or running at once, and still the reference's answer."""
+    engine = Engine(tiny_float_bundle, EngineConfig(max_inputs_in_flight=3, max_batch_size=8))
+    in_flight: list[int] = []
+    original_run = Runtime.run
+
+    def counting_run(runtime: Runtime, batch: np.ndarray) -> np.ndarray:
+        in_flight.append(engine.queue_depth + batch.shape[0])
+        return original_run(runtime, batch)
+
+    monkeypatch.setattr(Runtime, "run", counting_run)
+    engine.start()
+    try:
+        options = SegmentOptions(scales=(1.0,))  # ratio 1 of the photo as loaded: 400x600
+        result = assert_matches_reference(engine, photos["coffee"], options)
+    finally:
+        engine.stop()
+    assert result.num_inputs == 54  # 6 rows x 9 columns of 96x96 crops, stride 64
+    assert max(in_flight) <= 3 and len(in_flight) >= 18  # 54 inputs in runs of <= 3
