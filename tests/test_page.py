@@ -177,3 +177,30 @@ def test_errors_are_shown(page: Page, tmp_path: Path) -> None:
     page.set_input_files("#file", {"name": "x.png", "mimeType": "image/png", "buffer": b"\x89PNG"})
     page.click("#run")
     page.wait_for_function("document.querySelector('#error').textContent.startsWith('422:')")
+
+
+@pytest.fixture(scope="module")
+def keyed_server(
+    model_repository: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[SegserveServer]:
+    yield from start_server(model_repository, tmp_path_factory.mktemp("page_key"), api_key="pg-key")
+
+
+def test_api_key_field(
+    browser: Browser, keyed_server: SegserveServer, photos: dict[str, np.ndarray], tmp_path: Path
+) -> None:
+    """Without the key the page shows the 401; with it, results (images fetched with the key)."""
+    page = browser.new_page()
+    page.goto(keyed_server.url + "/")
+    page.wait_for_function("document.querySelectorAll('#model option').length === 2")
+    photo = photos["rocket"][::2, ::2].copy()
+    page.set_input_files("#file", png_file(photo, tmp_path / "r.png"))
+    page.click("#run")
+    page.wait_for_selector("#error", state="visible", timeout=30_000)
+    assert (page.text_content("#error") or "").startswith("401:")
+    page.fill("#apikey", "pg-key")
+    page.click("#run")
+    page.wait_for_function("document.querySelector('#status').textContent.startsWith('done')")
+    assert page.is_hidden("#error")
+    np.testing.assert_array_equal(shown_image(page, "#overlay").shape, photo.shape)
+    page.close()
