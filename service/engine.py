@@ -21,7 +21,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
@@ -235,6 +235,18 @@ def _stack(planes: Iterator[np.ndarray], channels: int, size: tuple[int, int]) -
     return stacked
 
 
+async def _all_or_none(awaitables: Iterable[Awaitable[T]]) -> list[T]:
+    """``gather`` that cancels the siblings when one fails, so no orphan keeps submitting."""
+    tasks = [asyncio.ensure_future(a) for a in awaitables]
+    try:
+        return await asyncio.gather(*tasks)
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+
+
 def _timed(fn: Callable[[], T]) -> Callable[[], tuple[T, float]]:
     def run() -> tuple[T, float]:
         started = time.perf_counter()
@@ -428,7 +440,7 @@ class Engine:
         for pass_plan in plan.passes:
             groups.setdefault((pass_plan.height, pass_plan.width), []).append(pass_plan)
         for group in groups.values():
-            results = await asyncio.gather(*(self._run_pass(image, p, request) for p in group))
+            results = await _all_or_none(self._run_pass(image, p, request) for p in group)
             for pass_plan, logits in zip(group, results, strict=True):
                 total = await self._compute(
                     request, partial(self._accumulate, total, logits, pass_plan, original)
@@ -487,9 +499,7 @@ class Engine:
 
         scaled = await self._compute(request, prepare, pre=True)
         merge = _Merge(pass_plan)
-        await asyncio.gather(
-            *(self._run_window(scaled, w, merge, request) for w in pass_plan.windows)
-        )
+        await _all_or_none(self._run_window(scaled, w, merge, request) for w in pass_plan.windows)
         return await self._compute(request, merge.logits)
 
     async def _run_window(

@@ -364,7 +364,7 @@ def test_stop_past_its_drain_time_fails_the_request_as_overloaded(
         while engine.queue_depth == 0:
             await asyncio.sleep(0.001)
         await asyncio.to_thread(engine.stop, 0.0)
-        with pytest.raises(OverloadedError, match="stopped before this request finished"):
+        with pytest.raises(OverloadedError, match="stopped"):
             await running
 
     asyncio.run(scenario())
