@@ -14,7 +14,7 @@ import hmac
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, replace
@@ -30,7 +30,7 @@ from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import Message
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import errors
 from service.bundle import BundleMetadata
@@ -366,7 +366,7 @@ def create_app(
         lifespan=lifespan,
     )
     _install_error_handlers(app)
-    _install_metrics_middleware(app)
+    app.add_middleware(RequestMetrics)
     _add_routes(app)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     return app
@@ -423,19 +423,34 @@ def _install_error_handlers(app: FastAPI) -> None:
         return _error_response(500, "internal", "internal server error (see the server log)")
 
 
-def _install_metrics_middleware(app: FastAPI) -> None:
-    @app.middleware("http")
-    async def record(request: Request, call_next: Callable[[Request], Awaitable[Response]]):
+class RequestMetrics:
+    """ASGI middleware: count and time every HTTP request by model, route template and status.
+
+    The route template (not the raw path) keeps mask ids out of the label set; routes put the
+    model they resolved in ``request.state.model``.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
         started = time.perf_counter()
         status = 500
+
+        async def send_with_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
         try:
-            response = await call_next(request)
-            status = response.status_code
-            return response
+            await self.app(scope, receive, send_with_status)
         finally:
-            route = request.scope.get("route")
-            endpoint = getattr(route, "path", None) or "unmatched"
-            model = getattr(request.state, "model", "")
+            endpoint = getattr(scope.get("route"), "path", None) or "unmatched"
+            model = scope.get("state", {}).get("model", "")
             REQUESTS.labels(model, endpoint, str(status)).inc()
             REQUEST_LATENCY.labels(model, endpoint).observe(time.perf_counter() - started)
 
