@@ -78,6 +78,7 @@ class EngineConfig:
     max_inputs_in_flight: int = 0
     # Under CUDA, accept a graph whose compute nodes run on the CPU (logged) instead of failing.
     allow_cpu_nodes: bool = False
+    gpu_mem_limit_bytes: int = 0  # CUDA arena cap (0: onnxruntime's default, the whole GPU)
 
 
 @dataclass(frozen=True)
@@ -300,6 +301,7 @@ class Engine:
                 allow_cpu_fallback=config.allow_cpu_fallback,
                 intra_op_threads=config.intra_op_threads,
                 allow_cpu_nodes=config.allow_cpu_nodes,
+                gpu_mem_limit_bytes=config.gpu_mem_limit_bytes,
             ),
         )
         warm_input = self._warmup_input()
