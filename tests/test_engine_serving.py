@@ -45,7 +45,7 @@ def batches_run(name: str) -> tuple[float, float]:
 def test_concurrent_requests_share_batches_and_match_sequential(
     tiny_bundle: Bundle, photos: dict[str, np.ndarray]
 ) -> None:
-    engine = Engine(tiny_bundle, EngineConfig(max_batch_size=4, max_queue_delay_ms=200))
+    engine = Engine(tiny_bundle, EngineConfig(max_batch_size=4, max_queue_delay_ms=1000))
     engine.start()
     images = [resize_image(photos[n], 240, 160) for n in ("astronaut", "chelsea", "coffee")] * 2
     try:
