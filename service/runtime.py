@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -165,6 +166,8 @@ class Runtime:
         # Idle pool threads would otherwise spin and steal the cores that resize/merge need.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.enable_profiling = profile
+        if profile:  # the profile is written next to this prefix; keep it out of the cwd
+            options.profile_file_prefix = str(Path(tempfile.gettempdir()) / "segserve_placement")
         return options
 
     def _provider_options(self, provider: str) -> dict[str, str]:
