@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from export.attention import ATTENTION_FORMS
-from export.bundle_writer import ExportError, export_bundle
+from export.bundle_writer import DEFAULT_ATTENTION, ExportError, export_bundle
 from export.verify import DEFAULT_SIZES
 
 
@@ -43,7 +43,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--precision", choices=("fp32", "fp16"), default="fp32")
     parser.add_argument("--opset", type=int, default=23)
     parser.add_argument(
-        "--attention", choices=ATTENTION_FORMS, default=None, help="fused form (default: onnx)"
+        "--attention",
+        choices=ATTENTION_FORMS,
+        default=None,
+        help=f"fused attention form (default: {DEFAULT_ATTENTION})",
     )
     parser.add_argument("--force", action="store_true", help="replace an existing bundle")
     parser.add_argument(

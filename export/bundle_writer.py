@@ -60,7 +60,9 @@ SEGSERVE_VERSION = "0.1.0"
 EXPORTER_VERSION = (
     f"segserve-export {SEGSERVE_VERSION} (torch {torch.__version__}, onnx {onnx.__version__})"
 )
-DEFAULT_ATTENTION: AttentionForm = "onnx"  # measured on CPU, see docs/export.md
+# Faster or level on onnxruntime's CPU provider (measured, docs/export.md), and the form with
+# mature CUDA kernels (flash / memory-efficient), so it never leaves the GPU.
+DEFAULT_ATTENTION: AttentionForm = "ort-contrib"
 DEFAULT_DATASET = "ade20k"  # random-init bundles with no classes given
 # Used when only a class file is given: the whole image at its own size.
 NO_DATASET_TEST_CONFIG = TestConfig(mode="whole", resize_scale=None)

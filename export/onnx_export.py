@@ -113,6 +113,8 @@ def export_onnx(
     proto = program.model_proto
     _require_dynamic_input(proto)
     _name_dynamic_axes(proto)
+    if precision == "fp16":
+        _accumulate_softmax_in_float(proto)
     if attention == "ort-contrib":
         progress("rewriting Attention -> com.microsoft.MultiHeadAttention")
         proto = to_contrib_attention(proto)
@@ -148,6 +150,19 @@ def _require_dynamic_input(model: onnx.ModelProto) -> None:
     if fixed:
         names = ", ".join(("batch", "channels", "height", "width")[a] for a in fixed)
         raise OnnxExportError(f"export fixed the input's {names}; the model must trace dynamically")
+
+
+def _accumulate_softmax_in_float(model: onnx.ModelProto) -> None:
+    """fp16 graphs: ask Attention nodes for a float32 softmax (LayerNormalization's stash_type
+    already defaults to float32 accumulation, and the exporter keeps it)."""
+    for node in model.graph.node:
+        if node.op_type == "Attention" and (node.domain or "") == "":
+            kept = [a for a in node.attribute if a.name != "softmax_precision"]
+            del node.attribute[:]
+            node.attribute.extend(kept)
+            node.attribute.append(
+                onnx.helper.make_attribute("softmax_precision", onnx.TensorProto.FLOAT)
+            )
 
 
 def _name_dynamic_axes(model: onnx.ModelProto) -> None:

@@ -1,0 +1,124 @@
+"""``export_onnx`` + ``verify`` on a toy segmenter: the fp16 standard-Attention path, quickly.
+
+The toy has SegFormer's shape of computation (strided conv stem, spatial-reduction attention,
+BatchNorm, 1x1 classifier at stride 4). The full models in tests/test_export.py cover fp32 with
+both attention forms and fp16 with the contrib form; this covers the remaining pair (fp16 with the
+standard ``Attention`` node and its float32 softmax request) and the verifier's own failure modes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from torch import nn
+
+from export.onnx_export import OnnxExportError, export_onnx
+from export.verify import FP32_RELATIVE_TOLERANCE, compare, photo_batch, verify
+from tests.test_export_attention import ReductionAttention
+
+MEAN = (123.675, 116.28, 103.53)
+STD = (58.395, 57.12, 57.375)
+SIZES = ((32, 32), (24, 40))
+
+
+class ToySegmenter(nn.Module):
+    """pixels -> stride-4 stem -> BN -> two attention blocks -> 5-class logits at stride 4."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 32, 7, stride=4, padding=3)
+        self.norm = nn.BatchNorm2d(32)
+        self.blocks = nn.ModuleList([ReductionAttention(reduction=2) for _ in range(2)])
+        self.classifier = nn.Conv2d(32, 5, 1)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        features = self.norm(self.stem(pixels))
+        for block in self.blocks:
+            features = features + block(features)
+        return self.classifier(features)
+
+
+@pytest.fixture(scope="module")
+def toy() -> nn.Module:
+    torch.manual_seed(3)
+    model = ToySegmenter()
+    with torch.no_grad():  # non-trivial BatchNorm statistics, so folding is really checked
+        model.norm.running_mean.uniform_(-0.5, 0.5)
+        model.norm.running_var.uniform_(0.5, 2.0)
+    return model.eval()
+
+
+@pytest.mark.parametrize("attention", ["onnx", "ort-contrib"])
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_export_and_verify(toy: nn.Module, tmp_path: Path, attention: str, precision: str) -> None:
+    graph = export_onnx(
+        toy,
+        mean=MEAN,
+        std=STD,
+        precision=precision,  # type: ignore[arg-type]
+        opset=23,
+        attention=attention,  # type: ignore[arg-type]
+        expected_attention=2,
+        progress=lambda _: None,
+    )
+    ops = [node.op_type for node in graph.model.graph.node]
+    assert "BatchNormalization" not in ops and "Softmax" not in ops
+    fused = "Attention" if attention == "onnx" else "MultiHeadAttention"
+    assert ops.count(fused) == 2
+    if precision == "fp16" and attention == "onnx":
+        softmax_precisions = [
+            onnx.helper.get_attribute_value(a)
+            for n in graph.model.graph.node
+            if n.op_type == "Attention"
+            for a in n.attribute
+            if a.name == "softmax_precision"
+        ]
+        assert softmax_precisions == [onnx.TensorProto.FLOAT] * 2
+    path = tmp_path / "model.onnx"
+    onnx.save(graph.model, str(path))
+    report = verify(path, toy, mean=MEAN, std=STD, precision=precision, sizes=SIZES)
+    assert report.passed, [case.describe() for case in report.cases]
+    assert len(report.cases) == 4
+    for case in report.cases:
+        assert case.logit_scale > 0.1
+        if precision == "fp32":
+            assert case.max_abs_diff <= FP32_RELATIVE_TOLERANCE * case.logit_scale
+        else:  # fp16 is close but measurably not exact
+            assert 0 < case.max_abs_diff <= 0.02 * case.logit_scale
+
+
+def test_old_opset_is_refused(toy: nn.Module) -> None:
+    with pytest.raises(OnnxExportError, match="opset 18 has no fused Attention"):
+        export_onnx(
+            toy,
+            mean=MEAN,
+            std=STD,
+            precision="fp32",
+            opset=18,
+            attention="onnx",
+            expected_attention=2,
+            progress=lambda _: None,
+        )
+
+
+def test_compare_fails_on_real_differences() -> None:
+    expected = np.random.default_rng(0).standard_normal((2, 5, 8, 8)).astype(np.float32)
+    nudged = expected.copy()
+    nudged[0, 0, 0, 0] += 2e-4 * np.abs(expected).max()
+    assert not compare("random", (2, 3, 32, 32), nudged, expected, "fp32").passed
+    assert compare("random", (2, 3, 32, 32), expected, expected, "fp32").passed
+    flipped = expected.copy()
+    flipped[:, :, :, :1] = -flipped[:, :, :, :1]  # changes the argmax of many pixels
+    assert not compare("random", (2, 3, 32, 32), flipped, expected, "fp16").passed
+    assert not compare("random", (2, 3, 32, 32), expected * np.nan, expected, "fp32").passed
+
+
+def test_photo_batch_is_two_real_photographs() -> None:
+    batch = photo_batch(48, 80)
+    assert batch.shape == (2, 3, 48, 80) and batch.dtype == np.uint8
+    assert not np.array_equal(batch[0], batch[1])
+    assert batch.std() > 30  # real image content, not a constant
