@@ -371,3 +371,27 @@ def test_cli_error_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert captured.err.startswith("error: unknown model 'segformer-b9'")
     assert captured.err.count("\n") == 1 and "Traceback" not in captured.err
     assert captured.out == ""
+
+
+def test_class_file_gives_classes_palette_and_plain_test_config(tmp_path: Path) -> None:
+    from export.bundle_writer import NO_DATASET_TEST_CONFIG, _resolve_model
+
+    coloured = tmp_path / "coloured.txt"
+    coloured.write_text("# name colour\nsky #4682b4\nroad 128 64 128\n")
+    resolved = _resolve_model("segformer-b0", None, None, coloured)
+    assert resolved.classes == ("sky", "road")
+    assert resolved.palette == ((70, 130, 180), (128, 64, 128))
+    assert resolved.dataset is None and resolved.test_config == NO_DATASET_TEST_CONFIG
+    assert resolved.model.num_classes == 2 and resolved.source is None
+
+    plain = tmp_path / "plain.txt"
+    plain.write_text("sky\nroad\nperson\n")
+    resolved = _resolve_model("segformer-b0", None, None, plain)
+    assert resolved.classes == ("sky", "road", "person") and len(set(resolved.palette)) == 3
+
+    duplicated = tmp_path / "duplicated.txt"
+    duplicated.write_text("sky\nsky\n")
+    out = tmp_path / "repository" / "b0"
+    with pytest.raises(ExportError, match=r"cannot read class file .*duplicate class names: sky"):
+        export_bundle("segformer-b0", out, random_init=True, classes_file=duplicated)
+    assert list(out.parent.iterdir()) == []

@@ -9,6 +9,7 @@ schema (tritonclient's ``model_config_pb2``).
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import numpy as np
@@ -206,3 +207,28 @@ def test_triton_config_parses_with_tritons_schema() -> None:
         ("logits", schema.TYPE_FP32, [150, -1, -1])  # type: ignore[attr-defined]
     ]
     assert config.HasField("dynamic_batching")
+
+
+@pytest.mark.gpu
+def test_default_form_stays_on_the_gpu(toy_graph: onnx.ModelProto, tmp_path: Path) -> None:
+    """The default attention form must run on the CUDA provider, not fall back to the CPU."""
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip("onnxruntime's CUDA provider is not available (no GPU build or no GPU)")
+    from export.bundle_writer import DEFAULT_ATTENTION
+
+    graph = to_contrib_attention(toy_graph) if DEFAULT_ATTENTION == "ort-contrib" else toy_graph
+    options = ort.SessionOptions()
+    options.enable_profiling = True
+    options.profile_file_prefix = str(tmp_path / "profile")
+    session = ort.InferenceSession(
+        graph.SerializeToString(), options, providers=["CUDAExecutionProvider"]
+    )
+    session.run(None, {session.get_inputs()[0].name: np.ones((2, 32, 16, 24), np.float32)})
+    events = json.loads(Path(session.end_profiling()).read_text())
+    fused_op = "MultiHeadAttention" if DEFAULT_ATTENTION == "ort-contrib" else "Attention"
+    providers = {
+        event["args"].get("provider")
+        for event in events
+        if event.get("cat") == "Node" and event["args"].get("op_name") == fused_op
+    }
+    assert providers == {"CUDAExecutionProvider"}
