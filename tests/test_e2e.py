@@ -229,7 +229,7 @@ def test_chunked_body_refused_while_streaming(server: SegserveServer) -> None:
         "Transfer-Encoding: chunked\r\n\r\n",
     )
     chunk = b"\xff" * 65536
-    total = MAX_UPLOAD * 20
+    total = MAX_UPLOAD * 64
     sent = 0
     with sock:
         while sent < total:
@@ -243,7 +243,9 @@ def test_chunked_body_refused_while_streaming(server: SegserveServer) -> None:
             time.sleep(0.002)
         status, body = read_response(sock)
     assert status == 413 and b"payload_too_large" in body
-    assert MAX_UPLOAD < sent < MAX_UPLOAD * 4, f"sent {sent} bytes before the refusal"
+    # Refused after the limit and long before the end (the bound leaves room for a busy CI box
+    # that answers a few megabytes late; a server that buffered everything would read all 64).
+    assert MAX_UPLOAD < sent <= MAX_UPLOAD * 16, f"sent {sent} bytes before the refusal"
 
 
 def test_lying_content_length_never_reads_past_it(
