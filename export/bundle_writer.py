@@ -235,15 +235,18 @@ def export_bundle(
         report: VerificationReport | None = None
         if not skip_verify:
             step = time.perf_counter()
-            report = verify(
-                model_path,
-                resolved.model,
-                mean=mean,
-                std=std,
-                precision=precision,
-                sizes=verify_sizes,
-                progress=say,
-            )
+            try:
+                report = verify(
+                    model_path,
+                    resolved.model,
+                    mean=mean,
+                    std=std,
+                    precision=precision,
+                    sizes=verify_sizes,
+                    progress=say,
+                )
+            except Exception as exc:  # onnxruntime's and torch's errors share no useful base
+                raise ExportError(f"verification could not run: {exc}") from exc
             timings["verify"] = time.perf_counter() - step
             if not report.passed:
                 failed = [case.describe() for case in report.cases if not case.passed]

@@ -134,7 +134,12 @@ def optimise_offline(model: onnx.ModelProto) -> onnx.ModelProto:
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
         options.optimized_model_filepath = str(optimised)
-        ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        try:
+            ort.InferenceSession(
+                model.SerializeToString(), options, providers=["CPUExecutionProvider"]
+            )
+        except Exception as exc:  # onnxruntime's pybind errors share no useful base class
+            raise OnnxExportError(f"onnxruntime cannot load the exported graph: {exc}") from exc
         result = onnx.load(str(optimised))
     # onnxruntime declares every domain it knows; keep only those the graph uses (portability).
     used = {node.domain or "" for node in result.graph.node}

@@ -395,3 +395,47 @@ def test_class_file_gives_classes_palette_and_plain_test_config(tmp_path: Path) 
     with pytest.raises(ExportError, match=r"cannot read class file .*duplicate class names: sky"):
         export_bundle("segformer-b0", out, random_init=True, classes_file=duplicated)
     assert list(out.parent.iterdir()) == []
+
+
+def _wrong_graph(num_classes: int) -> onnx.ModelProto:
+    """A valid stride-4 graph with the bundle's input/output contract but not the model's maths."""
+    weights = np.random.default_rng(0).standard_normal((num_classes, 3, 4, 4)).astype(np.float32)
+    graph = onnx.helper.make_graph(
+        [
+            onnx.helper.make_node("Cast", ["pixels"], ["float_pixels"], to=onnx.TensorProto.FLOAT),
+            onnx.helper.make_node("Conv", ["float_pixels", "w"], ["logits"], strides=[4, 4]),
+        ],
+        "wrong",
+        [onnx.helper.make_tensor_value_info("pixels", onnx.TensorProto.UINT8, ["b", 3, "h", "w"])],
+        [onnx.helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, None)],
+        [onnx.numpy_helper.from_array(weights, "w")],
+    )
+    return onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 23)])
+
+
+def test_failed_verification_leaves_no_bundle(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Files already written to the staging directory are removed when verification fails."""
+    from export import bundle_writer
+    from export.attention import AttentionCensus
+    from export.onnx_export import ExportedGraph
+
+    written: list[Path] = []
+
+    def wrong_export(*args: object, **kwargs: object) -> ExportedGraph:
+        return ExportedGraph(model=_wrong_graph(150), census=AttentionCensus(0, 8, 0))
+
+    real_verify = bundle_writer.verify
+
+    def spy_verify(path: Path, *args: object, **kwargs: object) -> object:
+        written.extend(sorted(p.name for p in path.parent.parent.iterdir()))  # type: ignore[arg-type]
+        return real_verify(path, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(bundle_writer, "export_onnx", wrong_export)
+    monkeypatch.setattr(bundle_writer, "verify", spy_verify)
+    out = tmp_path / "segformer-b0"
+    with pytest.raises(ExportError, match=r"verification failed \(max\|Δ\| ≤ 0.0001"):
+        export_bundle("segformer-b0", out, random_init=True, verify_sizes=((32, 32),))
+    assert written == ["1", "config.pbtxt", "segserve.json"]
+    assert list(tmp_path.iterdir()) == []
