@@ -443,3 +443,40 @@ def test_unknown_default_model_keeps_the_server_unready(model_repository: Path) 
         assert len(problems) == 1 and "'missing'" in problems[0]
         refused = broken.post("/segment", content=b"x", headers={"content-type": "image/png"})
         assert refused.status_code == 503 and "'missing'" in refused.json()["message"]
+
+
+def _encoded(image: Image.Image, fmt: str, **kw: object) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **kw)
+    return buffer.getvalue()
+
+
+def test_colour_modes_and_orientation_reach_the_model_as_upright_rgb(
+    client: TestClient, chelsea: np.ndarray
+) -> None:
+    """Each variant decodes to exactly the upright RGB photo: its labels equal the PNG's."""
+    upright = Image.fromarray(chelsea)
+    stored_rotated = Image.fromarray(np.ascontiguousarray(np.rot90(chelsea, 1)))
+    exif = stored_rotated.getexif()
+    exif[0x0112] = 6  # "rotate 90° clockwise to display": undoes the rot90 above
+    alpha = Image.fromarray(np.dstack([chelsea, np.full(chelsea.shape[:2], 40, np.uint8)]))
+    variants = {
+        "rgba": _encoded(alpha, "PNG"),
+        "exif-rotated": _encoded(stored_rotated, "PNG", exif=exif),
+        "tiff": _encoded(upright, "TIFF"),
+        "webp-lossless": _encoded(upright, "WEBP", lossless=True),
+    }
+
+    def labels_of(payload: bytes) -> np.ndarray:
+        response = client.post("/segment", params={"output": "labels"}, files={"image": payload})
+        assert response.status_code == 200, response.text
+        return decode(response.content)
+
+    expected = labels_of(png_bytes(chelsea))
+    for name, payload in variants.items():
+        np.testing.assert_array_equal(labels_of(payload), expected, err_msg=name)
+    grey = chelsea.mean(axis=2).round().astype(np.uint8)
+    grey16 = Image.fromarray(grey.astype(np.uint16) * 257)  # 16-bit grey whose high byte is grey
+    np.testing.assert_array_equal(
+        labels_of(_encoded(grey16, "PNG")), labels_of(png_bytes(np.dstack([grey] * 3)))
+    )
