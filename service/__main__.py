@@ -5,6 +5,10 @@ SIGTERM starts a graceful drain instead of uvicorn's immediate stop: ``/readyz``
 in-flight requests get up to ``SEGSERVE_DRAIN_TIMEOUT_S`` to finish, then uvicorn closes
 connections, the lifespan stops the engines, and the process exits 0. A second SIGTERM or a
 SIGINT stops at once, as uvicorn does.
+
+A model repository that fails to load (missing, invalid bundle, unknown default model) stops the
+process with exit status 1 after logging why, so an orchestrator shows the failure instead of a
+replica that never becomes ready.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import asyncio
 import logging
 import signal
 import socket
+import sys
 from types import FrameType
 
 import uvicorn
@@ -34,10 +39,18 @@ class DrainingServer(uvicorn.Server):
         self.drain_timeout_s = drain_timeout_s
         self._loop: asyncio.AbstractEventLoop | None = None
         self._drain_task: asyncio.Task[None] | None = None
+        self.load_failed = False
 
     async def serve(self, sockets: list[socket.socket] | None = None) -> None:
         self._loop = asyncio.get_running_loop()
         await super().serve(sockets)
+
+    async def on_tick(self, counter: int) -> bool:
+        services: Services | None = getattr(self.app.state, "services", None)
+        if services is not None and services.load_error is not None:
+            self.load_failed = True
+            return True
+        return await super().on_tick(counter)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if sig == signal.SIGTERM and self._drain_task is None and self._loop is not None:
@@ -86,7 +99,10 @@ def main(argv: list[str] | None = None) -> None:
         timeout_graceful_shutdown=5,
         timeout_keep_alive=5,
     )
-    DrainingServer(config, app, settings.drain_timeout_s).run()
+    server = DrainingServer(config, app, settings.drain_timeout_s)
+    server.run()
+    if server.load_failed:
+        sys.exit(1)
 
 
 if __name__ == "__main__":

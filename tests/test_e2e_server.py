@@ -134,3 +134,12 @@ def test_idle_server_exits_zero_on_sigterm(model_repository: Path, tmp_path: Pat
     assert server.terminate(timeout_s=30) == 0, server.log()
     assert time.monotonic() - started < 15
     assert "Traceback" not in server.log()
+
+
+def test_a_repository_that_fails_to_load_exits_one(tmp_path: Path) -> None:
+    empty = tmp_path / "empty_repository"
+    empty.mkdir()
+    server = SegserveServer(empty, tmp_path / "empty.log")
+    assert server.process.wait(60) == 1
+    assert "no model bundles" in server.log()
+    server.terminate()
