@@ -143,3 +143,21 @@ def test_a_repository_that_fails_to_load_exits_one(tmp_path: Path) -> None:
     assert server.process.wait(60) == 1
     assert "no model bundles" in server.log()
     server.terminate()
+
+
+def test_the_serving_entry_point_never_imports_torch() -> None:
+    """``python -m service`` runs in the serve image, which has no PyTorch."""
+    probe = (
+        "import sys, runpy; sys.argv = ['service', '--help']\n"
+        "try:\n    runpy.run_module('service', run_name='__main__')\n"
+        "except SystemExit:\n    pass\n"
+        "import service.api, service.engine, service.store, service.render, service.imageio\n"
+        "heavy = sorted(m for m in sys.modules if m.split('.')[0] in {'torch', 'transformers'})\n"
+        "print(heavy)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert "usage: python -m service" in result.stdout
+    assert result.stdout.strip().endswith("[]"), result.stdout
