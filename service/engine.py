@@ -43,6 +43,7 @@ from service.errors import (
 from service.geometry import (
     Window,
     argmax_planes,
+    candidate_classes,
     labels_dtype,
     planes_to_original,
     ratio_size,
@@ -58,6 +59,9 @@ from service.runtime import CUDA, Runtime, RuntimeSettings, default_intra_op_thr
 log = logging.getLogger(__name__)
 
 MAX_CROP_SIDE = 4096
+# Class pruning before the final resizes pays when the output has this many times the pixels
+# of the logits it comes from (its check costs a few passes over the logits).
+PRUNE_MIN_GROWTH = 4
 MAX_RATIO = 4.0
 MAX_SCALES = 16
 T = TypeVar("T")
@@ -463,12 +467,23 @@ class Engine:
         original: tuple[int, int],
         with_probabilities: bool,
     ) -> tuple[np.ndarray, np.ndarray | None]:
-        planes = planes_to_original(
-            logits, (pass_plan.height, pass_plan.width), pass_plan.flip, original
-        )
+        scaled = (pass_plan.height, pass_plan.width)
         dtype = labels_dtype(self._num_classes)
         if not with_probabilities:
-            return argmax_planes(planes, dtype), None
+            source_pixels = logits.shape[1] * logits.shape[2]
+            upsampling = logits.shape[1] <= scaled[0] and logits.shape[2] <= scaled[1]
+            if upsampling and original[0] * original[1] >= PRUNE_MIN_GROWTH * source_pixels:
+                # Skip classes that cannot win anywhere: exact, and the full-size planes of
+                # the others are most of the work (see geometry.candidate_classes).
+                kept = candidate_classes(logits)
+                winners = argmax_planes(
+                    planes_to_original(logits[kept], scaled, pass_plan.flip, original), dtype
+                )
+                return kept.astype(dtype)[winners], None
+            return argmax_planes(
+                planes_to_original(logits, scaled, pass_plan.flip, original), dtype
+            ), None
+        planes = planes_to_original(logits, scaled, pass_plan.flip, original)
         scores = _stack(planes, logits.shape[0], original)
         labels = argmax_planes(scores, dtype)
         return labels, softmax(scores)
