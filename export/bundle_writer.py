@@ -82,6 +82,7 @@ class ExportReport:
     trained: bool
     source_checkpoint: str | None
     dataset: str | None
+    classes_source: str
     num_classes: int
     precision: Precision
     opset: int
@@ -100,7 +101,7 @@ class ExportReport:
         weights = f"trained ({self.source_checkpoint})" if self.trained else "random init"
         lines = [
             f"exported {self.model_name} ({self.arch}, {weights}) -> {self.out}",
-            f"  classes      {self.num_classes} ({self.dataset or 'from class file'})",
+            f"  classes      {self.num_classes} (from {self.classes_source})",
             f"  precision    {self.precision}, opset {self.opset}",
             f"  input        {_io(self.input)}",
             f"  output       {_io(self.output)}  (stride {self.output_stride})",
@@ -131,6 +132,7 @@ class _ResolvedModel:
     output_stride: int
     source: SourceCheckpoint | None
     dataset: str | None
+    classes_source: str  # "dataset ade20k", "class file X", "checkpoint"
     classes: tuple[str, ...]
     palette: tuple[tuple[int, int, int], ...]
     test_config: TestConfig
@@ -261,6 +263,7 @@ def export_bundle(
         trained=resolved.source is not None,
         source_checkpoint=resolved.source.name if resolved.source else None,
         dataset=resolved.dataset,
+        classes_source=resolved.classes_source,
         num_classes=len(resolved.classes),
         precision=precision,
         opset=opset,
@@ -302,79 +305,89 @@ def _resolve_model(
     """The model, its class names and palette, and the test configuration, or ExportError."""
     if dataset is not None and classes_file is not None:
         raise ExportError("give --dataset or --classes, not both")
+    if checkpoint is None and dataset is None and classes_file is None:
+        dataset = DEFAULT_DATASET
     dataset_info = None
     if dataset is not None:
         try:
             dataset_info = datasets.get_dataset(dataset)
         except KeyError as exc:
             raise ExportError(str(exc.args[0])) from exc
-    given_classes: tuple[str, ...] | None = None
-    given_palette: tuple[tuple[int, int, int], ...] | None = None
-    if dataset_info is not None:
-        given_classes = tuple(dataset_info.classes)
-        given_palette = tuple(_rgb(c) for c in dataset_info.palette)
-    elif classes_file is not None:
-        try:
-            names, colours = datasets.load_class_file(Path(classes_file))
-        except (OSError, ValueError) as exc:
-            raise ExportError(f"cannot read class file {classes_file}: {exc}") from exc
-        given_classes = tuple(names)
-        given_palette = tuple(_rgb(c) for c in colours or datasets.default_palette(len(names)))
+    given = _given_classes(dataset_info, classes_file)
 
+    source = None
     if checkpoint is None:
-        if given_classes is None:
-            dataset_info = datasets.get_dataset(DEFAULT_DATASET)
-            given_classes = tuple(dataset_info.classes)
-            given_palette = tuple(_rgb(c) for c in dataset_info.palette)
-        assert given_palette is not None
-        model = create_model(model_name, num_classes=len(given_classes))
-        return _ResolvedModel(
-            model=model,
-            model_name=model_name,
-            arch=_arch(model),
-            output_stride=_positive_int(model, "output_stride"),
-            source=None,
-            dataset=dataset_info.name if dataset_info else None,
-            classes=given_classes,
-            palette=given_palette,
-            test_config=_test_config(dataset_info),
-        )
+        assert given is not None  # a dataset is always chosen above
+        model = create_model(model_name, num_classes=len(given.names))
+    else:
+        model, source, from_checkpoint = _load(model_name, Path(checkpoint))
+        given = given or from_checkpoint
+        if given is None:
+            raise ExportError(
+                f"{checkpoint} has no class names; give --dataset NAME or --classes FILE"
+            )
+        predicted = _positive_int(model, "num_classes")
+        if len(given.names) != predicted:
+            raise ExportError(
+                f"{len(given.names)} class names given but {checkpoint} predicts {predicted}"
+            )
+    return _ResolvedModel(
+        model=model.eval(),
+        model_name=model_name,
+        arch=_arch(model),
+        output_stride=_positive_int(model, "output_stride"),
+        source=source,
+        dataset=dataset_info.name if dataset_info else None,
+        classes_source=given.source,
+        classes=given.names,
+        palette=given.palette,
+        test_config=_test_config(dataset_info),
+    )
 
+
+@dataclass(frozen=True)
+class _ClassList:
+    names: tuple[str, ...]
+    palette: tuple[tuple[int, int, int], ...]
+    source: str
+
+
+def _given_classes(
+    dataset_info: datasets.DatasetInfo | None, classes_file: Path | None
+) -> _ClassList | None:
+    if dataset_info is not None:
+        palette = tuple(_rgb(c) for c in dataset_info.palette)
+        return _ClassList(tuple(dataset_info.classes), palette, f"dataset {dataset_info.name}")
+    if classes_file is None:
+        return None
+    try:
+        names, colours = datasets.load_class_file(Path(classes_file))
+    except (OSError, ValueError) as exc:
+        raise ExportError(f"cannot read class file {classes_file}: {exc}") from exc
+    palette = tuple(_rgb(c) for c in colours or datasets.default_palette(len(names)))
+    return _ClassList(tuple(names), palette, f"class file {classes_file}")
+
+
+def _load(
+    model_name: str, checkpoint: Path
+) -> tuple[nn.Module, SourceCheckpoint, _ClassList | None]:
+    """The checkpoint's model, its provenance and its own class names (if it has any)."""
     from models.checkpoints import CheckpointError, load_checkpoint
 
     try:
-        loaded = load_checkpoint(Path(checkpoint), model_name=model_name)
+        loaded = load_checkpoint(checkpoint, model_name=model_name)
     except (CheckpointError, OSError, KeyError, ValueError) as exc:
         raise ExportError(f"cannot load {checkpoint} as {model_name}: {exc}") from exc
     if loaded.model_name != model_name:
         raise ExportError(f"{checkpoint} holds {loaded.model_name}, not {model_name}")
-    model_classes = _positive_int(loaded.model, "num_classes")
-    if given_classes is None:
-        if not loaded.classes:
-            raise ExportError(
-                f"{checkpoint} has no class names; give --dataset NAME or --classes FILE"
-            )
-        given_classes = tuple(loaded.classes)
-        palette = loaded.palette or datasets.default_palette(len(given_classes))
-        given_palette = tuple(_rgb(c) for c in palette)
-    if len(given_classes) != model_classes:
-        raise ExportError(
-            f"{len(given_classes)} class names given but {checkpoint} predicts {model_classes}"
-        )
-    assert given_palette is not None
-    return _ResolvedModel(
-        model=loaded.model.eval(),
-        model_name=model_name,
-        arch=_arch(loaded.model),
-        output_stride=_positive_int(loaded.model, "output_stride"),
-        source=SourceCheckpoint(
-            name=str(loaded.source_name), sha256=str(loaded.sha256), format=str(loaded.format)
-        ),
-        dataset=dataset_info.name if dataset_info else None,
-        classes=given_classes,
-        palette=given_palette,
-        test_config=_test_config(dataset_info),
+    source = SourceCheckpoint(
+        name=str(loaded.source_name), sha256=str(loaded.sha256), format=str(loaded.format)
     )
+    if not loaded.classes:
+        return loaded.model, source, None
+    names = tuple(loaded.classes)
+    palette = tuple(_rgb(c) for c in loaded.palette or datasets.default_palette(len(names)))
+    return loaded.model, source, _ClassList(names, palette, "checkpoint")
 
 
 def _arch(model: nn.Module) -> Literal["segformer", "setr"]:
