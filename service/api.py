@@ -14,7 +14,7 @@ import hmac
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, replace
@@ -30,6 +30,7 @@ from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import errors
@@ -271,12 +272,15 @@ async def extract_image(request: Request, body: bytes) -> bytes:
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type == "multipart/form-data":
 
-        async def replay() -> Message:
-            return {"type": "http.request", "body": body, "more_body": False}
+        async def replay() -> AsyncGenerator[bytes, None]:
+            yield body
 
+        parser = MultiPartParser(request.headers, replay(), max_files=1, max_fields=16)
+        # The body is already in memory and capped: keep the file part there, never on disk.
+        parser.spool_max_size = len(body) + 1
         try:
-            form = await Request(request.scope, replay).form(max_files=1, max_fields=16)
-        except (StarletteHTTPException, ValueError) as exc:
+            form = await parser.parse()
+        except (MultiPartException, ValueError) as exc:
             raise errors.InvalidImageError(f"malformed multipart body: {exc}") from exc
         upload = form.get("image")
         if upload is None or isinstance(upload, str):

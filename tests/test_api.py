@@ -233,6 +233,20 @@ BAD_INPUTS = [
     ),
     ("empty image", {"files": {"image": ("a.png", b"")}}, {}, 400, "invalid_image"),
     ("no image field", {"files": {"photo": ("a.png", b"x")}}, {}, 400, "invalid_image"),
+    (
+        "multipart without boundary",
+        {"content": b"xx", "headers": {"content-type": "multipart/form-data"}},
+        {},
+        400,
+        "invalid_image",
+    ),
+    (
+        "garbled multipart",
+        {"content": b"garbage", "headers": {"content-type": "multipart/form-data; boundary=b"}},
+        {},
+        400,
+        "invalid_image",
+    ),
     ("truncated", {"files": {"image": ("a.jpg", "TRUNCATED")}}, {}, 400, "invalid_image"),
     (
         "corrupt",
