@@ -36,8 +36,13 @@ TINY_CLASSES = ("sky", "tree", "person", "road", "wall")
 TINY_PALETTE = ((70, 130, 180), (107, 142, 35), (220, 20, 60), (128, 64, 128), (102, 102, 156))
 
 
-def tiny_model(normalized_in_graph: bool, num_classes: int = len(TINY_CLASSES)) -> onnx.ModelProto:
-    """A small conv net: pixels (N, 3, H, W) -> logits (N, classes, ceil(H/4), ceil(W/4))."""
+def tiny_model(
+    normalized_in_graph: bool, num_classes: int = len(TINY_CLASSES), fp16_io: bool = False
+) -> onnx.ModelProto:
+    """A small conv net: pixels (N, 3, H, W) -> logits (N, classes, ceil(H/4), ceil(W/4)).
+
+    ``fp16_io``: float16 input and logits around float32 compute, as an fp16 bundle's contract
+    looks from outside (onnxruntime's CPU kernels are float32)."""
     rng = np.random.default_rng(1234)
     hidden = 16
     stem_w = rng.normal(0, 0.2, (hidden, 3, 7, 7)).astype(np.float32)
@@ -64,6 +69,10 @@ def tiny_model(normalized_in_graph: bool, num_classes: int = len(TINY_CLASSES)) 
         ]
         stem_input = "normalised"
         input_type = TensorProto.UINT8
+    elif fp16_io:
+        nodes.append(helper.make_node("Cast", ["pixels"], ["pixels_f"], to=TensorProto.FLOAT))
+        stem_input = "pixels_f"
+        input_type = TensorProto.FLOAT16
     else:
         stem_input = "pixels"
         input_type = TensorProto.FLOAT
@@ -74,13 +83,25 @@ def tiny_model(normalized_in_graph: bool, num_classes: int = len(TINY_CLASSES)) 
         helper.make_node("Relu", ["stem"], ["stem_act"]),
         helper.make_node("Conv", ["stem_act", "mix_w"], ["mixed"], pads=[1, 1, 1, 1]),
         helper.make_node("Tanh", ["mixed"], ["mixed_act"]),
-        helper.make_node("Conv", ["mixed_act", "cls_w", "cls_b"], ["logits"]),
+        helper.make_node("Conv", ["mixed_act", "cls_w", "cls_b"], ["logits_f"]),
+        helper.make_node(
+            "Cast",
+            ["logits_f"],
+            ["logits"],
+            to=TensorProto.FLOAT16 if fp16_io else TensorProto.FLOAT,
+        ),
     ]
     graph = helper.make_graph(
         nodes,
         "tiny_segmenter",
         [helper.make_tensor_value_info("pixels", input_type, ["N", 3, "H", "W"])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", num_classes, "h", "w"])],
+        [
+            helper.make_tensor_value_info(
+                "logits",
+                TensorProto.FLOAT16 if fp16_io else TensorProto.FLOAT,
+                ["N", num_classes, "h", "w"],
+            )
+        ],
         initializers,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
@@ -95,10 +116,12 @@ def write_tiny_bundle(
     normalized_in_graph: bool = True,
     test_config: TestConfig | None = None,
     num_classes: int = len(TINY_CLASSES),
+    fp16_io: bool = False,
 ) -> Bundle:
     """Write a complete bundle directory for the tiny model and load it back."""
     (directory / "1").mkdir(parents=True, exist_ok=True)
-    onnx.save(tiny_model(normalized_in_graph, num_classes), str(directory / MODEL_FILE))
+    model = tiny_model(normalized_in_graph, num_classes, fp16_io)
+    onnx.save(model, str(directory / MODEL_FILE))
     if num_classes == len(TINY_CLASSES):
         classes, palette = TINY_CLASSES, TINY_PALETTE
     else:
@@ -114,14 +137,14 @@ def write_tiny_bundle(
         palette=palette,
         input=InputContract(
             name="pixels",
-            dtype="uint8" if normalized_in_graph else "float32",
+            dtype="uint8" if normalized_in_graph else "float16" if fp16_io else "float32",
             mean=ADE_MEAN,
             std=ADE_STD,
             normalized_in_graph=normalized_in_graph,
         ),
-        output=OutputContract(name="logits", dtype="float32", stride=4),
+        output=OutputContract(name="logits", dtype="float16" if fp16_io else "float32", stride=4),
         test_config=test_config or TestConfig(mode="whole", resize_scale=(320, 160)),
-        precision="fp32",
+        precision="fp16" if fp16_io else "fp32",
         opset=17,
         attention="onnx",
         exporter_version="tests.conftest",

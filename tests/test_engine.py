@@ -234,3 +234,26 @@ def test_many_windows_stream_with_bounded_inputs_in_flight(
         engine.stop()
     assert result.num_inputs == 54  # 6 rows x 9 columns of 96x96 crops, stride 64
     assert max(in_flight) <= 3 and len(in_flight) >= 18  # 54 inputs in runs of <= 3
+
+
+def test_fp16_contract_is_fed_and_read_as_declared(
+    tmp_path: Path, photos: dict[str, np.ndarray]
+) -> None:
+    """float16 input normalised here, float16 logits cast back to float32 for merging."""
+    bundle = write_tiny_bundle(
+        tmp_path / "half",
+        normalized_in_graph=False,
+        fp16_io=True,
+        test_config=TestConfig(
+            mode="slide", resize_scale=(320, 160), crop=(96, 96), stride=(64, 64)
+        ),
+    )
+    assert bundle.metadata.input.dtype == "float16" and bundle.metadata.output.dtype == "float16"
+    engine = start(bundle)
+    try:
+        assert_matches_reference(
+            engine, photos["chelsea"], SegmentOptions(return_probabilities=True)
+        )
+        assert_matches_reference(engine, photos["rocket"], SegmentOptions(mode="whole"))
+    finally:
+        engine.stop()

@@ -23,6 +23,7 @@ from service.errors import (
 )
 from service.geometry import resize_image
 from service.runtime import (
+    ARENA_SHRINK_PIXELS,
     CPU,
     CUDA,
     PlacementError,
@@ -374,3 +375,17 @@ def test_stop_past_its_drain_time_fails_the_request_as_overloaded(
             await running
 
     asyncio.run(scenario())
+
+
+def test_huge_batches_ask_onnxruntime_to_shrink_its_arena(tiny_bundle: Bundle) -> None:
+    """Over ARENA_SHRINK_PIXELS the run carries the arena-shrinkage option; results unchanged."""
+    runtime = Runtime(
+        tiny_bundle.model_path, "pixels", "logits", "uint8", RuntimeSettings(providers=("cpu",))
+    )
+    side = int(ARENA_SHRINK_PIXELS**0.5) + 8
+    pixels = np.random.default_rng(0).integers(0, 255, (1, 3, side, side), dtype=np.uint8)
+    big = runtime.run(pixels)
+    corner = runtime.run(np.ascontiguousarray(pixels[:, :, :64, :64]))  # small: no shrinkage
+    assert big.shape == (1, 5, (side + 3) // 4, (side + 3) // 4)
+    # Away from the crop's edge, the big run's logits equal the small run's.
+    np.testing.assert_allclose(big[:, :, :14, :14], corner[:, :, :14, :14], atol=1e-5)
