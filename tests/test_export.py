@@ -354,6 +354,9 @@ def test_existing_bundle_is_refused(tmp_path: Path) -> None:
         ({"random_init": True, "dataset": "kitti"}, "unknown dataset 'kitti'"),
         ({"random_init": True, "attention": "flash"}, "--attention must be one of"),
         ({"random_init": True, "opset": 18}, "opset 18 has no fused Attention operator"),
+        ({"random_init": True, "precision": "int8"}, "precision must be fp32 or fp16"),
+        ({"checkpoint": Path("/nonexistent/ckpt.pth")}, "cannot load /nonexistent/ckpt.pth"),
+        ({"checkpoint": Path("/x.pth"), "random_init": True}, "exclude each other"),
     ],
 )
 def test_other_user_errors_leave_nothing(
