@@ -4,12 +4,12 @@
 involved): a SegFormer-like stem (7x7 conv, stride 4, padding 3), GELU-free ReLU MLP and a 1x1
 classifier, 5 classes, logits at stride 4, dynamic batch and size. The uint8 variant normalises in
 the graph, the float32 one expects normalised input, so both input contracts are exercised.
-``segformer_b0_bundle`` is a random-init SegFormer-B0 exported by ``export.export_bundle``.
+``segformer_b0_bundle`` is a random-init SegFormer-B0 exported by ``export.export_bundle`` (a hard
+dependency: the real-model tests fail, not skip, when the export breaks).
 """
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Callable
 from pathlib import Path
 
@@ -200,12 +200,9 @@ def photos() -> dict[str, np.ndarray]:
 def segformer_b0_bundle(tmp_path_factory: pytest.TempPathFactory) -> Bundle:
     """A random-init SegFormer-B0 (ADE20K classes and test config) exported to a bundle.
 
-    ``export.export_bundle`` reads class lists from ``models.datasets``; until that module lands
-    the real-model tests skip and say so. The export's own verification is tested in
-    tests/test_export*; here it is skipped to keep the fixture cheap.
+    The export's own verification is tested in tests/test_export*; it is skipped here to keep
+    this session fixture cheap.
     """
-    if importlib.util.find_spec("models.datasets") is None:
-        pytest.skip("models/datasets.py (needed by export.export_bundle) is not in the tree yet")
     from export import export_bundle
 
     out = tmp_path_factory.mktemp("segformer_repo") / "segformer-b0"
