@@ -1,7 +1,7 @@
 """Shared fixtures: real photographs and small but real model bundles.
 
 ``tiny_bundle`` / ``tiny_float_bundle`` are built here with ``onnx.helper`` (no export code
-involved): a SegFormer-like stem (7x7 conv, stride 4, padding 3), GELU-free ReLU MLP and a 1x1
+involved): a SegFormer-like stem (7x7 conv, stride 4, padding 3, ReLU), a 3x3 conv with tanh, a 1x1
 classifier, 5 classes, logits at stride 4, dynamic batch and size. The uint8 variant normalises in
 the graph, the float32 one expects normalised input, so both input contracts are exercised.
 ``segformer_b0_bundle`` is a random-init SegFormer-B0 exported by ``export.export_bundle`` (a hard
