@@ -146,7 +146,13 @@ def throughput_row(
     """Best of ``rounds`` interleaved measurements each, so load from other processes on the
     shared machine hits all contenders alike."""
     engine = Engine(
-        bundle, EngineConfig(providers=("cpu",), max_batch_size=batch, max_queue_delay_ms=20.0)
+        bundle,
+        EngineConfig(
+            providers=("cpu",),
+            max_batch_size=batch,
+            max_queue_delay_ms=20.0,
+            inference_timeout_s=3600.0,  # 2 x batch requests queue behind each other here
+        ),
     )
     engine.start()
     try:
