@@ -2,7 +2,8 @@
 
 SIGTERM starts a graceful drain instead of uvicorn's immediate stop: ``/readyz`` and new
 ``/segment`` calls answer 503 at once (the load balancer moves on while the listener stays open),
-in-flight requests get up to ``SEGSERVE_DRAIN_TIMEOUT_S`` to finish, then uvicorn closes
+in-flight requests get up to ``SEGSERVE_DRAIN_TIMEOUT_S`` to finish (and the listener stays open
+for at least ``SEGSERVE_DRAIN_MIN_S``), then uvicorn closes
 connections, the lifespan stops the engines, and the process exits 0. A second SIGTERM or a
 SIGINT stops at once, as uvicorn does.
 
@@ -33,10 +34,17 @@ log = logging.getLogger("segserve")
 class DrainingServer(uvicorn.Server):
     """uvicorn.Server whose first SIGTERM drains the app before the usual shutdown."""
 
-    def __init__(self, config: uvicorn.Config, app: FastAPI, drain_timeout_s: float) -> None:
+    def __init__(
+        self,
+        config: uvicorn.Config,
+        app: FastAPI,
+        drain_timeout_s: float,
+        drain_min_s: float = 0.0,
+    ) -> None:
         super().__init__(config)
         self.app = app
         self.drain_timeout_s = drain_timeout_s
+        self.drain_min_s = drain_min_s
         self._loop: asyncio.AbstractEventLoop | None = None
         self._drain_task: asyncio.Task[None] | None = None
         self.load_failed = False
@@ -64,6 +72,7 @@ class DrainingServer(uvicorn.Server):
         self._drain_task = asyncio.ensure_future(self._drain())
 
     async def _drain(self) -> None:
+        minimum = asyncio.ensure_future(asyncio.sleep(self.drain_min_s))
         services: Services | None = getattr(self.app.state, "services", None)
         if services is not None:
             services.lifecycle.begin_drain()
@@ -76,6 +85,8 @@ class DrainingServer(uvicorn.Server):
                 log.warning(
                     "drain timeout: %d request(s) still running", services.lifecycle.in_flight
                 )
+        log.info("drain: in-flight done, holding %.1f s minimum", self.drain_min_s)
+        await minimum
         self.should_exit = True
 
 
@@ -99,7 +110,7 @@ def main(argv: list[str] | None = None) -> None:
         timeout_graceful_shutdown=5,
         timeout_keep_alive=5,
     )
-    server = DrainingServer(config, app, settings.drain_timeout_s)
+    server = DrainingServer(config, app, settings.drain_timeout_s, settings.drain_min_s)
     server.run()
     if server.load_failed:
         sys.exit(1)

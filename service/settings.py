@@ -40,6 +40,9 @@ class Settings(BaseSettings):
     mask_store_max_bytes: int = Field(default=256 * 1024 * 1024, ge=1)
     mask_ttl_s: float = Field(default=3600.0, gt=0)
     drain_timeout_s: float = Field(default=30.0, ge=0)
+    # After SIGTERM keep the listener open and answering 503 at least this long, so load
+    # balancers see the replica leave before connections are refused (like a preStop sleep).
+    drain_min_s: float = Field(default=0.0, ge=0)
     worker_threads: int = Field(default=4, ge=1)
     per_model: dict[str, dict[str, Any]] = Field(default_factory=dict)
 

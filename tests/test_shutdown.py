@@ -23,6 +23,8 @@ from PIL import Image
 from tests.test_e2e_server import SegserveServer
 
 DRAIN_TIMEOUT_S = 30.0
+# The listener stays up this long after SIGTERM, so the probes below cannot race the exit.
+DRAIN_MIN_S = 3.0
 # Four passes (2 scales x flip) per request, up to twice the photo: each takes a while.
 HEAVY = {"scales": "1,2", "flip": "true", "output": "labels"}
 
@@ -74,6 +76,7 @@ def test_sigterm_under_load_drains_and_exits_zero(
         model_repository,
         tmp_path / "server.log",
         drain_timeout_s=DRAIN_TIMEOUT_S,
+        drain_min_s=DRAIN_MIN_S,
         max_batch_size=2,
         worker_threads=2,
     )
@@ -111,6 +114,7 @@ def test_sigterm_under_load_drains_and_exits_zero(
 
         status = server.process.wait(DRAIN_TIMEOUT_S + 15)
         exited_at = time.monotonic()
+        assert exited_at - sigterm_at >= DRAIN_MIN_S
         stop.set()
         for thread in clients:
             thread.join(30)
