@@ -30,6 +30,7 @@ from export.attention import (
     check_fused_attention,
     to_contrib_attention,
 )
+from export.decoder_fold import fold_for_inference
 
 Precision = Literal["fp32", "fp16"]
 INPUT_NAME = "pixels"
@@ -87,7 +88,7 @@ def export_onnx(
     """Export ``model`` (float32, eval) and return the checked, optimised graph."""
     if opset < MIN_OPSET:
         raise OnnxExportError(f"opset {opset} has no fused Attention operator; use {MIN_OPSET}+")
-    graph_model = copy.deepcopy(model).eval()
+    graph_model = fold_for_inference(copy.deepcopy(model).eval())
     if precision == "fp16":
         graph_model = graph_model.half()
     wrapper = PixelsToLogits(graph_model, mean, std, precision).eval()

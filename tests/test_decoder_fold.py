@@ -1,0 +1,52 @@
+"""The export-time fold of SegFormer's All-MLP decoder computes the same logits, and only where
+that is exact (the mmseg head, with ReLU before fusion, is left alone)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from export.decoder_fold import FoldedAllMLPHead, fold_for_inference
+from models.registry import create_model
+
+
+def _randomise_batchnorm(model: torch.nn.Module, generator: torch.Generator) -> None:
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            size = module.num_features
+            module.running_mean.copy_(torch.randn(size, generator=generator))
+            module.running_var.copy_(torch.rand(size, generator=generator) + 0.5)
+            module.weight.data.copy_(torch.randn(size, generator=generator))
+            module.bias.data.copy_(torch.randn(size, generator=generator))
+
+
+@pytest.mark.parametrize("size", [(64, 96), (75, 130)])
+def test_folded_head_matches_unfolded(size: tuple[int, int]) -> None:
+    generator = torch.Generator().manual_seed(0)
+    model = create_model("segformer-b0", num_classes=19)
+    _randomise_batchnorm(model, generator)
+    for linear in model.decode_head.linear:
+        linear.bias.data.copy_(torch.randn(linear.bias.shape, generator=generator))
+    folded = fold_for_inference(copy.deepcopy(model))
+    assert isinstance(folded.decode_head, FoldedAllMLPHead)
+    pixels = torch.randn(2, 3, *size, generator=generator)
+    with torch.no_grad():
+        expected = model(pixels)
+        actual = folded(pixels)
+    assert actual.shape == expected.shape
+    scale = expected.abs().max().item()
+    assert scale > 1.0  # the BatchNorm randomisation makes the check meaningful
+    assert (actual - expected).abs().max().item() <= 1e-5 * scale
+    # The unfolded model is untouched and the folded one has no 4*dim fusion conv left.
+    assert not any(
+        isinstance(m, torch.nn.Conv2d) and m.in_channels == 4 * 256
+        for m in folded.decode_head.modules()
+    )
+
+
+def test_mmseg_head_is_not_folded() -> None:
+    model = create_model("segformer-b0", num_classes=19, decoder="mmseg")
+    head = model.decode_head
+    assert fold_for_inference(model).decode_head is head
