@@ -231,7 +231,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         for model in args.models:
             bundle = bundle_for(model, args.repository, Path(scratch))
-            engine = Engine(bundle, EngineConfig(providers=("cpu",)))
+            engine = Engine(bundle, EngineConfig(providers=("cpu",), inference_timeout_s=3600.0))
             engine.start()
             try:
                 latency += latency_table(engine, photos, args.repeats)
