@@ -153,9 +153,11 @@ class Runtime:
         self.provider = self._session.get_providers()[0]
         self._model_path = model_path
         self._providers = providers
-        self._shrink = ort.RunOptions()
-        arenas = "cpu:0;gpu:0" if self.provider == CUDA else "cpu:0"
-        self._shrink.add_run_config_entry("memory.enable_memory_arena_shrinkage", arenas)
+        # Only the GPU has an arena to shrink: the CPU arena is off (see _session_options).
+        self._shrink: ort.RunOptions | None = None
+        if self.provider == CUDA:
+            self._shrink = ort.RunOptions()
+            self._shrink.add_run_config_entry("memory.enable_memory_arena_shrinkage", "gpu:0")
 
     def _session_options(self, profile: bool) -> ort.SessionOptions:
         options = ort.SessionOptions()

@@ -377,8 +377,9 @@ def test_stop_past_its_drain_time_fails_the_request_as_overloaded(
     asyncio.run(scenario())
 
 
-def test_huge_batches_ask_onnxruntime_to_shrink_its_arena(tiny_bundle: Bundle) -> None:
-    """Over ARENA_SHRINK_PIXELS the run carries the arena-shrinkage option; results unchanged."""
+def test_huge_batches_run_without_a_cpu_arena(tiny_bundle: Bundle) -> None:
+    """Over ARENA_SHRINK_PIXELS a CPU run needs no arena shrinkage (the CPU arena is off, so no
+    shrink option may be sent: onnxruntime rejects one for a missing arena); results unchanged."""
     runtime = Runtime(
         tiny_bundle.model_path, "pixels", "logits", "uint8", RuntimeSettings(providers=("cpu",))
     )
