@@ -5,6 +5,7 @@ calls that need the store (and on /readyz) and heals when Redis is back."""
 from __future__ import annotations
 
 import io
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -122,7 +123,10 @@ def test_expiry_in_redis_is_seen_by_both_replicas(
     mask_id = result["mask_id"]
     assert isinstance(mask_id, str)
     assert b.get(f"/masks/{mask_id}.png").status_code == 200
-    assert redis_server.client().pexpire(f"segserve:mask:{mask_id}", 1)  # Redis expires it
+    key = f"segserve:mask:{mask_id}"
+    assert redis_server.client().pexpire(key, 1)  # Redis expires it...
+    time.sleep(0.05)  # ...once its millisecond has passed (a fast replica can ask sooner)
+    assert not redis_server.client().exists(key)
     for client in (a, b):
         response = client.get(f"/masks/{mask_id}/labels.png")
         assert response.status_code == 404, response.text
