@@ -8,7 +8,6 @@ schema (tritonclient's ``model_config_pb2``).
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -29,6 +28,7 @@ from export.attention import (
     to_contrib_attention,
 )
 from export.triton import triton_config
+from tests.triton_schema import triton_schema
 
 
 class ReductionAttention(nn.Module):
@@ -171,18 +171,6 @@ def test_published_block_counts() -> None:
     assert expected_attention_nodes("setr-mla") == 24
     with pytest.raises(AttentionError, match="no published block count"):
         expected_attention_nodes("segformer-b9")
-
-
-def triton_schema() -> object:
-    """tritonclient's generated ModelConfig module, loaded without its grpc package import."""
-    spec = importlib.util.find_spec("tritonclient")
-    assert spec is not None and spec.submodule_search_locations
-    path = Path(next(iter(spec.submodule_search_locations))) / "grpc" / "model_config_pb2.py"
-    module_spec = importlib.util.spec_from_file_location("triton_model_config_pb2", path)
-    assert module_spec is not None and module_spec.loader is not None
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module
 
 
 def test_triton_config_parses_with_tritons_schema() -> None:

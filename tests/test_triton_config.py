@@ -5,9 +5,7 @@ with the batch axis, dynamic axes, the version directory, the model name)."""
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -18,25 +16,13 @@ from google.protobuf import text_format
 from export.triton import triton_config
 from service.bundle import MODEL_FILE, TRITON_CONFIG_FILE, Bundle, load_bundle
 from tests.conftest import write_tiny_bundle
+from tests.triton_schema import triton_schema
 
 _ONNX_TO_TRITON = {
     onnx.TensorProto.UINT8: "TYPE_UINT8",
     onnx.TensorProto.FLOAT: "TYPE_FP32",
     onnx.TensorProto.FLOAT16: "TYPE_FP16",
 }
-
-
-def triton_schema() -> ModuleType:
-    """tritonclient's generated ``model_config_pb2``, loaded from its file: importing it through
-    ``tritonclient.grpc`` would demand the grpc extra, which the schema does not need."""
-    spec = importlib.util.find_spec("tritonclient")
-    assert spec is not None and spec.submodule_search_locations
-    path = Path(next(iter(spec.submodule_search_locations))) / "grpc" / "model_config_pb2.py"
-    module_spec = importlib.util.spec_from_file_location("triton_model_config_pb2", path)
-    assert module_spec is not None and module_spec.loader is not None
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module
 
 
 SCHEMA = triton_schema()
