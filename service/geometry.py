@@ -89,16 +89,22 @@ def argmax_planes(
     best: np.ndarray | None = None
     labels: np.ndarray | None = None
     mask: np.ndarray | None = None
+    step: np.ndarray | None = None
     for channel, plane in enumerate(planes):
         if best is None:
             best = np.array(plane, dtype=np.float32, copy=True)
             labels = np.zeros(plane.shape, dtype=dtype)
             mask = np.empty(plane.shape, dtype=bool)
+            step = np.empty(plane.shape, dtype=dtype)
             continue
-        assert labels is not None and mask is not None
+        assert labels is not None and mask is not None and step is not None
         np.greater(plane, best, out=mask)
         np.maximum(best, plane, out=best)
-        np.copyto(labels, channel, where=mask, casting="unsafe")
+        # labels += (channel - labels) * mask, branch-free: a masked copyto costs ~10x more on
+        # the scattered masks of early planes. Unsigned wrap-around makes the sum exact.
+        np.subtract(dtype(channel), labels, out=step)
+        np.multiply(step, mask.view(np.uint8), out=step, casting="unsafe")
+        np.add(labels, step, out=labels)
     if labels is None:
         raise ValueError("no score planes")
     return labels
