@@ -74,6 +74,17 @@ def timed_run(
     return latencies, time.perf_counter() - started
 
 
+def measure(system: str, call: Callable[[], None], requests: int, warmup: int) -> list[Row]:
+    """Warm ``call`` up, then one row sequentially and one at ``CONCURRENCY``."""
+    for _ in range(warmup):
+        call()
+    rows = []
+    for concurrency in (1, CONCURRENCY):
+        latencies, wall = timed_run(call, requests, concurrency)
+        rows.append(Row(system, concurrency, latencies, wall))
+    return rows
+
+
 def build_models(work: Path) -> tuple[Path, Path]:
     """Random-init HF SegFormer-B0 saved to ``work/hf``, exported to ``work/repo/segformer-b0``."""
     import torch
@@ -118,13 +129,7 @@ def bench_segserve(
                 response.raise_for_status()
                 assert response.json()["width"] == 512
 
-            for _ in range(3):
-                call()
-            rows = []
-            for concurrency in (1, CONCURRENCY):
-                latencies, wall = timed_run(call, requests, concurrency)
-                rows.append(Row("segserve (HTTP, onnxruntime)", concurrency, latencies, wall))
-            return rows
+            return measure("segserve (HTTP, onnxruntime)", call, requests, warmup=3)
     finally:
         server.terminate()
 
@@ -139,13 +144,7 @@ def bench_pipeline(hf_dir: Path, photo: bytes, requests: int) -> list[Row]:
         segments = segmenter(image)
         assert segments and np.asarray(segments[0]["mask"]).shape == (512, 512)
 
-    for _ in range(2):
-        call()
-    rows = []
-    for concurrency in (1, CONCURRENCY):
-        latencies, wall = timed_run(call, requests, concurrency)
-        rows.append(Row("HF pipeline (PyTorch)", concurrency, latencies, wall))
-    return rows
+    return measure("HF pipeline (PyTorch)", call, requests, warmup=2)
 
 
 def main() -> None:

@@ -35,9 +35,8 @@ class FoldedAllMLPHead(nn.Module):
         shift = bn.bias.detach().double() - scale * bn.running_mean.double()
         self.levels = nn.ModuleList()
         bias = torch.zeros(dim, dtype=torch.float64)
-        linear: nn.Conv2d
-        for index, linear in enumerate(head.linear):  # type: ignore[assignment]
-            assert linear.bias is not None
+        for index, linear in enumerate(head.linear):
+            assert isinstance(linear, nn.Conv2d) and linear.bias is not None
             # The fusion input is concatenated coarsest first: block j holds level levels-1-j.
             block = fuse[:, levels - 1 - index, :]
             weight = block @ linear.weight.detach().double().flatten(1)
