@@ -208,7 +208,9 @@ class MemoryMaskStore:
 
 
 # One atomic step per put. The index is a sorted set of "id size" members scored by insertion time
-# (Redis' clock, shared by all replicas); the total counts the bytes of indexed masks. Entries older
+# in microseconds (Redis' clock, shared by all replicas), kept strictly increasing so that puts
+# within one clock tick still evict oldest first (equal scores would order by the random id); the
+# total counts the bytes of indexed masks. Entries older
 # than the TTL have already been expired by Redis itself and are only forgotten here; then the
 # oldest live masks are deleted until the new one fits. Index and total expire with the newest mask,
 # so an idle store leaves nothing behind. The "#!lua" line makes Redis refuse the whole script,
@@ -218,15 +220,21 @@ local index, total_key, mask_key = KEYS[1], KEYS[2], KEYS[3]
 local blob, ttl_ms, max_bytes, member = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
 local size = string.len(blob)
 local clock = redis.call('TIME')
-local now_ms = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+local now_us = tonumber(clock[1]) * 1000000 + tonumber(clock[2])
+local expired_before = now_us - ttl_ms * 1000
+local newest = redis.call('ZRANGE', index, -1, -1, 'WITHSCORES')
+local score = now_us
+if #newest == 2 and tonumber(newest[2]) >= score then
+  score = tonumber(newest[2]) + 1
+end
 local total = tonumber(redis.call('GET', total_key) or '0')
 local function size_of(entry)
   return tonumber(string.match(entry, ' (%d+)$'))
 end
-for _, entry in ipairs(redis.call('ZRANGEBYSCORE', index, '-inf', now_ms - ttl_ms)) do
+for _, entry in ipairs(redis.call('ZRANGEBYSCORE', index, '-inf', expired_before)) do
   total = total - size_of(entry)
 end
-redis.call('ZREMRANGEBYSCORE', index, '-inf', now_ms - ttl_ms)
+redis.call('ZREMRANGEBYSCORE', index, '-inf', expired_before)
 while total + size > max_bytes do
   local oldest = redis.call('ZPOPMIN', index)
   if #oldest == 0 then
@@ -237,7 +245,7 @@ while total + size > max_bytes do
   redis.call('DEL', ARGV[5] .. string.match(oldest[1], '^(%S+) '))
 end
 redis.call('SET', mask_key, blob, 'PX', ttl_ms)
-redis.call('ZADD', index, now_ms, member)
+redis.call('ZADD', index, score, member)
 redis.call('SET', total_key, total + size, 'PX', ttl_ms)
 redis.call('PEXPIRE', index, ttl_ms)
 return total + size

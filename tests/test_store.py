@@ -17,6 +17,7 @@ from skimage import data, filters
 
 from service.errors import MaskNotFoundError, StoreUnavailableError
 from service.store import (
+    _PUT_SCRIPT,
     MemoryMaskStore,
     RedisMaskStore,
     StoredMask,
@@ -277,6 +278,32 @@ def test_redis_byte_limit_evicts_oldest_across_replicas(redis_server: RedisProce
     stored = sum(len(client.get(key) or b"") for key in client.scan_iter("segserve:mask:*"))
     assert stored <= limit
     assert int(client.get("segserve:mask-bytes") or 0) == stored
+
+
+def test_redis_puts_within_one_clock_tick_still_evict_oldest_first(
+    redis_server: RedisProcess,
+) -> None:
+    """Six puts in one transaction run within the same millisecond (often the same microsecond):
+    eviction must still follow put order, not the order of the random ids."""
+    client = redis_server.client()
+    put = client.register_script(_PUT_SCRIPT)
+    ids = [f"{'zyxwvu'[i]}{i:021d}" for i in range(6)]  # later ids sort first
+    size, limit = 1000, 3500
+    with client.pipeline(transaction=True) as transaction:
+        for mask_id in ids:
+            args = [b"\0" * size, 60_000, limit, f"{mask_id} {size}", "t:mask:"]
+            put(
+                keys=["t:mask-index", "t:mask-bytes", f"t:mask:{mask_id}"],
+                args=args,
+                client=transaction,
+            )
+        transaction.execute()
+    assert [key.decode() for key in sorted(client.scan_iter("t:mask:*"))] == [
+        f"t:mask:{mask_id}" for mask_id in sorted(ids[3:])
+    ]
+    assert int(client.get("t:mask-bytes") or 0) == 3 * size
+    scores = [score for _, score in client.zrange("t:mask-index", 0, -1, withscores=True)]
+    assert scores == sorted(set(scores))
 
 
 def test_redis_down_gives_503_and_recovers(redis_server: RedisProcess) -> None:
