@@ -13,7 +13,12 @@ holding them is given; speed does not depend on the weights) it prints:
    (normalise, forward, bilinear resize to 512x512, argmax) with our ``models/`` SegFormer and
    HuggingFace ``transformers``' ``SegformerForSemanticSegmentation``, and the ratios; best of
    ``--repeats`` interleaved rounds;
-3. slide overhead on a 2048x1024 image: engine latency / sum of its window forwards run alone.
+3. slide overhead on a 2048x1024 image: engine latency / sum of its window forwards run alone,
+   for the random-init weights and for the same network with its classifier refitted (least
+   squares on its own decoder features) to superpixels of that image. Labels-only slide
+   requests skip classes that cannot win a tile (``service.labelmap``), so this step's cost
+   depends on the weights: random ones make every class compete everywhere (a worst case),
+   the refitted ones give region-like masks as a trained model does.
 
 PyTorch gets the same number of threads as onnxruntime's intra-op pool.
 """
@@ -23,6 +28,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import shutil
 import statistics
 import tempfile
 import time
@@ -45,6 +51,7 @@ PHOTOS = {
     "coffee": data.coffee,
     "rocket": data.rocket,
 }
+SECTIONS = ("latency", "throughput", "slide")
 MODES = {
     "whole": SegmentOptions(),
     "slide": SegmentOptions(mode="slide", crop=(512, 512), stride=(341, 341)),
@@ -188,7 +195,7 @@ def torch_models(model: str, num_classes: int) -> dict[str, Callable[[torch.Tens
     }
 
 
-def slide_overhead(engine: Engine, image: np.ndarray, repeats: int) -> str:
+def slide_overhead(engine: Engine, image: np.ndarray, repeats: int, weights: str) -> str:
     options = MODES["slide"]
     plan = engine.plan(options, *image.shape[:2])
     pass_plan = plan.passes[0]
@@ -206,10 +213,70 @@ def slide_overhead(engine: Engine, image: np.ndarray, repeats: int) -> str:
         totals.append(timed(lambda: asyncio.run(engine.segment(image, options))))
     forward, total = statistics.median(forwards), statistics.median(totals)
     return (
-        f"| {engine.name} | {image.shape[1]}x{image.shape[0]} -> "
+        f"| {engine.name} | {weights} | {engine.config.max_batch_size} | "
+        f"{image.shape[1]}x{image.shape[0]} -> "
         f"{pass_plan.width}x{pass_plan.height} | {len(windows)} | {forward * 1000:.0f} | "
         f"{total * 1000:.0f} | {total / forward:.2f}x |"
     )
+
+
+def refitted_bundle(
+    bundle: Bundle, image: np.ndarray, options: SegmentOptions, out: Path
+) -> Bundle:
+    """A copy of ``bundle`` whose final 1x1 classifier is refitted by ridge regression on the
+    graph's own decoder features to SLIC superpixels of ``image`` (one random class each), so
+    its slide masks have regions like a trained model's. Speed figures only: not a real model."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import numpy_helper
+    from skimage import segmentation
+
+    from service.engine import plan_request
+
+    shutil.copytree(bundle.path, out)
+    model_path = out / bundle.model_path.relative_to(bundle.path)
+    graph = onnx.load(str(model_path))
+    classifier = next(n for n in graph.graph.node if graph.graph.output[0].name in n.output)
+    features, weight_name, bias_name = classifier.input
+    probe = onnx.load(str(model_path))
+    probe.graph.output.append(
+        onnx.helper.make_tensor_value_info(features, onnx.TensorProto.FLOAT, None)
+    )
+    session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+    pass_plan = plan_request(
+        bundle.metadata.test_config, options, *image.shape[:2], max_pixels=1 << 30
+    ).passes[0]
+    scaled = resize_image(image, pass_plan.width, pass_plan.height)
+    regions = segmentation.slic(scaled, n_segments=40, compactness=20, start_label=0)
+    classes = bundle.metadata.num_classes
+    region_class = np.random.default_rng(0).permutation(classes)[: regions.max() + 1][regions]
+    stride = bundle.metadata.output.stride
+    rows, targets = [], []
+    for w in pass_plan.windows:
+        crop = np.ascontiguousarray(scaled[w.y1 : w.y2, w.x1 : w.x2].transpose(2, 0, 1))[None]
+        feed = crop.astype(bundle.metadata.input.dtype)
+        (found,) = session.run([features], {bundle.metadata.input.name: feed})
+        rows.append(found[0].reshape(found.shape[1], -1).T)
+        targets.append(
+            region_class[w.y1 : w.y2, w.x1 : w.x2][
+                stride // 2 :: stride, stride // 2 :: stride
+            ].ravel()
+        )
+    del session  # its threads must not compete with the measurements
+    design = np.hstack([np.concatenate(rows), np.ones((sum(len(r) for r in rows), 1))]).astype(
+        np.float64
+    )
+    wanted = np.concatenate(targets)
+    goal = np.full((len(wanted), classes), -4.0)
+    goal[np.arange(len(wanted)), wanted] = 4.0
+    solution = np.linalg.solve(design.T @ design + 1e-2 * np.eye(design.shape[1]), design.T @ goal)
+    initializers = {tensor.name: tensor for tensor in graph.graph.initializer}
+    fitted = solution[:-1].T.astype(np.float32).reshape(classes, -1, 1, 1)
+    initializers[weight_name].CopyFrom(numpy_helper.from_array(fitted, weight_name))
+    bias = solution[-1].astype(np.float32)
+    initializers[bias_name].CopyFrom(numpy_helper.from_array(bias, bias_name))
+    onnx.save(graph, str(model_path))
+    return load_bundle(out)
 
 
 def main() -> None:
@@ -218,6 +285,9 @@ def main() -> None:
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 2, 4, 8, 16])
     parser.add_argument("--repository", type=Path, default=None)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS), help="what to measure"
+    )
     args = parser.parse_args()
 
     threads = default_intra_op_threads()
@@ -231,13 +301,29 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         for model in args.models:
             bundle = bundle_for(model, args.repository, Path(scratch))
-            engine = Engine(bundle, EngineConfig(providers=("cpu",), inference_timeout_s=3600.0))
-            engine.start()
-            try:
-                latency += latency_table(engine, photos, args.repeats)
-                overhead.append(slide_overhead(engine, wide, args.repeats))
-            finally:
-                engine.stop()
+            weights = {"random init": bundle}
+            if "slide" in args.sections:
+                refitted = Path(scratch) / f"{model}-refitted"
+                weights["refitted"] = refitted_bundle(bundle, wide, MODES["slide"], refitted)
+            for kind, weighted in weights.items():
+                # Latency and the default-batch slide row use the default engine settings; on
+                # CPU one input per batch is faster (see the throughput table), hence a second
+                # slide row with max_batch_size 1.
+                for max_batch in (8, 1) if "slide" in args.sections else (8,):
+                    config = EngineConfig(
+                        providers=("cpu",), max_batch_size=max_batch, inference_timeout_s=3600.0
+                    )
+                    engine = Engine(weighted, config)
+                    engine.start()
+                    try:
+                        if "latency" in args.sections and kind == "random init" and max_batch == 8:
+                            latency += latency_table(engine, photos, args.repeats)
+                        if "slide" in args.sections:
+                            overhead.append(slide_overhead(engine, wide, args.repeats, kind))
+                    finally:
+                        engine.stop()
+            if "throughput" not in args.sections:
+                continue
             baselines = torch_models(model, bundle.metadata.num_classes)
             for batch in args.batch_sizes:
                 row = throughput_row(model, bundle, baselines, squares, batch, args.repeats)
@@ -256,9 +342,10 @@ def main() -> None:
     print("\n".join(throughput))
     print("\n## Slide overhead (2048x1024 image, 512x512 crops, stride 341)")
     print(
-        "| model | image -> resized | windows | window forwards alone (ms) | engine (ms) | ratio |"
+        "| model | weights | max batch | image -> resized | windows "
+        "| window forwards alone (ms) | engine (ms) | ratio |"
     )
-    print("| --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     print("\n".join(overhead))
 
 

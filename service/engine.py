@@ -54,6 +54,7 @@ from service.geometry import (
     window_counts,
     window_grid,
 )
+from service.labelmap import pass_labels
 from service.runtime import CUDA, Runtime, RuntimeSettings, default_intra_op_threads
 
 log = logging.getLogger(__name__)
@@ -194,20 +195,29 @@ class _Merge:
     """One pass's logits as its windows' outputs arrive.
 
     A single window (whole mode, or an image within one crop) keeps the raw model output: its
-    resize to the image happens plane by plane in the final step. Several windows are resized to
-    their windows and summed at the resized image size, then divided by the per-pixel count.
+    resize to the image happens in the final step. Several windows are either kept as they are,
+    for ``labelmap.pass_labels`` to merge only where and for the classes it needs (labels of a
+    single pass, when they take less memory than the merged buffer), or resized to their windows
+    and summed at the resized image size, then divided by the per-pixel count.
     """
 
-    def __init__(self, plan: PassPlan) -> None:
+    def __init__(self, plan: PassPlan, keep_windows: bool) -> None:
         self.plan = plan
         self._lock = threading.Lock()
         self._sum: np.ndarray | None = None
+        self.windows: list[np.ndarray | None] | None = (
+            [None] * len(plan.windows) if keep_windows and len(plan.windows) > 1 else None
+        )
 
-    def add(self, window: Window, logits: np.ndarray) -> None:
-        """Merge one window's (C, h, w) logits (thread-safe)."""
+    def add(self, index: int, logits: np.ndarray) -> None:
+        """Merge the (C, h, w) logits of window ``index`` (thread-safe)."""
+        if self.windows is not None:
+            self.windows[index] = logits
+            return
         if len(self.plan.windows) == 1:
             self._sum = logits
             return
+        window = self.plan.windows[index]
         with self._lock:
             if self._sum is None:
                 shape = (logits.shape[0], self.plan.height, self.plan.width)
@@ -272,6 +282,7 @@ class Engine:
         metadata = bundle.metadata
         self._input = metadata.input
         self._num_classes = metadata.num_classes
+        self._output_stride = metadata.output.stride
         self._mean = np.asarray(self._input.mean, np.float32).reshape(3, 1, 1)
         self._inv_std = (1.0 / np.asarray(self._input.std, np.float32)).reshape(3, 1, 1)
         self._normalise = not self._input.normalized_in_graph
@@ -435,7 +446,24 @@ class Engine:
         original = image.shape[:2]
         if len(plan.passes) == 1:
             pass_plan = plan.passes[0]
-            logits = await self._run_pass(image, pass_plan, request)
+            keep = not with_probabilities and self._keeps_windows(plan)
+            merge = await self._run_pass(image, pass_plan, request, keep)
+            if merge.windows is not None:
+                window_logits = [logits for logits in merge.windows if logits is not None]
+                labels = await self._compute(
+                    request,
+                    partial(
+                        pass_labels,
+                        pass_plan.windows,
+                        window_logits,
+                        (pass_plan.height, pass_plan.width),
+                        pass_plan.flip,
+                        original,
+                        labels_dtype(self._num_classes),
+                    ),
+                )
+                return labels, None
+            logits = await self._compute(request, merge.logits)
             return await self._compute(
                 request,
                 partial(self._single_pass_labels, logits, pass_plan, original, with_probabilities),
@@ -446,8 +474,9 @@ class Engine:
         for pass_plan in plan.passes:
             groups.setdefault((pass_plan.height, pass_plan.width), []).append(pass_plan)
         for group in groups.values():
-            results = await _all_or_none(self._run_pass(image, p, request) for p in group)
-            for pass_plan, logits in zip(group, results, strict=True):
+            merges = await _all_or_none(self._run_pass(image, p, request) for p in group)
+            for pass_plan, merge in zip(group, merges, strict=True):
+                logits = await self._compute(request, merge.logits)
                 total = await self._compute(
                     request, partial(self._accumulate, total, logits, pass_plan, original)
                 )
@@ -505,9 +534,18 @@ class Engine:
         total += probabilities
         return total
 
+    def _keeps_windows(self, plan: Plan) -> bool:
+        """Whether a one-pass plan's windows are kept for ``pass_labels``: when their logits take
+        no more memory than the merged buffer would (windows at most ``stride`` apart)."""
+        if len(plan.passes) != 1 or len(plan.passes[0].windows) < 2:
+            return False
+        pass_plan = plan.passes[0]
+        window_pixels = sum(w.height * w.width for w in pass_plan.windows)
+        return window_pixels <= pass_plan.height * pass_plan.width * self._output_stride**2
+
     async def _run_pass(
-        self, image: np.ndarray, pass_plan: PassPlan, request: _Request
-    ) -> np.ndarray:
+        self, image: np.ndarray, pass_plan: PassPlan, request: _Request, keep_windows: bool = False
+    ) -> _Merge:
         """Resize (and flip) the image, stream its windows through the batcher, merge them."""
 
         def prepare() -> np.ndarray:
@@ -515,13 +553,17 @@ class Engine:
             return scaled[:, ::-1] if pass_plan.flip else scaled
 
         scaled = await self._compute(request, prepare, pre=True)
-        merge = _Merge(pass_plan)
-        await _all_or_none(self._run_window(scaled, w, merge, request) for w in pass_plan.windows)
-        return await self._compute(request, merge.logits)
+        merge = _Merge(pass_plan, keep_windows)
+        await _all_or_none(
+            self._run_window(scaled, index, merge, request)
+            for index in range(len(pass_plan.windows))
+        )
+        return merge
 
     async def _run_window(
-        self, scaled: np.ndarray, window: Window, merge: _Merge, request: _Request
+        self, scaled: np.ndarray, index: int, merge: _Merge, request: _Request
     ) -> None:
+        window = merge.plan.windows[index]
         async with request.slots:
             if self._batcher is None:
                 raise self._stopped_error()
@@ -536,7 +578,7 @@ class Engine:
                     # Dropped by a shutdown that outlasted its drain time, not by our caller.
                     raise self._stopped_error() from None
                 raise
-            await self._compute(request, lambda: merge.add(window, logits))
+            await self._compute(request, lambda: merge.add(index, logits))
 
     def _stopped_error(self) -> OverloadedError:
         return OverloadedError(

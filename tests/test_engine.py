@@ -121,6 +121,7 @@ def test_whole_mode_matches_reference(
         ("astronaut", (90, 130), (400, 200), (300, 100)),  # image smaller than the crop
     ],
 )
+@pytest.mark.parametrize("probabilities", [True, False], ids=["probabilities", "labels-only"])
 def test_slide_mode_matches_reference(
     slide_engine: Engine,
     photos: dict[str, np.ndarray],
@@ -128,9 +129,12 @@ def test_slide_mode_matches_reference(
     size: tuple[int, int] | None,
     crop: tuple[int, int] | None,
     stride: tuple[int, int] | None,
+    probabilities: bool,
 ) -> None:
+    """With probabilities the windows are merged into full planes; labels alone take the
+    tile-wise path of ``service.labelmap``."""
     image = photos[photo] if size is None else sized(photos, photo, *size)
-    options = SegmentOptions(crop=crop, stride=stride, return_probabilities=True)
+    options = SegmentOptions(crop=crop, stride=stride, return_probabilities=probabilities)
     result = assert_matches_reference(slide_engine, image, options)
     plan = slide_engine.plan(options, *image.shape[:2])
     assert result.num_inputs == plan.num_inputs
