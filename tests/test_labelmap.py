@@ -159,3 +159,13 @@ def test_exact_ties_keep_the_first_class() -> None:
         logits.append(values)
     labels = pass_labels(windows, logits, (64, 96), False, (130, 190), np.uint8, tile=16)
     assert (labels == 1).all()
+
+
+def test_nan_logits_give_labels_not_an_error() -> None:
+    """A broken model (fp16 overflow, say) must not turn into a server error here."""
+    rng = np.random.default_rng(9)
+    windows = window_grid(64, 96, (48, 48), (32, 32))
+    logits = [noise_logits(rng, 5, (w.height // 4, w.width // 4)) for w in windows]
+    logits[1][:, 2:6, 3:8] = np.nan
+    labels = pass_labels(windows, logits, (64, 96), False, (130, 190), np.uint8, tile=16)
+    assert labels.shape == (130, 190) and int(labels.max()) < 5
