@@ -16,12 +16,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import cv2
 import numpy as np
 
 from service.geometry import Window
 
 TILE = 64  # output pixels per tile side: smaller is tighter, larger has less Python overhead
 REFERENCE_CLASSES = 3  # means of the 1..3 likeliest classes prune a tile's candidates
+CV_MAX_CHANNELS = 128  # OpenCV 5 resizes at most this many channels at once
 
 
 @dataclass(frozen=True)
@@ -33,6 +35,7 @@ class AxisTaps:
     low: np.ndarray  # intp
     high: np.ndarray  # intp, low + 1 except at the last source index
     weight: np.ndarray  # float32 in [0, 1)
+    factor: int  # destination / source when that is an integer, else 0
     _matrices: dict[tuple[int, int, int, int], np.ndarray] = field(
         default_factory=dict, compare=False, repr=False
     )
@@ -62,7 +65,8 @@ def axis_taps(source: int, destination: int) -> AxisTaps:
     low = np.minimum(np.floor(position).astype(np.intp), source - 1)
     high = np.minimum(low + 1, source - 1)
     weight = np.where(high > low, position - low, 0.0).astype(np.float32)
-    return AxisTaps(low, high, weight)
+    factor = destination // source if destination % source == 0 else 0
+    return AxisTaps(low, high, weight, factor)
 
 
 @dataclass(frozen=True)
@@ -188,9 +192,7 @@ def _tile_labels(
         r0, r1 = source.rows.range_of(*local_rows)
         c0, c1 = source.cols.range_of(*local_cols)
         block = source.logits[:, r0:r1, c0:c1][candidates].transpose(1, 2, 0)  # (r, c, k)
-        row_matrix = source.rows.matrix(*local_rows, r0, r1 - r0)
-        col_matrix = source.cols.matrix(*local_cols, c0, c1 - c0)
-        parts.append((block, row_matrix, col_matrix, top - y0, left - x0))
+        parts.append((block, source, local_rows, r0, local_cols, c0, top - y0, left - x0))
     keep = _undominated(np.concatenate([part[0].reshape(-1, len(candidates)) for part in parts]))
     if keep.sum() == 1:
         return candidates[keep][0]
@@ -200,23 +202,43 @@ def _tile_labels(
     # the original image; class-last, so the argmax runs along the contiguous axis.
     merged = np.zeros((y1 - y0, x1 - x0, len(candidates)), np.float32)
     counts = np.zeros((y1 - y0, x1 - x0, 1), np.float32)
-    for block, row_matrix, col_matrix, dy, dx in parts:
-        values = _resize_class_last(block[:, :, keep], row_matrix, col_matrix)
+    for block, source, local_rows, r0, local_cols, c0, dy, dx in parts:
+        values = _resize_class_last(
+            block[:, :, keep], source.rows, local_rows, r0, source.cols, local_cols, c0
+        )
         merged[dy : dy + values.shape[0], dx : dx + values.shape[1]] += values
         counts[dy : dy + values.shape[0], dx : dx + values.shape[1]] += 1.0
     if len(parts) > 1:
         merged /= counts
-    scores = _resize_class_last(
-        merged, rows.matrix(*out_rows, y0, y1 - y0), cols.matrix(*out_cols, x0, x1 - x0)
-    )
+    scores = _resize_class_last(merged, rows, out_rows, y0, cols, out_cols, x0)
     return candidates[scores.argmax(axis=2)]
 
 
-def _resize_class_last(values: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
-    """(h, w, k) -> (rows.shape[0], cols.shape[0], k) through the two resize matrices."""
+def _resize_class_last(
+    values: np.ndarray,
+    rows: AxisTaps,
+    out_rows: tuple[int, int],
+    row_offset: int,
+    cols: AxisTaps,
+    out_cols: tuple[int, int],
+    col_offset: int,
+) -> np.ndarray:
+    """(h, w, k) holding the sources from the offsets on -> destinations ``out_rows`` x
+    ``out_cols``, class-last. An integer upscale maps a block exactly as it maps the whole
+    axis, so OpenCV resizes the block and the tile is cut out; otherwise two dense products."""
     height, width, classes = values.shape
-    tall = rows @ values.reshape(height, width * classes)
-    return np.matmul(cols, tall.reshape(rows.shape[0], width, classes))
+    if rows.factor and cols.factor and classes <= CV_MAX_CHANNELS:
+        size = (width * cols.factor, height * rows.factor)
+        resized = cv2.resize(np.ascontiguousarray(values), size, interpolation=cv2.INTER_LINEAR)
+        resized = resized.reshape(size[1], size[0], classes)
+        top, left = out_rows[0] - row_offset * rows.factor, out_cols[0] - col_offset * cols.factor
+        return resized[
+            top : top + out_rows[1] - out_rows[0], left : left + out_cols[1] - out_cols[0]
+        ]
+    row_matrix = rows.matrix(*out_rows, row_offset, height)
+    col_matrix = cols.matrix(*out_cols, col_offset, width)
+    tall = row_matrix @ values.reshape(height, width * classes)
+    return np.matmul(col_matrix, tall.reshape(row_matrix.shape[0], width, classes))
 
 
 def _undominated(taps: np.ndarray) -> np.ndarray:
