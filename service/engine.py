@@ -8,7 +8,9 @@ buffer as it arrives, so memory follows the image size, not the number of window
 Per pass, exactly as mmseg: the window logits are resized bilinearly (align_corners False) to the
 window size (``decode_head.predict``), summed and divided by the per-pixel window count
 (``slide_inference``), flipped back, resized to the original size (``postprocess_result``).
-One pass: argmax of those logits. Several: argmax of the mean of their softmax (``SegTTAModel``).
+One pass: argmax of those logits (for a labels-only slide pass computed tile by tile by
+``labelmap.pass_labels``, without full-size class planes). Several: argmax of the mean of their
+softmax (``SegTTAModel``).
 Scale ratios apply to the image as loaded (mmseg 1.x), not to the dataset's test scale.
 
 Compute runs in a small thread pool and the batch thread; the event loop only awaits.
