@@ -238,7 +238,8 @@ def refitted_bundle(
     graph = onnx.load(str(model_path))
     classifier = next(n for n in graph.graph.node if graph.graph.output[0].name in n.output)
     features, weight_name, bias_name = classifier.input
-    probe = onnx.load(str(model_path))
+    probe = onnx.ModelProto()
+    probe.CopyFrom(graph)
     probe.graph.output.append(
         onnx.helper.make_tensor_value_info(features, onnx.TensorProto.FLOAT, None)
     )
@@ -309,14 +310,18 @@ def main() -> None:
                 # Latency and the default-batch slide row use the default engine settings; on
                 # CPU one input per batch is faster (see the throughput table), hence a second
                 # slide row with max_batch_size 1.
-                for max_batch in (8, 1) if "slide" in args.sections else (8,):
+                default_batch = EngineConfig.max_batch_size
+                for max_batch in (
+                    (default_batch, 1) if "slide" in args.sections else (default_batch,)
+                ):
                     config = EngineConfig(
                         providers=("cpu",), max_batch_size=max_batch, inference_timeout_s=3600.0
                     )
                     engine = Engine(weighted, config)
                     engine.start()
                     try:
-                        if "latency" in args.sections and kind == "random init" and max_batch == 8:
+                        first_run = kind == "random init" and max_batch == default_batch
+                        if "latency" in args.sections and first_run:
                             latency += latency_table(engine, photos, args.repeats)
                         if "slide" in args.sections:
                             overhead.append(slide_overhead(engine, wide, args.repeats, kind))

@@ -207,14 +207,23 @@ class _Merge:
         self.plan = plan
         self._lock = threading.Lock()
         self._sum: np.ndarray | None = None
-        self.windows: list[np.ndarray | None] | None = (
-            [None] * len(plan.windows) if keep_windows and len(plan.windows) > 1 else None
+        self._windows: list[np.ndarray | None] | None = (
+            [None] * len(plan.windows) if keep_windows else None
         )
+
+    @property
+    def keeps_windows(self) -> bool:
+        return self._windows is not None
+
+    def window_logits(self) -> list[np.ndarray]:
+        """The kept (C, h, w) logits, in window order (every window has arrived)."""
+        assert self._windows is not None and all(v is not None for v in self._windows)
+        return [logits for logits in self._windows if logits is not None]
 
     def add(self, index: int, logits: np.ndarray) -> None:
         """Merge the (C, h, w) logits of window ``index`` (thread-safe)."""
-        if self.windows is not None:
-            self.windows[index] = logits
+        if self._windows is not None:
+            self._windows[index] = logits
             return
         if len(self.plan.windows) == 1:
             self._sum = logits
@@ -450,14 +459,13 @@ class Engine:
             pass_plan = plan.passes[0]
             keep = not with_probabilities and self._keeps_windows(plan)
             merge = await self._run_pass(image, pass_plan, request, keep)
-            if merge.windows is not None:
-                window_logits = [logits for logits in merge.windows if logits is not None]
+            if merge.keeps_windows:
                 labels = await self._compute(
                     request,
                     partial(
                         pass_labels,
                         pass_plan.windows,
-                        window_logits,
+                        merge.window_logits(),
                         (pass_plan.height, pass_plan.width),
                         pass_plan.flip,
                         original,
