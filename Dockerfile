@@ -49,9 +49,13 @@ ENV PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     PATH=/opt/venv/bin:$PATH \
     HOME=/tmp \
-    SEGSERVE_MODEL_REPOSITORY=/models
+    SEGSERVE_MODEL_REPOSITORY=/models \
+    NUMBA_CACHE_DIR=/app/numba-cache
 RUN useradd --uid 10001 --no-create-home --shell /usr/sbin/nologin segserve
 WORKDIR /app
+# The label kernel (service/labelmap.py) is compiled while the image builds; a host whose CPU
+# differs recompiles it once at start-up into the same (writable) cache.
+RUN mkdir numba-cache && chown 10001 numba-cache
 EXPOSE 8000
 # Ready = every model loaded and warmed and the mask store answering; urlopen raises on a 503.
 HEALTHCHECK --interval=10s --timeout=5s --start-period=120s --retries=3 \
@@ -64,6 +68,7 @@ ENV SEGSERVE_PROVIDERS=cpu
 COPY --from=deps-cpu /opt/venv /opt/venv
 COPY service/ service/
 USER 10001
+RUN python -c "from service import labelmap; labelmap.warm_up()"
 
 # ---------------------------------------------------------------- GPU serving image (default)
 FROM runtime AS serve
@@ -78,3 +83,4 @@ RUN find /opt/venv -path '*/site-packages/nvidia/*' -name 'lib*.so*' -printf '%h
     && ldconfig
 COPY service/ service/
 USER 10001
+RUN python -c "from service import labelmap; labelmap.warm_up()"

@@ -32,7 +32,7 @@ from typing import Literal, TypeVar
 
 import numpy as np
 
-from service import metrics
+from service import labelmap, metrics
 from service.batcher import Batcher, BatchStats
 from service.bundle import Bundle, BundleError, TestConfig, discover_bundles, load_bundle
 from service.errors import (
@@ -56,7 +56,6 @@ from service.geometry import (
     window_counts,
     window_grid,
 )
-from service.labelmap import pass_labels
 from service.runtime import CUDA, Runtime, RuntimeSettings, default_intra_op_threads
 
 log = logging.getLogger(__name__)
@@ -207,22 +206,27 @@ class _Merge:
         self.plan = plan
         self._lock = threading.Lock()
         self._sum: np.ndarray | None = None
-        self._windows: list[np.ndarray | None] | None = (
-            [None] * len(plan.windows) if keep_windows else None
-        )
+        self._keeps_windows = keep_windows
+        self._windows: np.ndarray | None = None  # (windows, C, h, w), filled as they arrive
+        self._arrived = 0
 
     @property
     def keeps_windows(self) -> bool:
-        return self._windows is not None
+        return self._keeps_windows
 
-    def window_logits(self) -> list[np.ndarray]:
-        """The kept (C, h, w) logits, in window order (every window has arrived)."""
-        assert self._windows is not None and all(v is not None for v in self._windows)
-        return [logits for logits in self._windows if logits is not None]
+    def window_logits(self) -> np.ndarray:
+        """The kept logits, (windows, C, h, w) in window order (every window has arrived)."""
+        assert self._windows is not None and self._arrived == len(self.plan.windows)
+        return self._windows
 
     def add(self, index: int, logits: np.ndarray) -> None:
         """Merge the (C, h, w) logits of window ``index`` (thread-safe)."""
-        if self._windows is not None:
+        if self._keeps_windows:
+            with self._lock:
+                if self._windows is None:
+                    shape = (len(self.plan.windows), *logits.shape)
+                    self._windows = np.empty(shape, np.float32)
+                self._arrived += 1
             self._windows[index] = logits
             return
         if len(self.plan.windows) == 1:
@@ -334,6 +338,7 @@ class Engine:
         if runtime.provider == CUDA:
             runtime.check_placement(warm_input[None])
         runtime.run(warm_input[None])
+        labelmap.warm_up()
         self._runtime = runtime
         self.provider = runtime.provider
         self._pool = ThreadPoolExecutor(
@@ -463,11 +468,10 @@ class Engine:
                 labels = await self._compute(
                     request,
                     partial(
-                        pass_labels,
+                        labelmap.pass_labels,
                         pass_plan.windows,
                         merge.window_logits(),
                         (pass_plan.height, pass_plan.width),
-                        pass_plan.flip,
                         original,
                         labels_dtype(self._num_classes),
                     ),
@@ -547,7 +551,7 @@ class Engine:
     def _keeps_windows(self, plan: Plan) -> bool:
         """Whether a one-pass plan's windows are kept for ``pass_labels``: when their logits take
         no more memory than the merged buffer would (windows at most ``stride`` apart)."""
-        if len(plan.passes) != 1 or len(plan.passes[0].windows) < 2:
+        if len(plan.passes) != 1 or len(plan.passes[0].windows) < 2 or plan.passes[0].flip:
             return False
         pass_plan = plan.passes[0]
         window_pixels = sum(w.height * w.width for w in pass_plan.windows)

@@ -1,29 +1,40 @@
-"""One pass's label map straight from its window logits, an output tile at a time.
+"""One pass's label map straight from its window logits, a small output tile at a time.
 
-mmseg's last steps for a pass (each window's logits resized to the window, summed and divided by
-the window count, flipped back, resized to the original image, argmax) materialise C full-size
-class planes, though a trained model puts only a few classes in any neighbourhood. Every value
-those bilinear resizes produce is a convex combination of logits under known taps, with the same
-weights for every class. So over one output tile each class stays between the min and the max of
+mmseg's last steps for a slide pass (each window's logits resized to the window, summed and
+divided by the window count, resized to the original image, argmax) materialise C full-size class
+planes, though a trained model puts only a few classes in any neighbourhood. Every value those
+bilinear resizes produce is a convex combination of logits under known taps, with the same
+weights for every class. So over an output tile each class stays between the min and the max of
 its logits under the tile's taps, and a class whose max is below another's min loses at every
-pixel of the tile; within a tile, a class below the mean of the likeliest classes at every tap
-loses too. A tile left with one candidate is that class with no arithmetic at all; the others
-compute mmseg's values exactly, for their candidates only. Only strictly beaten classes are
-dropped, so argmax's first-index tie order holds."""
+pixel of the tile; a class below the mean of the likeliest classes at every tap loses too. A tile
+left with one candidate is that class with no arithmetic; the others compute mmseg's values
+exactly (torch's bilinear formula, float32), for their candidates only. Only strictly beaten
+classes are dropped, so argmax's first-index tie order holds.
+
+The per-tile work is a Numba kernel (compiled once, cached on disk), run over bands of output
+rows in a small thread pool: in NumPy the calls per tile cost more than the arithmetic.
+"""
 
 from __future__ import annotations
 
+import itertools
+import os
+import threading
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
-import cv2
 import numpy as np
+from numba import njit
 
 from service.geometry import Window
 
-TILE = 64  # output pixels per tile side: smaller is tighter, larger has less Python overhead
+TILE = 16  # output pixels per tile side: candidates are pruned and computed per tile
+BAND = 32  # output rows (and columns) whose bounds over all classes are taken at once
 REFERENCE_CLASSES = 3  # means of the 1..3 likeliest classes prune a tile's candidates
-CV_MAX_CHANNELS = 128  # OpenCV 5 resizes at most this many channels at once
+
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -35,29 +46,9 @@ class AxisTaps:
     low: np.ndarray  # intp
     high: np.ndarray  # intp, low + 1 except at the last source index
     weight: np.ndarray  # float32 in [0, 1)
-    factor: int  # destination / source when that is an integer, else 0
-    _matrices: dict[tuple[int, int, int, int], np.ndarray] = field(
-        default_factory=dict, compare=False, repr=False
-    )
 
-    def range_of(self, start: int, stop: int) -> tuple[int, int]:
-        """Half-open source range read by destinations ``[start, stop)``."""
-        return int(self.low[start]), int(self.high[stop - 1]) + 1
-
-    def matrix(self, start: int, stop: int, offset: int, size: int) -> np.ndarray:
-        """Destinations ``[start, stop)`` as a dense (stop - start, size) float32 matrix over the
-        sources ``[offset, offset + size)``: small tiles resize fastest as BLAS products. Kept
-        for the other tiles of the same row or column."""
-        key = (start, stop, offset, size)
-        matrix = self._matrices.get(key)
-        if matrix is None:
-            matrix = np.zeros((stop - start, size), np.float32)
-            index = np.arange(stop - start)
-            weight = self.weight[start:stop]
-            matrix[index, self.low[start:stop] - offset] = 1.0 - weight
-            matrix[index, self.high[start:stop] - offset] += weight
-            self._matrices[key] = matrix
-        return matrix
+    def parts(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return self.low, self.high, self.weight
 
 
 def axis_taps(source: int, destination: int) -> AxisTaps:
@@ -65,188 +56,316 @@ def axis_taps(source: int, destination: int) -> AxisTaps:
     low = np.minimum(np.floor(position).astype(np.intp), source - 1)
     high = np.minimum(low + 1, source - 1)
     weight = np.where(high > low, position - low, 0.0).astype(np.float32)
-    factor = destination // source if destination % source == 0 else 0
-    return AxisTaps(low, high, weight, factor)
-
-
-@dataclass(frozen=True)
-class _Source:
-    window: Window  # in the resized image, not flipped
-    logits: np.ndarray  # (C, h, w)
-    rows: AxisTaps  # logits rows -> window rows
-    cols: AxisTaps
+    return AxisTaps(low, high, weight)
 
 
 def pass_labels(
     windows: Sequence[Window],
-    logits: Sequence[np.ndarray],
+    logits: np.ndarray | Sequence[np.ndarray],
     scaled: tuple[int, int],
-    flip: bool,
     original: tuple[int, int],
     dtype: type[np.unsignedinteger],
     tile: int = TILE,
+    band: int = BAND,
 ) -> np.ndarray:
     """mmseg's label map of one pass: ``logits[i]`` (C, h, w) is the model output for
-    ``windows[i]`` of the resized (and, if ``flip``, mirrored) image of size ``scaled``
-    (height, width); the labels have the ``original`` size. A single window covering the image
-    is whole mode (its count is 1 everywhere)."""
-    width = scaled[1]
-    if flip:  # resizes commute with mirroring: mirror the windows instead of the planes
-        windows = [Window(w.y1, w.y2, width - w.x2, width - w.x1) for w in windows]
-        logits = [values[:, :, ::-1] for values in logits]
-    sources = [
-        _Source(w, v, axis_taps(v.shape[1], w.height), axis_taps(v.shape[2], w.width))
-        for w, v in zip(windows, logits, strict=True)
-    ]
-    rows, cols = axis_taps(scaled[0], original[0]), axis_taps(width, original[1])
-    row_tiles, col_tiles = _tiles(rows, original[0], tile), _tiles(cols, original[1], tile)
-    highest, lowest = _bounds(sources, row_tiles, col_tiles)
-    candidates = highest >= lowest.max(axis=2, keepdims=True)  # (tile rows, tile cols, C)
-    # Every tile gets its first candidate; tiles with several are then computed exactly.
-    first = candidates.argmax(axis=2).astype(dtype)
-    labels = np.repeat(np.repeat(first, tile, axis=0), tile, axis=1)[: original[0], : original[1]]
-    labels = np.ascontiguousarray(labels)
-    for i, j in np.argwhere(candidates.sum(axis=2) > 1):
-        out_rows = (int(row_tiles.out[i]), int(row_tiles.out[i + 1]))
-        out_cols = (int(col_tiles.out[j]), int(col_tiles.out[j + 1]))
-        labels[out_rows[0] : out_rows[1], out_cols[0] : out_cols[1]] = _tile_labels(
-            sources, rows, cols, out_rows, out_cols, np.flatnonzero(candidates[i, j])
-        )
-    return labels
+    ``windows[i]`` (all of one size) of the resized image of size ``scaled`` (height, width);
+    the labels have the ``original`` size. A single window covering the image is whole mode."""
+    return _pass_labels(windows, logits, scaled, original, dtype, tile, band)[0]
 
 
-@dataclass(frozen=True)
-class _TileAxis:
-    """Output tiles along one axis and the resized-image range each one reads."""
-
-    out: np.ndarray  # tile i is [out[i], out[i + 1])
-    start: np.ndarray  # first resized index read by tile i
-    stop: np.ndarray  # one past the last
-
-
-def _tiles(taps: AxisTaps, size: int, tile: int) -> _TileAxis:
-    out = np.append(np.arange(0, size, tile), size)
-    return _TileAxis(out, taps.low[out[:-1]], taps.high[out[1:] - 1] + 1)
-
-
-def _bounds(
-    sources: list[_Source], row_tiles: _TileAxis, col_tiles: _TileAxis
-) -> tuple[np.ndarray, np.ndarray]:
-    """Per tile and class, the max and min of the logits under the tile's taps in all the
-    windows it reads: (tile rows, tile cols, C) each, a reduction per tile row and column."""
-    classes = sources[0].logits.shape[0]
-    shape = (len(row_tiles.start), len(col_tiles.start), classes)
-    highest = np.full(shape, -np.inf, np.float32)
-    lowest = np.full(shape, np.inf, np.float32)
-    for source in sources:
-        w = source.window
-        row_span, row_ranges = _ranges(row_tiles, w.y1, w.y2, source.rows)
-        col_span, col_ranges = _ranges(col_tiles, w.x1, w.x2, source.cols)
-        if not row_ranges or not col_ranges:
-            continue
-        for reduce, combine, into in (
-            (np.max, np.maximum, highest),
-            (np.min, np.minimum, lowest),
-        ):
-            by_rows = np.stack([reduce(source.logits[:, a:b], axis=1) for a, b in row_ranges])
-            values = np.stack([reduce(by_rows[:, :, a:b], axis=2) for a, b in col_ranges], 1)
-            region = into[row_span, col_span]
-            combine(region, values, out=region)
-    return highest, lowest
-
-
-def _ranges(
-    tiles: _TileAxis, begin: int, end: int, taps: AxisTaps
-) -> tuple[slice, list[tuple[int, int]]]:
-    """Tiles overlapping the window ``[begin, end)`` along one axis, and the logits range each
-    reads."""
-    inside = np.flatnonzero((tiles.start < end) & (tiles.stop > begin))
-    if len(inside) == 0:
-        return slice(0, 0), []
-    first = np.maximum(tiles.start[inside], begin) - begin
-    last = np.minimum(tiles.stop[inside], end) - begin - 1
-    ranges = list(zip(taps.low[first].tolist(), (taps.high[last] + 1).tolist(), strict=True))
-    return slice(int(inside[0]), int(inside[-1]) + 1), ranges
+def _pass_labels(
+    windows: Sequence[Window],
+    logits: np.ndarray | Sequence[np.ndarray],
+    scaled: tuple[int, int],
+    original: tuple[int, int],
+    dtype: type[np.unsignedinteger],
+    tile: int,
+    band: int,
+) -> tuple[np.ndarray, int]:
+    """The labels and how many tiles needed exact arithmetic (the rest were one class)."""
+    stacked = np.ascontiguousarray(logits, dtype=np.float32)  # (N, C, h, w)
+    height, width = windows[0].height, windows[0].width
+    if any((w.height, w.width) != (height, width) for w in windows):
+        raise ValueError("pass_labels needs windows of one size")
+    window_rows, window_cols = (
+        axis_taps(stacked.shape[2], height),
+        axis_taps(stacked.shape[3], width),
+    )
+    rows, cols = axis_taps(scaled[0], original[0]), axis_taps(scaled[1], original[1])
+    band_rows = np.append(np.arange(0, original[0], band), original[0])
+    band_cols = np.append(np.arange(0, original[1], band), original[1])
+    labels = np.empty(original, dtype)
+    arguments = (
+        stacked,
+        (
+            np.array([w.y1 for w in windows], np.intp),
+            np.array([w.x1 for w in windows], np.intp),
+            height,
+            width,
+        ),
+        (*window_rows.parts(), *window_cols.parts()),
+        (*rows.parts(), *cols.parts()),
+        band_rows,
+        band_cols,
+        tile,
+        labels,
+    )
+    bands = len(band_rows) - 1
+    threads = min(_threads(), bands)
+    if threads <= 1:
+        return labels, _label_bands(*arguments, 0, bands)
+    # More pieces than threads, so a band full of contested tiles does not hold the others up.
+    cuts = np.linspace(0, bands, 2 * threads + 1).round().astype(int)
+    pieces = [(int(a), int(b)) for a, b in itertools.pairwise(cuts) if b > a]
+    pool = _executor()
+    exact = sum(pool.map(lambda piece: _label_bands(*arguments, *piece), pieces))
+    return labels, exact
 
 
-def _tile_labels(
-    sources: list[_Source],
-    rows: AxisTaps,
-    cols: AxisTaps,
-    out_rows: tuple[int, int],
-    out_cols: tuple[int, int],
-    candidates: np.ndarray,
-) -> np.ndarray | np.intp:
-    """Labels of one output tile among ``candidates``, computed exactly for those that survive
-    the tile's own pruning (a scalar when one does)."""
-    y0, y1 = rows.range_of(*out_rows)  # resized-image pixels this tile reads
-    x0, x1 = cols.range_of(*out_cols)
-    parts = []
-    for source in sources:
-        w = source.window
-        top, bottom = max(y0, w.y1), min(y1, w.y2)
-        left, right = max(x0, w.x1), min(x1, w.x2)
+def warm_up() -> None:
+    """Compile (or load from Numba's cache) the kernel for both label dtypes."""
+    windows = [Window(0, 8, 0, 8), Window(0, 8, 4, 12)]
+    logits = np.random.default_rng(0).standard_normal((2, 3, 2, 2)).astype(np.float32)
+    for dtype in (np.uint8, np.uint16):
+        pass_labels(windows, logits, (8, 12), (10, 15), dtype, tile=4, band=8)
+
+
+def _threads() -> int:
+    return len(os.sched_getaffinity(0))
+
+
+def _executor() -> ThreadPoolExecutor:
+    """The kernel releases the GIL, so plain threads run bands in parallel. A pool of its own:
+    the engine's pool runs this function, and waiting on one's own pool can deadlock."""
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(max_workers=_threads(), thread_name_prefix="labelmap")
+        return _pool
+
+
+# ---------------------------------------------------------------------------- Numba kernel
+# Arguments shared by the functions below: ``logits`` (N, C, h, w); ``windows`` is (win_y, win_x,
+# win_h, win_w): window n covers resized-image rows [win_y[n], win_y[n] + win_h) and columns
+# [win_x[n], win_x[n] + win_w); ``window_taps`` (wr_*, wc_*) are the logits -> window taps and
+# ``image_taps`` (r_*, c_*) the resized image -> original taps, each (low, high, weight).
+
+
+@njit(nogil=True, cache=True, boundscheck=False)
+def _label_bands(logits, windows, window_taps, image_taps, band_rows, band_cols, tile, labels,
+                 first, last):  # fmt: skip
+    """Labels of the output bands ``first`` to ``last`` (exclusive); returns the number of
+    tiles computed exactly. Each band's blocks first get bounds over every class, separably
+    (max/min over logit rows for whole rows, then over each block's columns); their tiles then
+    start from the block's candidates."""
+    win_y, win_x, win_h, win_w = windows
+    wr_lo, wr_hi, _, wc_lo, wc_hi, _ = window_taps
+    r_lo, r_hi, _, c_lo, c_hi, _ = image_taps
+    n_win, n_cls, _, lw = logits.shape
+    n_blocks = len(band_cols) - 1
+    row_hi = np.empty((n_cls, lw), np.float32)
+    row_lo = np.empty((n_cls, lw), np.float32)
+    block_hi = np.empty((n_blocks, n_cls), np.float32)
+    block_lo = np.empty((n_blocks, n_cls), np.float32)
+    every = np.arange(n_cls)
+    block_cand = np.empty(n_cls, np.int64)
+    cand = np.empty(n_cls, np.int64)
+    hi = np.empty(n_cls, np.float32)
+    lo = np.empty(n_cls, np.float32)
+    exact = 0
+    for i in range(first, last):
+        oy0, oy1 = band_rows[i], band_rows[i + 1]
+        y0, y1 = r_lo[oy0], r_hi[oy1 - 1] + 1
+        block_hi[:] = -np.inf
+        block_lo[:] = np.inf
+        for n in range(n_win):
+            top, bottom = max(y0, win_y[n]), min(y1, win_y[n] + win_h)
+            if top >= bottom:
+                continue
+            a0, a1 = wr_lo[top - win_y[n]], wr_hi[bottom - 1 - win_y[n]] + 1
+            for c in range(n_cls):
+                row_hi[c] = logits[n, c, a0]
+                row_lo[c] = logits[n, c, a0]
+                for a in range(a0 + 1, a1):
+                    for b in range(lw):
+                        v = logits[n, c, a, b]
+                        row_hi[c, b] = v if v > row_hi[c, b] else row_hi[c, b]
+                        row_lo[c, b] = v if v < row_lo[c, b] else row_lo[c, b]
+            for j in range(n_blocks):
+                x0, x1 = c_lo[band_cols[j]], c_hi[band_cols[j + 1] - 1] + 1
+                left, right = max(x0, win_x[n]), min(x1, win_x[n] + win_w)
+                if left >= right:
+                    continue
+                b0, b1 = wc_lo[left - win_x[n]], wc_hi[right - 1 - win_x[n]] + 1
+                for c in range(n_cls):
+                    h, low = block_hi[j, c], block_lo[j, c]
+                    for b in range(b0, b1):
+                        h = row_hi[c, b] if row_hi[c, b] > h else h
+                        low = row_lo[c, b] if row_lo[c, b] < low else low
+                    block_hi[j, c], block_lo[j, c] = h, low
+        for j in range(n_blocks):
+            k_block = _beaten_out(block_hi[j], block_lo[j], every, n_cls, block_cand)
+            for ty in range(oy0, oy1, tile):
+                for tx in range(band_cols[j], band_cols[j + 1], tile):
+                    tile_rows = (ty, min(ty + tile, oy1))
+                    tile_cols = (tx, min(tx + tile, band_cols[j + 1]))
+                    exact += _label_tile(
+                        logits, windows, window_taps, image_taps, tile_rows, tile_cols,
+                        block_cand, k_block, cand, hi, lo, labels,
+                    )  # fmt: skip
+    return exact
+
+
+@njit(nogil=True, cache=True, boundscheck=False)
+def _beaten_out(hi, lo, cand, k, out):
+    """Write to ``out`` the candidates whose max reaches the best min; return their count."""
+    best_lo = -np.inf
+    for q in range(k):
+        best_lo = lo[q] if lo[q] > best_lo else best_lo
+    kept = 0
+    for q in range(k):
+        if hi[q] >= best_lo:
+            out[kept] = cand[q]
+            kept += 1
+    return kept
+
+
+@njit(nogil=True, cache=True, boundscheck=False)
+def _label_tile(logits, windows, window_taps, image_taps, tile_rows, tile_cols, block_cand, k,
+                cand, hi, lo, labels):  # fmt: skip
+    """Labels of output pixels ``tile_rows`` x ``tile_cols`` (half-open) among the block's
+    ``k`` candidates; returns 1 if they needed exact arithmetic. ``cand``, ``hi``, ``lo`` are
+    scratch."""
+    win_y, win_x, win_h, win_w = windows
+    wr_lo, wr_hi, wr_w, wc_lo, wc_hi, wc_w = window_taps
+    r_lo, r_hi, r_w, c_lo, c_hi, c_w = image_taps
+    (oy0, oy1), (ox0, ox1) = tile_rows, tile_cols
+    n_win = logits.shape[0]
+    y0, y1 = r_lo[oy0], r_hi[oy1 - 1] + 1  # resized-image pixels this tile reads
+    x0, x1 = c_lo[ox0], c_hi[ox1 - 1] + 1
+    cand[:k] = block_cand[:k]
+    taps = 0
+    if k > 1:
+        hi[:k] = -np.inf
+        lo[:k] = np.inf
+        for n in range(n_win):
+            top, bottom = max(y0, win_y[n]), min(y1, win_y[n] + win_h)
+            left, right = max(x0, win_x[n]), min(x1, win_x[n] + win_w)
+            if top >= bottom or left >= right:
+                continue
+            a0, a1 = wr_lo[top - win_y[n]], wr_hi[bottom - 1 - win_y[n]] + 1
+            b0, b1 = wc_lo[left - win_x[n]], wc_hi[right - 1 - win_x[n]] + 1
+            taps += (a1 - a0) * (b1 - b0)
+            for q in range(k):
+                h, low = hi[q], lo[q]
+                for a in range(a0, a1):
+                    for b in range(b0, b1):
+                        v = logits[n, cand[q], a, b]
+                        h = v if v > h else h
+                        low = v if v < low else low
+                hi[q], lo[q] = h, low
+        k = _beaten_out(hi, lo, cand, k, cand)
+    if k > 1:
+        k = _undominated(logits, windows, window_taps, (y0, y1, x0, x1), cand, k, taps)
+    if k <= 1:  # one class wins the whole tile (none: every logit is NaN)
+        labels[oy0:oy1, ox0:ox1] = cand[0] if k == 1 else 0
+        return 0
+
+    # mmseg's sum over windows divided by the number covering each pixel, then the resize to the
+    # original; each resize columns first, then rows, as torch's bilinear kernel computes it.
+    merged = np.zeros((y1 - y0, x1 - x0, k), np.float32)
+    count = np.zeros((y1 - y0, x1 - x0), np.float32)
+    for n in range(n_win):
+        top, bottom = max(y0, win_y[n]), min(y1, win_y[n] + win_h)
+        left, right = max(x0, win_x[n]), min(x1, win_x[n] + win_w)
         if top >= bottom or left >= right:
             continue
-        local_rows, local_cols = (top - w.y1, bottom - w.y1), (left - w.x1, right - w.x1)
-        r0, r1 = source.rows.range_of(*local_rows)
-        c0, c1 = source.cols.range_of(*local_cols)
-        block = source.logits[:, r0:r1, c0:c1][candidates].transpose(1, 2, 0)  # (r, c, k)
-        parts.append((block, source, local_rows, r0, local_cols, c0, top - y0, left - x0))
-    keep = _undominated(np.concatenate([part[0].reshape(-1, len(candidates)) for part in parts]))
-    if keep.sum() == 1:
-        return candidates[keep][0]
-    candidates = candidates[keep]
-
-    # mmseg's sum over windows, divided by the number covering each pixel, then the resize to
-    # the original image; class-last, so the argmax runs along the contiguous axis.
-    merged = np.zeros((y1 - y0, x1 - x0, len(candidates)), np.float32)
-    counts = np.zeros((y1 - y0, x1 - x0, 1), np.float32)
-    for block, source, local_rows, r0, local_cols, c0, dy, dx in parts:
-        values = _resize_class_last(
-            block[:, :, keep], source.rows, local_rows, r0, source.cols, local_cols, c0
-        )
-        merged[dy : dy + values.shape[0], dx : dx + values.shape[1]] += values
-        counts[dy : dy + values.shape[0], dx : dx + values.shape[1]] += 1.0
-    if len(parts) > 1:
-        merged /= counts
-    scores = _resize_class_last(merged, rows, out_rows, y0, cols, out_cols, x0)
-    return candidates[scores.argmax(axis=2)]
-
-
-def _resize_class_last(
-    values: np.ndarray,
-    rows: AxisTaps,
-    out_rows: tuple[int, int],
-    row_offset: int,
-    cols: AxisTaps,
-    out_cols: tuple[int, int],
-    col_offset: int,
-) -> np.ndarray:
-    """(h, w, k) holding the sources from the offsets on -> destinations ``out_rows`` x
-    ``out_cols``, class-last. An integer upscale maps a block exactly as it maps the whole
-    axis, so OpenCV resizes the block and the tile is cut out; otherwise two dense products."""
-    height, width, classes = values.shape
-    if rows.factor and cols.factor and classes <= CV_MAX_CHANNELS:
-        size = (width * cols.factor, height * rows.factor)
-        resized = cv2.resize(np.ascontiguousarray(values), size, interpolation=cv2.INTER_LINEAR)
-        resized = resized.reshape(size[1], size[0], classes)
-        top, left = out_rows[0] - row_offset * rows.factor, out_cols[0] - col_offset * cols.factor
-        return resized[
-            top : top + out_rows[1] - out_rows[0], left : left + out_cols[1] - out_cols[0]
-        ]
-    row_matrix = rows.matrix(*out_rows, row_offset, height)
-    col_matrix = cols.matrix(*out_cols, col_offset, width)
-    tall = row_matrix @ values.reshape(height, width * classes)
-    return np.matmul(col_matrix, tall.reshape(row_matrix.shape[0], width, classes))
+        a0, a1 = wr_lo[top - win_y[n]], wr_hi[bottom - 1 - win_y[n]] + 1
+        across = np.empty((a1 - a0, right - left, k), np.float32)
+        for a in range(a0, a1):
+            for x in range(left, right):
+                b, b2, wb = wc_lo[x - win_x[n]], wc_hi[x - win_x[n]], wc_w[x - win_x[n]]
+                for q in range(k):
+                    c = cand[q]
+                    across[a - a0, x - left, q] = (1 - wb) * logits[n, c, a, b] + wb * logits[
+                        n, c, a, b2
+                    ]
+        for y in range(top, bottom):
+            a, a2, wa = wr_lo[y - win_y[n]] - a0, wr_hi[y - win_y[n]] - a0, wr_w[y - win_y[n]]
+            for x in range(right - left):
+                count[y - y0, x + left - x0] += 1
+                for q in range(k):
+                    merged[y - y0, x + left - x0, q] += (1 - wa) * across[a, x, q] + wa * across[
+                        a2, x, q
+                    ]
+    if n_win > 1:
+        for y in range(y1 - y0):
+            for x in range(x1 - x0):
+                if count[y, x] > 1:
+                    merged[y, x] /= count[y, x]
+    across = np.empty((y1 - y0, ox1 - ox0, k), np.float32)
+    for y in range(y1 - y0):
+        for x in range(ox0, ox1):
+            b, b2, wb = c_lo[x] - x0, c_hi[x] - x0, c_w[x]
+            for q in range(k):
+                across[y, x - ox0, q] = (1 - wb) * merged[y, b, q] + wb * merged[y, b2, q]
+    for y in range(oy0, oy1):
+        a, a2, wa = r_lo[y] - y0, r_hi[y] - y0, r_w[y]
+        for x in range(ox1 - ox0):
+            best, label = -np.inf, cand[0]
+            for q in range(k):
+                value = (1 - wa) * across[a, x, q] + wa * across[a2, x, q]
+                if value > best:  # strict: the first of tied classes wins, as in argmax
+                    best, label = value, cand[q]
+            labels[y, x + ox0] = label
+    return 1
 
 
-def _undominated(taps: np.ndarray) -> np.ndarray:
-    """Mask of the classes (columns of ``taps``, (n, k)) not beaten at every tap by the mean of
-    the one, two or three likeliest classes. Both sides combine the taps with the same convex
-    weights, so a class below such a mean at every tap stays below it at every pixel, hence
-    below one of those classes; the means catch what single classes miss where regions meet."""
-    likeliest = np.argsort(taps.sum(axis=0))[::-1][:REFERENCE_CLASSES]
-    references = np.cumsum(taps[:, likeliest], axis=1) / np.arange(1, len(likeliest) + 1)
-    margin = (taps[:, :, None] - references[:, None, :]).max(axis=0)
-    return (margin >= 0).all(axis=1)
+@njit(nogil=True, cache=True, boundscheck=False)
+def _undominated(logits, windows, window_taps, region, cand, k, taps):
+    """Drop from ``cand[:k]`` the classes beaten at every one of the tile's ``taps`` by the mean
+    of the one, two or three likeliest classes; return how many are left (at least one). Both
+    sides combine the taps with the same convex weights, so such a class stays below that mean
+    at every pixel, hence below one of those classes; the means catch what single classes miss
+    where regions meet. ``region`` is the (y0, y1, x0, x1) the tile reads in the resized image."""
+    win_y, win_x, win_h, win_w = windows
+    wr_lo, wr_hi, _, wc_lo, wc_hi, _ = window_taps
+    y0, y1, x0, x1 = region
+    values = np.empty((taps, k), np.float32)
+    row = 0
+    for n in range(logits.shape[0]):
+        top, bottom = max(y0, win_y[n]), min(y1, win_y[n] + win_h)
+        left, right = max(x0, win_x[n]), min(x1, win_x[n] + win_w)
+        if top >= bottom or left >= right:
+            continue
+        a0, a1 = wr_lo[top - win_y[n]], wr_hi[bottom - 1 - win_y[n]] + 1
+        b0, b1 = wc_lo[left - win_x[n]], wc_hi[right - 1 - win_x[n]] + 1
+        for q in range(k):
+            i = row
+            for a in range(a0, a1):
+                for b in range(b0, b1):
+                    values[i, q] = logits[n, cand[q], a, b]
+                    i += 1
+        row += (a1 - a0) * (b1 - b0)
+    likeliest = np.argsort(-values.sum(axis=0))[:REFERENCE_CLASSES]
+    keep = np.ones(k, np.bool_)
+    margin = np.empty(k, np.float32)
+    for references in range(1, len(likeliest) + 1):
+        margin[:] = -np.inf
+        for i in range(taps):
+            mean = np.float32(0.0)
+            for r in range(references):
+                mean += values[i, likeliest[r]]
+            mean /= references
+            for q in range(k):
+                d = values[i, q] - mean
+                margin[q] = d if d > margin[q] else margin[q]
+        for q in range(k):
+            keep[q] = keep[q] and margin[q] >= 0
+    kept = 0
+    for q in range(k):
+        if keep[q]:
+            cand[kept] = cand[q]
+            kept += 1
+    return max(kept, 1)
