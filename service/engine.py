@@ -8,7 +8,7 @@ buffer as it arrives, so memory follows the image size, not the number of window
 Per pass, exactly as mmseg: the window logits are resized bilinearly (align_corners False) to the
 window size (``decode_head.predict``), summed and divided by the per-pixel window count
 (``slide_inference``), flipped back, resized to the original size (``postprocess_result``).
-One pass: argmax of those logits (for a labels-only slide pass computed tile by tile by
+One pass: argmax of those logits (for labels only computed tile by tile by
 ``labelmap.pass_labels``, without full-size class planes). Several: argmax of the mean of their
 softmax (``SegTTAModel``).
 Scale ratios apply to the image as loaded (mmseg 1.x), not to the dataset's test scale.
@@ -45,7 +45,6 @@ from service.errors import (
 from service.geometry import (
     Window,
     argmax_planes,
-    candidate_classes,
     labels_dtype,
     planes_to_original,
     ratio_size,
@@ -61,9 +60,6 @@ from service.runtime import CUDA, Runtime, RuntimeSettings, default_intra_op_thr
 log = logging.getLogger(__name__)
 
 MAX_CROP_SIDE = 4096
-# Class pruning before the final resizes pays when the output has this many times the pixels
-# of the logits it comes from (its check costs a few passes over the logits).
-PRUNE_MIN_GROWTH = 4
 MAX_RATIO = 4.0
 MAX_SCALES = 16
 T = TypeVar("T")
@@ -198,8 +194,8 @@ class _Merge:
     A single window (whole mode, or an image within one crop) keeps the raw model output: its
     resize to the image happens in the final step. Several windows are either kept as they are,
     for ``labelmap.pass_labels`` to merge only where and for the classes it needs (labels of a
-    single pass, when they take less memory than the merged buffer), or resized to their windows
-    and summed at the resized image size, then divided by the per-pixel count.
+    single pass, when they take no more memory than the merged buffer), or resized to their
+    windows and summed at the resized image size, then divided by the per-pixel count.
     """
 
     def __init__(self, plan: PassPlan, keep_windows: bool) -> None:
@@ -222,6 +218,9 @@ class _Merge:
     def add(self, index: int, logits: np.ndarray) -> None:
         """Merge the (C, h, w) logits of window ``index`` (thread-safe)."""
         if self._keeps_windows:
+            if len(self.plan.windows) == 1:
+                self._windows, self._arrived = logits[None], 1
+                return
             with self._lock:
                 if self._windows is None:
                     shape = (len(self.plan.windows), *logits.shape)
@@ -462,26 +461,33 @@ class Engine:
         original = image.shape[:2]
         if len(plan.passes) == 1:
             pass_plan = plan.passes[0]
-            keep = not with_probabilities and self._keeps_windows(plan)
-            merge = await self._run_pass(image, pass_plan, request, keep)
-            if merge.keeps_windows:
-                labels = await self._compute(
-                    request,
-                    partial(
-                        labelmap.pass_labels,
-                        pass_plan.windows,
-                        merge.window_logits(),
-                        (pass_plan.height, pass_plan.width),
-                        original,
-                        labels_dtype(self._num_classes),
-                    ),
-                )
-                return labels, None
-            logits = await self._compute(request, merge.logits)
-            return await self._compute(
-                request,
-                partial(self._single_pass_labels, logits, pass_plan, original, with_probabilities),
+            scaled = (pass_plan.height, pass_plan.width)
+            tile_wise = not with_probabilities and not pass_plan.flip
+            merge = await self._run_pass(
+                image, pass_plan, request, tile_wise and self._keeps_windows(pass_plan)
             )
+            if not tile_wise:
+                logits = await self._compute(request, merge.logits)
+                return await self._compute(
+                    request, partial(self._single_pass_probabilities, logits, pass_plan, original)
+                )
+            if merge.keeps_windows:
+                windows, logits = pass_plan.windows, merge.window_logits()
+            else:  # merged at the resized size: one window covering the resized image
+                windows = (Window(0, scaled[0], 0, scaled[1]),)
+                logits = (await self._compute(request, merge.logits))[None]
+            labels = await self._compute(
+                request,
+                partial(
+                    labelmap.pass_labels,
+                    windows,
+                    logits,
+                    scaled,
+                    original,
+                    labels_dtype(self._num_classes),
+                ),
+            )
+            return labels, None
         total: np.ndarray | None = None
         # A pass and its flipped twin share shapes, so they run together and share batches.
         groups: dict[tuple[int, int], list[PassPlan]] = {}
@@ -503,29 +509,11 @@ class Engine:
 
         return await self._compute(request, finish)
 
-    def _single_pass_labels(
-        self,
-        logits: np.ndarray,
-        pass_plan: PassPlan,
-        original: tuple[int, int],
-        with_probabilities: bool,
-    ) -> tuple[np.ndarray, np.ndarray | None]:
+    def _single_pass_probabilities(
+        self, logits: np.ndarray, pass_plan: PassPlan, original: tuple[int, int]
+    ) -> tuple[np.ndarray, np.ndarray]:
         scaled = (pass_plan.height, pass_plan.width)
         dtype = labels_dtype(self._num_classes)
-        if not with_probabilities:
-            source_pixels = logits.shape[1] * logits.shape[2]
-            upsampling = logits.shape[1] <= scaled[0] and logits.shape[2] <= scaled[1]
-            if upsampling and original[0] * original[1] >= PRUNE_MIN_GROWTH * source_pixels:
-                # Skip classes that cannot win anywhere: exact, and the full-size planes of
-                # the others are most of the work (see geometry.candidate_classes).
-                kept = candidate_classes(logits)
-                winners = argmax_planes(
-                    planes_to_original(logits[kept], scaled, pass_plan.flip, original), dtype
-                )
-                return kept.astype(dtype)[winners], None
-            return argmax_planes(
-                planes_to_original(logits, scaled, pass_plan.flip, original), dtype
-            ), None
         planes = planes_to_original(logits, scaled, pass_plan.flip, original)
         scores = _stack(planes, logits.shape[0], original)
         labels = argmax_planes(scores, dtype)
@@ -548,12 +536,10 @@ class Engine:
         total += probabilities
         return total
 
-    def _keeps_windows(self, plan: Plan) -> bool:
-        """Whether a one-pass plan's windows are kept for ``pass_labels``: when their logits take
-        no more memory than the merged buffer would (windows at most ``stride`` apart)."""
-        if len(plan.passes) != 1 or len(plan.passes[0].windows) < 2 or plan.passes[0].flip:
-            return False
-        pass_plan = plan.passes[0]
+    def _keeps_windows(self, pass_plan: PassPlan) -> bool:
+        """Whether a labels-only pass keeps its window logits for ``pass_labels``: when they take
+        no more memory than the merged buffer would (windows at most ``stride`` apart; always
+        for a single window, which is kept as it is)."""
         window_pixels = sum(w.height * w.width for w in pass_plan.windows)
         return window_pixels <= pass_plan.height * pass_plan.width * self._output_stride**2
 

@@ -110,31 +110,6 @@ def argmax_planes(
     return labels
 
 
-def candidate_classes(scores: np.ndarray) -> np.ndarray:
-    """Indices of the classes that can still win an argmax after ``planes_to_original``.
-
-    Every value of those resizes is a convex combination of source values within one 3x3
-    neighbourhood (two bilinear taps per axis, the first resize upsampling or keeping the size),
-    so class ``c`` can win at an output pixel only if, around some source pixel, its 3x3 maximum
-    reaches the largest 3x3 minimum of any class. Classes that never do are strictly beaten
-    everywhere and can be skipped without changing the argmax or its tie order. Trained models
-    put a handful of classes in an image, so this usually removes most planes.
-    """
-    kernel = np.ones((3, 3), np.uint8)
-    floor: np.ndarray | None = None
-    for plane in scores:
-        low = cv2.erode(plane, kernel, borderType=cv2.BORDER_REPLICATE)
-        floor = low if floor is None else np.maximum(floor, low, out=floor)
-    if floor is None:
-        raise ValueError("no score planes")
-    keep = [
-        channel
-        for channel, plane in enumerate(scores)
-        if (cv2.dilate(plane, kernel, borderType=cv2.BORDER_REPLICATE) >= floor).any()
-    ]
-    return np.asarray(keep, dtype=np.intp)
-
-
 @dataclass(frozen=True)
 class Window:
     """One crop of the (resized) image, half-open ``[y1, y2) x [x1, x2)``."""

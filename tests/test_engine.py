@@ -96,15 +96,18 @@ def sized(photos: dict[str, np.ndarray], name: str, height: int, width: int) -> 
     ("photo", "size"),
     [("astronaut", None), ("chelsea", None), ("coffee", (123, 457)), ("rocket", (61, 45))],
 )
+@pytest.mark.parametrize("probabilities", [True, False], ids=["probabilities", "labels-only"])
 def test_whole_mode_matches_reference(
     whole_engine: Engine,
     photos: dict[str, np.ndarray],
     photo: str,
     size: tuple[int, int] | None,
+    probabilities: bool,
 ) -> None:
+    """Labels alone take ``service.labelmap`` with the single window covering the image."""
     image = photos[photo] if size is None else sized(photos, photo, *size)
     result = assert_matches_reference(
-        whole_engine, image, SegmentOptions(return_probabilities=True)
+        whole_engine, image, SegmentOptions(return_probabilities=probabilities)
     )
     assert result.num_inputs == 1
     assert set(result.timings) == {"preprocess", "queue_wait", "inference", "postprocess"}
@@ -119,6 +122,7 @@ def test_whole_mode_matches_reference(
         ("chelsea", None, (64, 80), (40, 50)),
         ("rocket", (300, 200), (72, 72), (72, 72)),  # stride == crop: no overlap
         ("astronaut", (90, 130), (400, 200), (300, 100)),  # image smaller than the crop
+        ("rocket", (240, 320), (64, 64), (8, 8)),  # windows too many to keep: merged first
     ],
 )
 @pytest.mark.parametrize("probabilities", [True, False], ids=["probabilities", "labels-only"])
@@ -132,12 +136,14 @@ def test_slide_mode_matches_reference(
     probabilities: bool,
 ) -> None:
     """With probabilities the windows are merged into full planes; labels alone take the
-    tile-wise path of ``service.labelmap``."""
+    tile-wise path of ``service.labelmap``, from the kept windows or, when they would take more
+    memory than the merged buffer, from that buffer."""
     image = photos[photo] if size is None else sized(photos, photo, *size)
     options = SegmentOptions(crop=crop, stride=stride, return_probabilities=probabilities)
     result = assert_matches_reference(slide_engine, image, options)
     plan = slide_engine.plan(options, *image.shape[:2])
     assert result.num_inputs == plan.num_inputs
+    assert slide_engine._keeps_windows(plan.passes[0]) == (stride != (8, 8))
     if crop is None:
         assert result.num_inputs == 8  # coffee 400x600 -> 160x240: 2 x 4 windows
 

@@ -28,7 +28,7 @@ def engine(segformer_b0_bundle: Bundle) -> Iterator[Engine]:
     [
         # Whole at ADE20K's test scale (2048, 512): 300x451 -> 512x770.
         ("chelsea", None, SegmentOptions(return_probabilities=True)),
-        # Labels only: the class-pruned path (output 16x the logits' pixels).
+        # Labels only: the tile-wise path (service.labelmap) on one window.
         ("astronaut", None, SegmentOptions()),
         ("coffee", (200, 300), SegmentOptions(mode="slide", crop=(256, 256), stride=(171, 171))),
         ("rocket", (160, 240), SegmentOptions(scales=(0.5, 1.25), flip=True)),

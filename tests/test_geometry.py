@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import cv2
 import numpy as np
 import pytest
 import torch
@@ -11,7 +10,6 @@ import torch.nn.functional as F
 from service.geometry import (
     Window,
     argmax_planes,
-    candidate_classes,
     grid_count,
     labels_dtype,
     planes_to_original,
@@ -149,29 +147,3 @@ def test_softmax_and_label_dtype() -> None:
     assert labels_dtype(150) is np.uint8
     assert labels_dtype(256) is np.uint8
     assert labels_dtype(257) is np.uint16
-
-
-@pytest.mark.parametrize("seed", range(6))
-def test_candidate_classes_never_change_the_argmax(seed: int) -> None:
-    """Pruned planes lose everywhere: the argmax over the kept ones is the full argmax,
-    through upsampling then up- or downsampling, with and without the flip."""
-    rng = np.random.default_rng(seed)
-    channels, height, width = 30, int(rng.integers(4, 30)), int(rng.integers(4, 30))
-    noise = rng.normal(size=(channels, height, width)).astype(np.float32)
-    smooth = np.stack([cv2.GaussianBlur(plane, (5, 5), 0) for plane in noise])
-    # A per-class offset makes a few classes dominate, as a trained model's logits do.
-    logits = smooth * 2 + rng.normal(size=(channels, 1, 1)).astype(np.float32) * 3
-    scaled = (height * int(rng.integers(1, 5)), width * int(rng.integers(1, 5)))
-    original = (int(rng.integers(2, 150)), int(rng.integers(2, 150)))
-    flip = bool(seed % 2)
-    full = argmax_planes(planes_to_original(logits, scaled, flip, original), np.uint8)
-    kept = candidate_classes(logits)
-    assert 0 < len(kept) < channels  # something was pruned, or the test proves nothing
-    pruned = argmax_planes(planes_to_original(logits[kept], scaled, flip, original), np.uint8)
-    np.testing.assert_array_equal(kept.astype(np.uint8)[pruned], full)
-
-
-def test_candidate_classes_keep_exact_ties() -> None:
-    logits = np.zeros((3, 4, 4), np.float32)
-    logits[2] = -1.0  # always loses
-    assert candidate_classes(logits).tolist() == [0, 1]  # tied classes both stay
