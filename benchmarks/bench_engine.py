@@ -20,7 +20,9 @@ holding them is given; speed does not depend on the weights) it prints:
    depends on the weights: random ones make every class compete everywhere (a worst case),
    the refitted ones give region-like masks as a trained model does.
 
-PyTorch gets the same number of threads as onnxruntime's intra-op pool.
+PyTorch gets the same number of threads as onnxruntime's intra-op pool. ``--device cuda`` runs the
+engine on onnxruntime's CUDA provider (no CPU fallback) and the eager baselines on the GPU;
+``--precision fp16`` exports fp16 bundles and runs the eager baselines in half precision too.
 """
 
 from __future__ import annotations
@@ -33,7 +35,9 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -72,14 +76,46 @@ def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(values), q))
 
 
-def bundle_for(model: str, repository: Path | None, scratch: Path) -> Bundle:
+@dataclass(frozen=True)
+class Target:
+    """Where both contenders run: the engine's provider and the eager baselines' device."""
+
+    device: str  # "cpu" or "cuda"
+    precision: Literal["fp32", "fp16"]
+
+    def engine_config(self, max_batch_size: int, max_queue_delay_ms: float = 5.0) -> EngineConfig:
+        return EngineConfig(
+            providers=(self.device,),
+            allow_cpu_fallback=False,
+            max_batch_size=max_batch_size,
+            max_queue_delay_ms=max_queue_delay_ms,
+            inference_timeout_s=3600.0,  # 2 x batch requests queue behind each other here
+        )
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return torch.float16 if self.precision == "fp16" else torch.float32
+
+    def synchronize(self) -> None:
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+
+
+def bundle_for(model: str, repository: Path | None, scratch: Path, target: Target) -> Bundle:
     if repository is not None and (repository / model).is_dir():
         return load_bundle(repository / model)
     from export import export_bundle
 
     out = scratch / model
-    print(f"exporting {model} (random init, ADE20K) ...", flush=True)
-    export_bundle(model, out, random_init=True, dataset="ade20k", skip_verify=True)
+    print(f"exporting {model} (random init, ADE20K, {target.precision}) ...", flush=True)
+    export_bundle(
+        model,
+        out,
+        random_init=True,
+        dataset="ade20k",
+        precision=target.precision,
+        skip_verify=True,
+    )
     return load_bundle(out)
 
 
@@ -122,21 +158,27 @@ def engine_burst(engine: Engine, images: list[np.ndarray], batch: int) -> Callab
 
 
 def eager_burst(
-    forward: Callable[[torch.Tensor], torch.Tensor], images: list[np.ndarray], batch: int
+    forward: Callable[[torch.Tensor], torch.Tensor],
+    images: list[np.ndarray],
+    batch: int,
+    target: Target,
 ) -> Callable[[], float]:
-    """The same work in PyTorch eager: normalise, forward, resize to the input, argmax."""
-    mean = torch.tensor([123.675, 116.28, 103.53]).view(1, 3, 1, 1)
-    std = torch.tensor([58.395, 57.12, 57.375]).view(1, 3, 1, 1)
+    """The same work in PyTorch eager: upload, normalise, forward, resize to the input, argmax,
+    labels back to the host (as the engine returns them)."""
+    mean = torch.tensor([123.675, 116.28, 103.53], device=target.device).view(1, 3, 1, 1)
+    std = torch.tensor([58.395, 57.12, 57.375], device=target.device).view(1, 3, 1, 1)
     work = [images[i % len(images)] for i in range(2 * batch)]
 
     @torch.inference_mode()
     def run_all(chunk_of_work: list[np.ndarray]) -> None:
         for start in range(0, len(chunk_of_work), batch):
             chunk = np.stack(chunk_of_work[start : start + batch]).transpose(0, 3, 1, 2)
-            pixels = (torch.from_numpy(chunk).float() - mean) / std
+            pixels = torch.from_numpy(chunk).to(target.device).float()
+            pixels = ((pixels - mean) / std).to(target.torch_dtype)
             logits = forward(pixels)
             resized = F.interpolate(logits, size=pixels.shape[2:], mode="bilinear")
-            resized.argmax(dim=1).to(torch.uint8).numpy()
+            resized.argmax(dim=1).to(torch.uint8).cpu().numpy()
+        target.synchronize()
 
     run_all(work[:batch])  # warm-up: one batch of this size
     return lambda: len(work) / timed(lambda: run_all(work))
@@ -149,22 +191,17 @@ def throughput_row(
     images: list[np.ndarray],
     batch: int,
     rounds: int,
+    target: Target,
 ) -> str:
     """Best of ``rounds`` interleaved measurements each, so load from other processes on the
     shared machine hits all contenders alike."""
-    engine = Engine(
-        bundle,
-        EngineConfig(
-            providers=("cpu",),
-            max_batch_size=batch,
-            max_queue_delay_ms=20.0,
-            inference_timeout_s=3600.0,  # 2 x batch requests queue behind each other here
-        ),
-    )
+    engine = Engine(bundle, target.engine_config(max_batch_size=batch, max_queue_delay_ms=20.0))
     engine.start()
     try:
         contenders = {"engine": engine_burst(engine, images, batch)}
-        contenders |= {name: eager_burst(fn, images, batch) for name, fn in baselines.items()}
+        contenders |= {
+            name: eager_burst(fn, images, batch, target) for name, fn in baselines.items()
+        }
         best = dict.fromkeys(contenders, 0.0)
         for _ in range(rounds):
             for name, measure in contenders.items():
@@ -181,7 +218,9 @@ def throughput_row(
     )
 
 
-def torch_models(model: str, num_classes: int) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+def torch_models(
+    model: str, num_classes: int, target: Target
+) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
     from transformers import SegformerConfig, SegformerForSemanticSegmentation
 
     from models.registry import create_model
@@ -189,6 +228,8 @@ def torch_models(model: str, num_classes: int) -> dict[str, Callable[[torch.Tens
     ours = create_model(model, num_classes=num_classes).eval()
     config = SegformerConfig(num_labels=num_classes, **HF_CONFIGS[model])
     hf = SegformerForSemanticSegmentation(config).eval()
+    ours.to(target.device, target.torch_dtype)
+    hf.to(target.device, target.torch_dtype)
     return {
         "models/ eager": lambda pixels: ours(pixels),
         "HF eager": lambda pixels: hf(pixel_values=pixels).logits,
@@ -208,7 +249,7 @@ def slide_overhead(engine: Engine, image: np.ndarray, repeats: int, weights: str
     assert runtime is not None
     asyncio.run(engine.segment(image, options))  # warm-up
     forwards, totals = [], []
-    for _ in range(repeats):  # interleaved, medians
+    for _ in range(repeats):  # interleaved, medians (Runtime.run returns host logits: synced)
         forwards.append(sum(timed(lambda w=window: runtime.run(w)) for window in windows))
         totals.append(timed(lambda: asyncio.run(engine.segment(image, options))))
     forward, total = statistics.median(forwards), statistics.median(totals)
@@ -289,7 +330,12 @@ def main() -> None:
     parser.add_argument(
         "--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS), help="what to measure"
     )
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--precision", choices=("fp32", "fp16"), default="fp32")
     args = parser.parse_args()
+    if args.precision == "fp16" and args.device == "cpu":
+        parser.error("fp16 is for --device cuda (PyTorch's CPU half precision is no baseline)")
+    target = Target(args.device, args.precision)
 
     threads = default_intra_op_threads()
     torch.set_num_threads(threads)
@@ -297,11 +343,13 @@ def main() -> None:
     squares = [resize_image(photo, 512, 512) for photo in photos.values()]
     wide = resize_image(photos["astronaut"], 2048, 1024)
     print(f"# cpu: {os.cpu_count()} cores visible, onnxruntime intra-op {threads}, torch {threads}")
+    if target.device == "cuda":
+        print(f"# gpu: {torch.cuda.get_device_name()}, {target.precision}")
 
     latency, throughput, overhead = [], [], []
     with tempfile.TemporaryDirectory() as scratch:
         for model in args.models:
-            bundle = bundle_for(model, args.repository, Path(scratch))
+            bundle = bundle_for(model, args.repository, Path(scratch), target)
             weights = {"random init": bundle}
             if "slide" in args.sections:
                 refitted = Path(scratch) / f"{model}-refitted"
@@ -314,10 +362,7 @@ def main() -> None:
                 for max_batch in (
                     (default_batch, 1) if "slide" in args.sections else (default_batch,)
                 ):
-                    config = EngineConfig(
-                        providers=("cpu",), max_batch_size=max_batch, inference_timeout_s=3600.0
-                    )
-                    engine = Engine(weighted, config)
+                    engine = Engine(weighted, target.engine_config(max_batch_size=max_batch))
                     engine.start()
                     try:
                         first_run = kind == "random init" and max_batch == default_batch
@@ -329,13 +374,13 @@ def main() -> None:
                         engine.stop()
             if "throughput" not in args.sections:
                 continue
-            baselines = torch_models(model, bundle.metadata.num_classes)
+            baselines = torch_models(model, bundle.metadata.num_classes, target)
             for batch in args.batch_sizes:
-                row = throughput_row(model, bundle, baselines, squares, batch, args.repeats)
+                row = throughput_row(model, bundle, baselines, squares, batch, args.repeats, target)
                 throughput.append(row)
                 print(row, flush=True)
 
-    print("\n## Latency (ms), engine, CPU")
+    print(f"\n## Latency (ms), engine, {target.device} {target.precision}")
     print("| model | mode | runs | inputs (astronaut) | median | p95 |")
     print("| --- | --- | --- | --- | --- | --- |")
     print("\n".join(latency))
