@@ -247,3 +247,20 @@ def test_nan_logits_give_labels_not_an_error() -> None:
     logits[1][:, 2:6, 3:8] = np.nan
     labels = pass_labels(windows, logits, (64, 96), (130, 190), np.uint8, tile=16)
     assert labels.shape == (130, 190) and int(labels.max()) < 5
+
+
+def test_warm_up_compiles_everything_requests_use() -> None:
+    """A request must never wait for a compile: after ``warm_up``, lists of windows, a stacked
+    array, a single window and either label dtype all reuse the warm-up's machine code."""
+    labelmap.warm_up()
+    compiled = set(labelmap._label_bands.signatures)
+    assert len(compiled) == 2  # uint8 and uint16 labels
+    rng = np.random.default_rng(1)
+    windows = window_grid(64, 96, (48, 48), (32, 32))
+    logits = [noise_logits(rng, 5, (12, 12)) for _ in windows]
+    pass_labels(windows, logits, (64, 96), (130, 190), np.uint8)
+    pass_labels(windows, np.stack(logits), (64, 96), (130, 190), np.uint16)
+    pass_labels(
+        [Window(0, 64, 0, 96)], noise_logits(rng, 5, (16, 24))[None], (64, 96), (9, 9), np.uint8
+    )
+    assert set(labelmap._label_bands.signatures) == compiled
