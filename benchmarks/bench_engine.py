@@ -286,7 +286,11 @@ def refitted_bundle(
     )
     session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
     pass_plan = plan_request(
-        bundle.metadata.test_config, options, *image.shape[:2], max_pixels=1 << 30
+        bundle.metadata.test_config,
+        options,
+        *image.shape[:2],
+        max_pixels=1 << 30,
+        max_inputs=1 << 20,
     ).passes[0]
     scaled = resize_image(image, pass_plan.width, pass_plan.height)
     regions = segmentation.slic(scaled, n_segments=40, compactness=20, start_label=0)

@@ -198,6 +198,7 @@ def engine_config(settings: Settings) -> EngineConfig:
         intra_op_threads=settings.intra_op_threads,
         max_pixels=settings.max_pixels,
         max_tta_inputs=settings.max_tta_inputs,
+        max_inputs_per_request=settings.max_inputs_per_request,
         inference_timeout_s=settings.inference_timeout_s,
     )
 

@@ -45,6 +45,7 @@ from service.errors import (
 from service.geometry import (
     Window,
     argmax_planes,
+    grid_count,
     labels_dtype,
     planes_to_original,
     ratio_size,
@@ -75,6 +76,7 @@ class EngineConfig:
     intra_op_threads: int = 0  # 0 = all cores this process may use (see runtime.py)
     max_pixels: int = 40_000_000
     max_tta_inputs: int = 64  # passes (scales x flips) per request
+    max_inputs_per_request: int = 1024  # model inputs (windows x passes) per request
     inference_timeout_s: float = 60.0
     # Inputs one request may have queued, running or being merged at once (0: 2 x batch size).
     max_inputs_in_flight: int = 0
@@ -132,9 +134,16 @@ def _pair(value: object, what: str) -> tuple[int, int]:
 
 
 def plan_request(
-    test_config: TestConfig, options: SegmentOptions, height: int, width: int, max_pixels: int
+    test_config: TestConfig,
+    options: SegmentOptions,
+    height: int,
+    width: int,
+    max_pixels: int,
+    max_inputs: int,
 ) -> Plan:
-    """Turn options and an image size into passes and windows; refuse bad options by name."""
+    """Turn options and an image size into passes and windows; refuse bad options by name, and
+    a request needing more than ``max_inputs`` model inputs before any window is listed (tiny
+    strides on a big image would otherwise take the memory of millions of windows)."""
     mode = options.mode or test_config.mode
     if mode not in ("whole", "slide"):
         raise InvalidParameterError(f"mode must be 'whole' or 'slide', got {mode!r}")
@@ -170,7 +179,8 @@ def plan_request(
                 )
         sizes = [ratio_size(width, height, ratio) for ratio in options.scales]
 
-    passes = []
+    flips = 2 if options.flip else 1
+    inputs = 0
     for scaled_w, scaled_h in sizes:
         if scaled_w < 1 or scaled_h < 1:
             raise InvalidParameterError(f"a scale makes the {width}x{height} image empty")
@@ -178,6 +188,19 @@ def plan_request(
             raise InvalidParameterError(
                 f"a scale makes the image {scaled_w}x{scaled_h}, over {max_pixels} pixels"
             )
+        if crop is not None and stride is not None:
+            rows = grid_count(scaled_h, crop[0], stride[0])
+            inputs += rows * grid_count(scaled_w, crop[1], stride[1]) * flips
+        else:
+            inputs += flips
+    if inputs > max_inputs:
+        raise InvalidParameterError(
+            f"this request needs {inputs} model inputs (windows x scales x flips), the limit is "
+            f"{max_inputs}: use a larger stride or crop, or fewer scales"
+        )
+
+    passes = []
+    for scaled_w, scaled_h in sizes:
         if mode == "slide":
             assert crop is not None and stride is not None
             windows = tuple(window_grid(scaled_h, scaled_w, crop, stride))
@@ -395,7 +418,12 @@ class Engine:
                 f"{self.config.max_tta_inputs}"
             )
         return plan_request(
-            self.bundle.metadata.test_config, options, height, width, self.config.max_pixels
+            self.bundle.metadata.test_config,
+            options,
+            height,
+            width,
+            self.config.max_pixels,
+            self.config.max_inputs_per_request,
         )
 
     async def segment(self, image: np.ndarray, options: SegmentOptions) -> SegmentResult:

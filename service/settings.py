@@ -34,6 +34,7 @@ class Settings(BaseSettings):
     max_scales: int = Field(default=8, ge=1)
     max_crop: int = Field(default=2048, ge=1)
     max_tta_inputs: int = Field(default=64, ge=1)
+    max_inputs_per_request: int = Field(default=1024, ge=1)
     inference_timeout_s: float = Field(default=60.0, gt=0)
     api_key: SecretStr | None = None
     mask_store: str = "memory"

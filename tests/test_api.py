@@ -338,6 +338,13 @@ BAD_INPUTS = [
         "invalid_parameter",
     ),
     (
+        "a window per pixel",  # 300x451 crops of 1 px: refused before any window is listed
+        {"files": {"image": ("a.png", "OK")}},
+        {"mode": "slide", "crop": "1", "stride": "1", "scales": "1,2", "flip": "true"},
+        422,
+        "invalid_parameter",
+    ),
+    (
         "bad output",
         {"files": {"image": ("a.png", "OK")}},
         {"output": "gif"},

@@ -173,6 +173,28 @@ def test_bad_options_are_refused_by_name(
         engine.validate_options(options, 500, 600)
 
 
+def test_too_many_inputs_are_refused_before_windows_are_listed(
+    tiny_bundle: Bundle, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """1-pixel windows on a large image would be millions of windows (gigabytes of plan): the
+    count comes from the grid arithmetic before any window is listed."""
+    import service.engine as engine_module
+
+    engine = Engine(tiny_bundle, EngineConfig(max_inputs_per_request=100, max_pixels=10**9))
+    listed: list[object] = []
+    real_grid = engine_module.window_grid
+    monkeypatch.setattr(
+        engine_module, "window_grid", lambda *args: listed.append(args) or real_grid(*args)
+    )
+    huge = SegmentOptions(mode="slide", crop=(1, 1), stride=(1, 1), scales=(1.0, 4.0))
+    with pytest.raises(InvalidParameterError, match=r"needs 102000000 model inputs.*limit is 100"):
+        engine.validate_options(huge, 2000, 3000)  # 2000 x 3000 + 8000 x 12000 windows
+    assert listed == []
+    at_limit = SegmentOptions(mode="slide", crop=(10, 10), stride=(10, 10), scales=(1.0,))
+    assert engine.plan(at_limit, 100, 100).num_inputs == 100
+    assert listed  # once the count is allowed the grid is listed
+
+
 def test_pixel_limit_and_image_checks(tiny_bundle: Bundle) -> None:
     engine = Engine(tiny_bundle, EngineConfig(max_pixels=10_000))
     with pytest.raises(PayloadTooLargeError, match="10001 pixels"):
@@ -361,14 +383,19 @@ def test_stop_past_its_drain_time_fails_the_request_as_overloaded(
 ) -> None:
     engine = Engine(
         tiny_float_bundle,
-        EngineConfig(max_batch_size=1, max_queue_delay_ms=0, max_inputs_in_flight=2),
+        EngineConfig(
+            max_batch_size=1,
+            max_queue_delay_ms=0,
+            max_inputs_in_flight=2,
+            max_inputs_per_request=4096,  # 2960 windows: still running when stop comes
+        ),
     )
     engine.start()
     options = SegmentOptions(scales=(1.0, 1.5), crop=(32, 32), stride=(16, 16))
 
     async def scenario() -> None:
         running = asyncio.create_task(engine.segment(photos["coffee"], options))
-        while engine.queue_depth == 0:
+        while engine.queue_depth == 0 and not running.done():
             await asyncio.sleep(0.001)
         await asyncio.to_thread(engine.stop, 0.0)
         with pytest.raises(OverloadedError, match="stopped"):
