@@ -227,7 +227,6 @@ class _Merge:
         self._sum: np.ndarray | None = None
         self._keeps_windows = keep_windows
         self._windows: np.ndarray | None = None  # (windows, C, h, w), filled as they arrive
-        self._arrived = 0
 
     @property
     def keeps_windows(self) -> bool:
@@ -235,20 +234,19 @@ class _Merge:
 
     def window_logits(self) -> np.ndarray:
         """The kept logits, (windows, C, h, w) in window order (every window has arrived)."""
-        assert self._windows is not None and self._arrived == len(self.plan.windows)
+        assert self._windows is not None
         return self._windows
 
     def add(self, index: int, logits: np.ndarray) -> None:
         """Merge the (C, h, w) logits of window ``index`` (thread-safe)."""
         if self._keeps_windows:
             if len(self.plan.windows) == 1:
-                self._windows, self._arrived = logits[None], 1
+                self._windows = logits[None]
                 return
             with self._lock:
                 if self._windows is None:
                     shape = (len(self.plan.windows), *logits.shape)
                     self._windows = np.empty(shape, np.float32)
-                self._arrived += 1
             self._windows[index] = logits
             return
         if len(self.plan.windows) == 1:
@@ -504,7 +502,7 @@ class Engine:
             else:  # merged at the resized size: one window covering the resized image
                 windows = (Window(0, scaled[0], 0, scaled[1]),)
                 logits = (await self._compute(request, merge.logits))[None]
-            labels = await self._compute(
+            labelled = await self._compute(
                 request,
                 partial(
                     labelmap.pass_labels,
@@ -515,7 +513,7 @@ class Engine:
                     labels_dtype(self._num_classes),
                 ),
             )
-            return labels, None
+            return labelled.labels, None
         total: np.ndarray | None = None
         # A pass and its flipped twin share shapes, so they run together and share batches.
         groups: dict[tuple[int, int], list[PassPlan]] = {}

@@ -18,16 +18,17 @@ rows in a small thread pool: in NumPy the calls per tile cost more than the arit
 from __future__ import annotations
 
 import itertools
-import os
 import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 from numba import njit
 
 from service.geometry import Window
+from service.runtime import default_intra_op_threads
 
 TILE = 16  # output pixels per tile side: candidates are pruned and computed per tile
 BAND = 32  # output rows (and columns) whose bounds over all classes are taken at once
@@ -59,6 +60,11 @@ def axis_taps(source: int, destination: int) -> AxisTaps:
     return AxisTaps(low, high, weight)
 
 
+class PassLabels(NamedTuple):
+    labels: np.ndarray  # (H, W) at the original size
+    exact_tiles: int  # tiles that needed arithmetic; the others were one class
+
+
 def pass_labels(
     windows: Sequence[Window],
     logits: np.ndarray | Sequence[np.ndarray],
@@ -67,23 +73,10 @@ def pass_labels(
     dtype: type[np.unsignedinteger],
     tile: int = TILE,
     band: int = BAND,
-) -> np.ndarray:
+) -> PassLabels:
     """mmseg's label map of one pass: ``logits[i]`` (C, h, w) is the model output for
     ``windows[i]`` (all of one size) of the resized image of size ``scaled`` (height, width);
     the labels have the ``original`` size. A single window covering the image is whole mode."""
-    return _pass_labels(windows, logits, scaled, original, dtype, tile, band)[0]
-
-
-def _pass_labels(
-    windows: Sequence[Window],
-    logits: np.ndarray | Sequence[np.ndarray],
-    scaled: tuple[int, int],
-    original: tuple[int, int],
-    dtype: type[np.unsignedinteger],
-    tile: int,
-    band: int,
-) -> tuple[np.ndarray, int]:
-    """The labels and how many tiles needed exact arithmetic (the rest were one class)."""
     stacked = np.ascontiguousarray(logits, dtype=np.float32)  # (N, C, h, w)
     height, width = windows[0].height, windows[0].width
     if any((w.height, w.width) != (height, width) for w in windows):
@@ -112,15 +105,15 @@ def _pass_labels(
         labels,
     )
     bands = len(band_rows) - 1
-    threads = min(_threads(), bands)
+    threads = min(default_intra_op_threads(), bands)
     if threads <= 1:
-        return labels, _label_bands(*arguments, 0, bands)
+        return PassLabels(labels, _label_bands(*arguments, 0, bands))
     # More pieces than threads, so a band full of contested tiles does not hold the others up.
     cuts = np.linspace(0, bands, 2 * threads + 1).round().astype(int)
     pieces = [(int(a), int(b)) for a, b in itertools.pairwise(cuts) if b > a]
     pool = _executor()
     exact = sum(pool.map(lambda piece: _label_bands(*arguments, *piece), pieces))
-    return labels, exact
+    return PassLabels(labels, exact)
 
 
 def warm_up() -> None:
@@ -131,17 +124,15 @@ def warm_up() -> None:
         pass_labels(windows, logits, (8, 12), (10, 15), dtype, tile=4, band=8)
 
 
-def _threads() -> int:
-    return len(os.sched_getaffinity(0))
-
-
 def _executor() -> ThreadPoolExecutor:
     """The kernel releases the GIL, so plain threads run bands in parallel. A pool of its own:
     the engine's pool runs this function, and waiting on one's own pool can deadlock."""
     global _pool
     with _pool_lock:
         if _pool is None:
-            _pool = ThreadPoolExecutor(max_workers=_threads(), thread_name_prefix="labelmap")
+            _pool = ThreadPoolExecutor(
+                max_workers=default_intra_op_threads(), thread_name_prefix="labelmap"
+            )
         return _pool
 
 
@@ -180,10 +171,9 @@ def _label_bands(logits, windows, window_taps, image_taps, band_rows, band_cols,
         block_hi[:] = -np.inf
         block_lo[:] = np.inf
         for n in range(n_win):
-            top, bottom = max(y0, win_y[n]), min(y1, win_y[n] + win_h)
+            top, bottom, a0, a1 = _overlap(y0, y1, win_y[n], win_h, wr_lo, wr_hi)
             if top >= bottom:
                 continue
-            a0, a1 = wr_lo[top - win_y[n]], wr_hi[bottom - 1 - win_y[n]] + 1
             for c in range(n_cls):
                 row_hi[c] = logits[n, c, a0]
                 row_lo[c] = logits[n, c, a0]
@@ -194,10 +184,9 @@ def _label_bands(logits, windows, window_taps, image_taps, band_rows, band_cols,
                         row_lo[c, b] = v if v < row_lo[c, b] else row_lo[c, b]
             for j in range(n_blocks):
                 x0, x1 = c_lo[band_cols[j]], c_hi[band_cols[j + 1] - 1] + 1
-                left, right = max(x0, win_x[n]), min(x1, win_x[n] + win_w)
+                left, right, b0, b1 = _overlap(x0, x1, win_x[n], win_w, wc_lo, wc_hi)
                 if left >= right:
                     continue
-                b0, b1 = wc_lo[left - win_x[n]], wc_hi[right - 1 - win_x[n]] + 1
                 for c in range(n_cls):
                     h, low = block_hi[j, c], block_lo[j, c]
                     for b in range(b0, b1):
@@ -215,6 +204,17 @@ def _label_bands(logits, windows, window_taps, image_taps, band_rows, band_cols,
                         block_cand, k_block, cand, hi, lo, labels,
                     )  # fmt: skip
     return exact
+
+
+@njit(nogil=True, cache=True, boundscheck=False)
+def _overlap(begin, end, offset, size, low, high):
+    """Where ``[begin, end)`` meets a window's ``[offset, offset + size)`` along one axis: that
+    range and the half-open logits range its taps (``low``, ``high``) read; empty when the first
+    value is not below the second."""
+    first, last = max(begin, offset), min(end, offset + size)
+    if first >= last:
+        return first, last, 0, 0
+    return first, last, low[first - offset], high[last - 1 - offset] + 1
 
 
 @njit(nogil=True, cache=True, boundscheck=False)
@@ -250,12 +250,10 @@ def _label_tile(logits, windows, window_taps, image_taps, tile_rows, tile_cols, 
         hi[:k] = -np.inf
         lo[:k] = np.inf
         for n in range(n_win):
-            top, bottom = max(y0, win_y[n]), min(y1, win_y[n] + win_h)
-            left, right = max(x0, win_x[n]), min(x1, win_x[n] + win_w)
+            top, bottom, a0, a1 = _overlap(y0, y1, win_y[n], win_h, wr_lo, wr_hi)
+            left, right, b0, b1 = _overlap(x0, x1, win_x[n], win_w, wc_lo, wc_hi)
             if top >= bottom or left >= right:
                 continue
-            a0, a1 = wr_lo[top - win_y[n]], wr_hi[bottom - 1 - win_y[n]] + 1
-            b0, b1 = wc_lo[left - win_x[n]], wc_hi[right - 1 - win_x[n]] + 1
             taps += (a1 - a0) * (b1 - b0)
             for q in range(k):
                 h, low = hi[q], lo[q]
@@ -277,11 +275,10 @@ def _label_tile(logits, windows, window_taps, image_taps, tile_rows, tile_cols, 
     merged = np.zeros((y1 - y0, x1 - x0, k), np.float32)
     count = np.zeros((y1 - y0, x1 - x0), np.float32)
     for n in range(n_win):
-        top, bottom = max(y0, win_y[n]), min(y1, win_y[n] + win_h)
-        left, right = max(x0, win_x[n]), min(x1, win_x[n] + win_w)
+        top, bottom, a0, a1 = _overlap(y0, y1, win_y[n], win_h, wr_lo, wr_hi)
+        left, right, _, _ = _overlap(x0, x1, win_x[n], win_w, wc_lo, wc_hi)
         if top >= bottom or left >= right:
             continue
-        a0, a1 = wr_lo[top - win_y[n]], wr_hi[bottom - 1 - win_y[n]] + 1
         across = np.empty((a1 - a0, right - left, k), np.float32)
         for a in range(a0, a1):
             for x in range(left, right):
@@ -335,12 +332,10 @@ def _undominated(logits, windows, window_taps, region, cand, k, taps):
     values = np.empty((taps, k), np.float32)
     row = 0
     for n in range(logits.shape[0]):
-        top, bottom = max(y0, win_y[n]), min(y1, win_y[n] + win_h)
-        left, right = max(x0, win_x[n]), min(x1, win_x[n] + win_w)
+        top, bottom, a0, a1 = _overlap(y0, y1, win_y[n], win_h, wr_lo, wr_hi)
+        left, right, b0, b1 = _overlap(x0, x1, win_x[n], win_w, wc_lo, wc_hi)
         if top >= bottom or left >= right:
             continue
-        a0, a1 = wr_lo[top - win_y[n]], wr_hi[bottom - 1 - win_y[n]] + 1
-        b0, b1 = wc_lo[left - win_x[n]], wc_hi[right - 1 - win_x[n]] + 1
         for q in range(k):
             i = row
             for a in range(a0, a1):

@@ -111,7 +111,7 @@ def test_untrained_logits_match_mmseg(
     rng = np.random.default_rng(sum(scaled) + tile)
     windows = window_grid(*scaled, crop, stride)
     logits = [noise_logits(rng, 19, ((w.height + 3) // 4, (w.width + 3) // 4)) for w in windows]
-    labels = pass_labels(windows, logits, scaled, original, np.uint8, tile=tile, band=band)
+    labels = pass_labels(windows, logits, scaled, original, np.uint8, tile=tile, band=band).labels
     assert labels.shape == original and labels.dtype == np.uint8
     expected, margin = reference(windows, logits, scaled, original)
     assert len(np.unique(expected)) > 10
@@ -159,7 +159,7 @@ def test_random_geometries_match_mmseg() -> None:
         case = random_case(rng)
         labels = pass_labels(
             case.windows, case.logits, case.scaled, case.original, np.uint8, case.tile, case.band
-        )
+        ).labels
         expected, margin = reference(case.windows, case.logits, case.scaled, case.original)
         assert_same_labels(labels, expected, margin)
 
@@ -193,7 +193,7 @@ def test_a_narrow_winner_is_kept() -> None:
         inside = (rows >= 16) & (rows < 48) & (cols >= 30) & (cols < 70)
         values[1] = np.where(inside, 1.004, -1.0)  # ahead of class 0 by a hair inside only
         logits.append(values)
-    labels = pass_labels(windows, logits, (64, 96), (130, 190), np.uint8, tile=16, band=32)
+    labels = pass_labels(windows, logits, (64, 96), (130, 190), np.uint8, tile=16, band=32).labels
     expected, margin = reference(windows, logits, (64, 96), (130, 190))
     assert (expected == 1).sum() > 100
     clear = margin > NOISE
@@ -204,7 +204,9 @@ def test_single_window_is_whole_mode() -> None:
     rng = np.random.default_rng(3)
     logits = [noise_logits(rng, 300, (30, 41))]
     windows = [Window(0, 120, 0, 164)]
-    labels = pass_labels(windows, logits, (120, 164), (333, 500), np.uint16, tile=16, band=48)
+    labels = pass_labels(
+        windows, logits, (120, 164), (333, 500), np.uint16, tile=16, band=48
+    ).labels
     assert labels.dtype == np.uint16
     expected, margin = reference(windows, logits, (120, 164), (333, 500))
     assert expected.max() > 255
@@ -218,7 +220,7 @@ def test_region_logits_match_and_skip_most_tiles() -> None:
     classes = rng.permutation(150)[: regions.max() + 1][regions]
     windows = window_grid(200, 400, (128, 128), (85, 85))
     logits = [region_logits(classes[w.y1 : w.y2, w.x1 : w.x2], 150, rng, stride=4) for w in windows]
-    labels, exact_tiles = labelmap._pass_labels(
+    labels, exact_tiles = pass_labels(
         windows, logits, (200, 400), (400, 800), np.uint8, tile=16, band=32
     )
     expected, margin = reference(windows, logits, (200, 400), (400, 800))
@@ -235,7 +237,7 @@ def test_exact_ties_keep_the_first_class() -> None:
         values = noise_logits(rng, 6, (w.height // 4, w.width // 4))
         values[4] = values[1] = values.max(axis=0) + 1.0  # classes 1 and 4 tie, above the rest
         logits.append(values)
-    labels = pass_labels(windows, logits, (64, 96), (130, 190), np.uint8, tile=16)
+    labels = pass_labels(windows, logits, (64, 96), (130, 190), np.uint8, tile=16).labels
     assert (labels == 1).all()
 
 
@@ -245,7 +247,7 @@ def test_nan_logits_give_labels_not_an_error() -> None:
     windows = window_grid(64, 96, (48, 48), (32, 32))
     logits = [noise_logits(rng, 5, (w.height // 4, w.width // 4)) for w in windows]
     logits[1][:, 2:6, 3:8] = np.nan
-    labels = pass_labels(windows, logits, (64, 96), (130, 190), np.uint8, tile=16)
+    labels = pass_labels(windows, logits, (64, 96), (130, 190), np.uint8, tile=16).labels
     assert labels.shape == (130, 190) and int(labels.max()) < 5
 
 
