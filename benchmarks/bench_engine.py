@@ -45,8 +45,10 @@ import torch.nn.functional as F
 from skimage import data
 
 from service.bundle import Bundle, load_bundle
-from service.engine import Engine, EngineConfig, SegmentOptions
+from service.config import EngineConfig, RuntimeSettings
+from service.engine import Engine
 from service.geometry import resize_image
+from service.planning import SegmentOptions
 from service.runtime import default_intra_op_threads
 
 PHOTOS = {
@@ -85,11 +87,10 @@ class Target:
 
     def engine_config(self, max_batch_size: int, max_queue_delay_ms: float = 5.0) -> EngineConfig:
         return EngineConfig(
-            providers=(self.device,),
-            allow_cpu_fallback=False,
             max_batch_size=max_batch_size,
             max_queue_delay_ms=max_queue_delay_ms,
             inference_timeout_s=3600.0,  # 2 x batch requests queue behind each other here
+            runtime=RuntimeSettings(providers=(self.device,), allow_cpu_fallback=False),
         )
 
     @property
@@ -272,7 +273,8 @@ def refitted_bundle(
     from onnx import numpy_helper
     from skimage import segmentation
 
-    from service.engine import plan_request
+    from service.config import Limits
+    from service.planning import plan_request
 
     shutil.copytree(bundle.path, out)
     model_path = out / bundle.model_path.relative_to(bundle.path)
@@ -289,8 +291,7 @@ def refitted_bundle(
         bundle.metadata.test_config,
         options,
         *image.shape[:2],
-        max_pixels=1 << 30,
-        max_inputs=1 << 20,
+        Limits(max_pixels=1 << 30, max_inputs_per_request=1 << 20),
     ).passes[0]
     scaled = resize_image(image, pass_plan.width, pass_plan.height)
     regions = segmentation.slic(scaled, n_segments=40, compactness=20, start_label=0)

@@ -42,6 +42,7 @@ from export.triton import triton_config
 from export.verify import DEFAULT_SIZES, VerificationReport, verify
 from models import datasets
 from models.registry import create_model, list_models
+from service import __version__
 from service.bundle import (
     METADATA_FILE,
     MODEL_FILE,
@@ -56,9 +57,8 @@ from service.bundle import (
     write_metadata,
 )
 
-SEGSERVE_VERSION = "0.1.0"
 EXPORTER_VERSION = (
-    f"segserve-export {SEGSERVE_VERSION} (torch {torch.__version__}, onnx {onnx.__version__})"
+    f"segserve-export {__version__} (torch {torch.__version__}, onnx {onnx.__version__})"
 )
 # Faster or level on onnxruntime's CPU provider (measured, docs/export.md), and the form with
 # mature CUDA kernels (flash / memory-efficient), so it never leaves the GPU.

@@ -25,7 +25,9 @@ from types import FrameType
 import uvicorn
 from fastapi import FastAPI
 
-from service.api import Services, create_app
+from service.http import create_app
+from service.http.state import Services
+from service.manager import ModelsState
 from service.settings import Settings
 
 log = logging.getLogger("segserve")
@@ -55,7 +57,7 @@ class DrainingServer(uvicorn.Server):
 
     async def on_tick(self, counter: int) -> bool:
         services: Services | None = getattr(self.app.state, "services", None)
-        if services is not None and services.load_error is not None:
+        if services is not None and services.manager.state is ModelsState.FAILED:
             self.load_failed = True
             return True
         return await super().on_tick(counter)

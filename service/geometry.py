@@ -55,16 +55,6 @@ def resize_plane(plane: np.ndarray, height: int, width: int) -> np.ndarray:
     return cv2.resize(plane, (width, height), interpolation=cv2.INTER_LINEAR)
 
 
-def resize_scores(scores: np.ndarray, height: int, width: int) -> np.ndarray:
-    """(C, h, w) -> (C, height, width) float32, plane by plane (see ``resize_plane``)."""
-    if scores.shape[1] == height and scores.shape[2] == width:
-        return scores
-    out = np.empty((scores.shape[0], height, width), dtype=np.float32)
-    for channel, plane in enumerate(scores):
-        out[channel] = resize_plane(plane, height, width)
-    return out
-
-
 def planes_to_original(
     scores: np.ndarray, scaled: tuple[int, int], flip: bool, original: tuple[int, int]
 ) -> Iterator[np.ndarray]:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from service.geometry import labels_dtype
 from service.imageio import encode_palette_png, encode_png
 
 OVERLAY_OPACITY = 0.5  # mmsegmentation's default for its visualiser
@@ -37,11 +38,6 @@ def palette_version(palette: Sequence[Sequence[int]]) -> str:
     return hashlib.sha256(palette_array(palette).tobytes()).hexdigest()[:12]
 
 
-def label_dtype(num_classes: int) -> type[np.unsignedinteger]:
-    """uint8 while every class id fits, uint16 beyond 256 classes."""
-    return np.uint8 if num_classes <= 256 else np.uint16
-
-
 def class_statistics(labels: np.ndarray, classes: Sequence[str]) -> list[ClassShare]:
     """The classes present, by id, with pixel counts and fractions of the whole image."""
     counts = np.bincount(labels.ravel(), minlength=len(classes))
@@ -56,7 +52,7 @@ def class_statistics(labels: np.ndarray, classes: Sequence[str]) -> list[ClassSh
 
 def render_labels_png(labels: np.ndarray, num_classes: int) -> bytes:
     """Class ids as grey levels: 8-bit PNG up to 256 classes, 16-bit above."""
-    return encode_png(labels.astype(label_dtype(num_classes), copy=False))
+    return encode_png(labels.astype(labels_dtype(num_classes), copy=False))
 
 
 def colorize(labels: np.ndarray, palette: np.ndarray) -> np.ndarray:

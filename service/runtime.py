@@ -12,15 +12,15 @@ import logging
 import os
 import tempfile
 from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
+from service.config import PROVIDER_NAMES, RuntimeSettings
+
 log = logging.getLogger(__name__)
 
-PROVIDER_NAMES = {"cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider"}
 CPU = PROVIDER_NAMES["cpu"]
 CUDA = PROVIDER_NAMES["cuda"]
 
@@ -114,16 +114,6 @@ def _is_shape_arithmetic(args: dict[str, object]) -> bool:
         return False
     dtypes = {dtype for output in outputs if isinstance(output, dict) for dtype in output}
     return bool(dtypes) and dtypes <= SHAPE_DTYPES
-
-
-@dataclass(frozen=True)
-class RuntimeSettings:
-    providers: tuple[str, ...] = ("cuda", "cpu")
-    allow_cpu_fallback: bool = True
-    intra_op_threads: int = 0
-    # Under CUDA, refuse a graph whose compute nodes fall back to the CPU unless this is set.
-    allow_cpu_nodes: bool = False
-    gpu_mem_limit_bytes: int = 0  # 0: onnxruntime's default
 
 
 class Runtime:

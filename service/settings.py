@@ -1,8 +1,9 @@
 """Server configuration from ``SEGSERVE_*`` environment variables (pydantic-settings).
 
 One object, read once at start-up, so every limit the server enforces is visible in one place.
-Per-model overrides are a JSON object keyed by bundle name, e.g.
-``SEGSERVE_PER_MODEL='{"segformer-b5": {"max_batch_size": 2}}'``.
+Engine defaults are written once, in ``service/config.py``; ``EngineConfig.from_settings`` turns
+these settings into an engine's configuration. Per-model overrides are a JSON object keyed by
+bundle name, e.g. ``SEGSERVE_PER_MODEL='{"segformer-b5": {"max_batch_size": 2}}'``.
 """
 
 from __future__ import annotations
@@ -13,7 +14,11 @@ from typing import Annotated, Any
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-PROVIDERS = ("cuda", "cpu")
+from service.config import ENGINE_SETTINGS, PROVIDERS, EngineConfig, Limits, RuntimeSettings
+
+_ENGINE = EngineConfig()
+_LIMITS = Limits()
+_RUNTIME = RuntimeSettings()
 
 
 class Settings(BaseSettings):
@@ -23,19 +28,27 @@ class Settings(BaseSettings):
 
     model_repository: Path = Path("model_repository")
     default_model: str | None = None
-    providers: Annotated[tuple[str, ...], NoDecode] = PROVIDERS
-    allow_cpu_fallback: bool = True
-    max_batch_size: int = Field(default=8, ge=1)
-    max_queue_delay_ms: float = Field(default=5.0, ge=0)
-    max_queue_size: int = Field(default=256, ge=1)
-    intra_op_threads: int = Field(default=0, ge=0)
+    # session (service/runtime.py)
+    providers: Annotated[tuple[str, ...], NoDecode] = _RUNTIME.providers
+    allow_cpu_fallback: bool = _RUNTIME.allow_cpu_fallback
+    intra_op_threads: int = Field(default=_RUNTIME.intra_op_threads, ge=0)
+    allow_cpu_nodes: bool = _RUNTIME.allow_cpu_nodes
+    gpu_mem_limit_bytes: int = Field(default=_RUNTIME.gpu_mem_limit_bytes, ge=0)
+    # batching (service/batcher.py)
+    max_batch_size: int = Field(default=_ENGINE.max_batch_size, ge=1)
+    max_queue_delay_ms: float = Field(default=_ENGINE.max_queue_delay_ms, ge=0)
+    max_queue_size: int = Field(default=_ENGINE.max_queue_size, ge=1)
+    max_inputs_in_flight: int = Field(default=_ENGINE.max_inputs_in_flight, ge=0)
+    inference_timeout_s: float = Field(default=_ENGINE.inference_timeout_s, gt=0)
+    # request limits (checked in service/planning.py, except the upload size)
     max_upload_bytes: int = Field(default=20 * 1024 * 1024, ge=1)
-    max_pixels: int = Field(default=40_000_000, ge=1)
-    max_scales: int = Field(default=8, ge=1)
-    max_crop: int = Field(default=2048, ge=1)
-    max_tta_inputs: int = Field(default=64, ge=1)
-    max_inputs_per_request: int = Field(default=1024, ge=1)
-    inference_timeout_s: float = Field(default=60.0, gt=0)
+    max_pixels: int = Field(default=_LIMITS.max_pixels, ge=1)
+    max_scales: int = Field(default=_LIMITS.max_scales, ge=1)
+    max_scale_ratio: float = Field(default=_LIMITS.max_scale_ratio, gt=0)
+    max_crop: int = Field(default=_LIMITS.max_crop, ge=1)
+    max_tta_inputs: int = Field(default=_LIMITS.max_tta_inputs, ge=1)
+    max_inputs_per_request: int = Field(default=_LIMITS.max_inputs_per_request, ge=1)
+    # HTTP, store, shutdown
     api_key: SecretStr | None = None
     mask_store: str = "memory"
     mask_store_max_bytes: int = Field(default=256 * 1024 * 1024, ge=1)
@@ -67,3 +80,19 @@ class Settings(BaseSettings):
     @classmethod
     def _empty_key_is_none(cls, value: object) -> object:
         return None if value == "" else value
+
+    @field_validator("per_model")
+    @classmethod
+    def _known_engine_settings(cls, value: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        for model, overrides in value.items():
+            unknown = sorted(set(overrides) - ENGINE_SETTINGS)
+            if unknown:
+                raise ValueError(
+                    f"per_model[{model!r}] names unknown engine settings {unknown}; "
+                    f"known: {sorted(ENGINE_SETTINGS)}"
+                )
+        return value
+
+    def engine_config(self, model: str | None = None) -> EngineConfig:
+        """The configuration of ``model``'s engine: these settings plus its overrides."""
+        return EngineConfig.from_settings(self, self.per_model.get(model or "", {}))

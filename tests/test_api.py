@@ -16,8 +16,8 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from service.api import create_app
 from service.bundle import load_bundle
+from service.http import create_app
 from service.settings import Settings
 from tests.reference import ReferenceConfig, onnx_forward, reference_segment
 
@@ -411,7 +411,7 @@ def test_unexpected_failure_is_a_500_without_details(
     async def broken(*args: object) -> None:
         raise RuntimeError("secret internal detail /etc/passwd")
 
-    monkeypatch.setattr(engine, "segment", broken)
+    monkeypatch.setattr(engine, "run", broken)
     response = post_image(client, chelsea)
     assert response.status_code == 500
     assert response.json() == {

@@ -13,8 +13,9 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 from pydantic import ValidationError
+from service.http import create_app
 
-from service.api import create_app, engine_config, per_model_configs
+from service.config import EngineConfig
 from service.settings import Settings
 from tests.test_e2e_server import free_port
 
@@ -34,8 +35,9 @@ def test_settings_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     assert "Zq9" not in repr(settings)  # the key never shows in logs
     assert settings.mask_store == "redis://cache:6379/0"
     assert settings.per_model == {"b5": {"max_batch_size": 1}}
-    config = engine_config(settings)
-    assert config.providers == ("cpu",) and config.max_batch_size == 3
+    config = settings.engine_config()
+    assert config.runtime.providers == ("cpu",) and config.max_batch_size == 3
+    assert settings.engine_config("b5").max_batch_size == 1
 
 
 def test_defaults_and_empty_api_key(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -68,13 +70,25 @@ def test_invalid_settings_are_refused(
 
 
 def test_per_model_overrides_apply_on_top_of_the_global_config() -> None:
-    settings = Settings(max_batch_size=8, per_model={"tiny": {"max_batch_size": 2}})
-    base = engine_config(settings)
-    overrides = per_model_configs(settings, base)
-    assert overrides["tiny"].max_batch_size == 2
-    assert overrides["tiny"].max_queue_size == base.max_queue_size
-    with pytest.raises(ValueError, match="unknown engine setting"):
-        per_model_configs(Settings(per_model={"tiny": {"batch": 2}}), base)
+    settings = Settings(
+        max_batch_size=8,
+        max_crop=4096,
+        per_model={"tiny": {"max_batch_size": 2, "providers": ["cpu"], "max_scales": 12}},
+    )
+    base = settings.engine_config()
+    tiny = settings.engine_config("tiny")
+    assert (tiny.max_batch_size, base.max_batch_size) == (2, 8)
+    assert tiny.max_queue_size == base.max_queue_size
+    assert tiny.runtime.providers == ("cpu",) and base.runtime.providers == ("cuda", "cpu")
+    assert (tiny.limits.max_scales, base.limits.max_scales) == (12, 8)
+    assert tiny.limits.max_crop == base.limits.max_crop == 4096
+    with pytest.raises(ValidationError, match="unknown engine settings"):
+        Settings(per_model={"tiny": {"batch": 2}})
+
+
+def test_engine_defaults_are_written_once() -> None:
+    """Settings' engine defaults are EngineConfig's: one source for each default."""
+    assert Settings(_env_file=None).engine_config() == EngineConfig()
 
 
 def wait_for(client: TestClient, predicate, timeout_s: float = 30.0) -> dict:

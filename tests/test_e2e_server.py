@@ -151,7 +151,7 @@ def test_the_serving_entry_point_never_imports_torch() -> None:
         "import sys, runpy; sys.argv = ['service', '--help']\n"
         "try:\n    runpy.run_module('service', run_name='__main__')\n"
         "except SystemExit:\n    pass\n"
-        "import service.api, service.engine, service.store, service.render, service.imageio\n"
+        "import service.http, service.engine, service.store, service.render, service.imageio\n"
         "heavy = sorted(m for m in sys.modules if m.split('.')[0] in {'torch', 'transformers'})\n"
         "print(heavy)\n"
     )

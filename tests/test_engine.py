@@ -14,8 +14,11 @@ import numpy as np
 import pytest
 
 from service.bundle import Bundle, TestConfig
-from service.engine import Engine, EngineConfig, SegmentOptions, SegmentResult
+from service.config import EngineConfig
+from service.engine import Engine, SegmentResult
 from service.geometry import resize_image
+from service.merging import keep_windows
+from service.planning import SegmentOptions
 from service.runtime import Runtime
 from tests.conftest import write_tiny_bundle
 from tests.reference import ReferenceConfig, onnx_forward, reference_segment
@@ -143,7 +146,8 @@ def test_slide_mode_matches_reference(
     result = assert_matches_reference(slide_engine, image, options)
     plan = slide_engine.plan(options, *image.shape[:2])
     assert result.num_inputs == plan.num_inputs
-    assert slide_engine._keeps_windows(plan.passes[0]) == (stride != (8, 8))
+    stride_out = slide_engine.bundle.metadata.output.stride
+    assert keep_windows(plan.passes[0], stride_out) == (stride != (8, 8))
     if crop is None:
         assert result.num_inputs == 8  # coffee 400x600 -> 160x240: 2 x 4 windows
 

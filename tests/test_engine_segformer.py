@@ -10,14 +10,16 @@ import numpy as np
 import pytest
 
 from service.bundle import Bundle
-from service.engine import Engine, EngineConfig, SegmentOptions
+from service.config import EngineConfig, RuntimeSettings
+from service.engine import Engine
 from service.geometry import resize_image
+from service.planning import SegmentOptions
 from tests.reference import ReferenceConfig, onnx_forward, reference_segment
 
 
 @pytest.fixture(scope="module")
 def engine(segformer_b0_bundle: Bundle) -> Iterator[Engine]:
-    engine = Engine(segformer_b0_bundle, EngineConfig(providers=("cpu",)))
+    engine = Engine(segformer_b0_bundle, EngineConfig(runtime=RuntimeSettings(providers=("cpu",))))
     engine.start()
     yield engine
     engine.stop()

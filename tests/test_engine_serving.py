@@ -13,7 +13,8 @@ import pytest
 
 from service import metrics
 from service.bundle import Bundle, BundleError
-from service.engine import Engine, EngineConfig, ModelManager, SegmentOptions
+from service.config import EngineConfig, Limits, RuntimeSettings
+from service.engine import Engine
 from service.errors import (
     InferenceTimeoutError,
     InvalidParameterError,
@@ -22,6 +23,8 @@ from service.errors import (
     UnknownModelError,
 )
 from service.geometry import resize_image
+from service.manager import ModelManager
+from service.planning import SegmentOptions
 from service.runtime import (
     ARENA_SHRINK_PIXELS,
     CPU,
@@ -29,7 +32,6 @@ from service.runtime import (
     PlacementError,
     ProviderUnavailableError,
     Runtime,
-    RuntimeSettings,
     misplaced_nodes,
     resolve_providers,
 )
@@ -158,7 +160,8 @@ def test_timeout_raises_and_frees_the_queue(
         (SegmentOptions(mode="slide"), "crop must be two integers"),  # bundle has no crop
         (SegmentOptions(crop=(64, 64)), "slide mode only"),
         (SegmentOptions(mode="tiles"), "mode must be"),  # type: ignore[arg-type]
-        (SegmentOptions(scales=()), "scales must hold"),
+        (SegmentOptions(scales=()), "0 scales requested; between 1 and 8"),
+        (SegmentOptions(scales=(1.0,) * 9), "9 scales requested"),
         (SegmentOptions(scales=(0.0,)), "scale ratios must be in"),
         (SegmentOptions(scales=(float("nan"),)), "not a number"),
         (SegmentOptions(scales=(1.0, 1.5, 2.0), flip=True), "6 test-time passes"),
@@ -168,9 +171,11 @@ def test_timeout_raises_and_frees_the_queue(
 def test_bad_options_are_refused_by_name(
     tiny_bundle: Bundle, options: SegmentOptions, message: str
 ) -> None:
-    engine = Engine(tiny_bundle, EngineConfig(max_tta_inputs=4, max_pixels=1_000_000))
+    engine = Engine(
+        tiny_bundle, EngineConfig(limits=Limits(max_tta_inputs=4, max_pixels=1_000_000))
+    )
     with pytest.raises(InvalidParameterError, match=message):
-        engine.validate_options(options, 500, 600)
+        engine.plan(options, 500, 600)
 
 
 def test_too_many_inputs_are_refused_before_windows_are_listed(
@@ -178,9 +183,11 @@ def test_too_many_inputs_are_refused_before_windows_are_listed(
 ) -> None:
     """1-pixel windows on a large image would be millions of windows (gigabytes of plan): the
     count comes from the grid arithmetic before any window is listed."""
-    import service.engine as engine_module
+    import service.planning as engine_module
 
-    engine = Engine(tiny_bundle, EngineConfig(max_inputs_per_request=100, max_pixels=10**9))
+    engine = Engine(
+        tiny_bundle, EngineConfig(limits=Limits(max_inputs_per_request=100, max_pixels=10**9))
+    )
     listed: list[object] = []
     real_grid = engine_module.window_grid
     monkeypatch.setattr(
@@ -188,7 +195,7 @@ def test_too_many_inputs_are_refused_before_windows_are_listed(
     )
     huge = SegmentOptions(mode="slide", crop=(1, 1), stride=(1, 1), scales=(1.0, 4.0))
     with pytest.raises(InvalidParameterError, match=r"needs 102000000 model inputs.*limit is 100"):
-        engine.validate_options(huge, 2000, 3000)  # 2000 x 3000 + 8000 x 12000 windows
+        engine.plan(huge, 2000, 3000)  # 2000 x 3000 + 8000 x 12000 windows
     assert listed == []
     at_limit = SegmentOptions(mode="slide", crop=(10, 10), stride=(10, 10), scales=(1.0,))
     assert engine.plan(at_limit, 100, 100).num_inputs == 100
@@ -196,9 +203,9 @@ def test_too_many_inputs_are_refused_before_windows_are_listed(
 
 
 def test_pixel_limit_and_image_checks(tiny_bundle: Bundle) -> None:
-    engine = Engine(tiny_bundle, EngineConfig(max_pixels=10_000))
+    engine = Engine(tiny_bundle, EngineConfig(limits=Limits(max_pixels=10_000)))
     with pytest.raises(PayloadTooLargeError, match="10001 pixels"):
-        engine.validate_options(SegmentOptions(), 1, 10_001)
+        engine.plan(SegmentOptions(), 1, 10_001)
     engine.start()
     try:
         with pytest.raises(InvalidParameterError, match="uint8 RGB"):
@@ -228,7 +235,9 @@ def test_cpu_fallback_is_logged_and_reported(
     if HAS_CUDA:
         pytest.skip("CUDA is present, so there is no fallback to observe")
     with caplog.at_level(logging.WARNING, logger="service.runtime"):
-        engine = Engine(tiny_bundle, EngineConfig(providers=("cuda", "cpu")))
+        engine = Engine(
+            tiny_bundle, EngineConfig(runtime=RuntimeSettings(providers=("cuda", "cpu")))
+        )
         engine.start()
     try:
         assert engine.provider == CPU
@@ -237,7 +246,10 @@ def test_cpu_fallback_is_logged_and_reported(
     finally:
         engine.stop()
     assert metrics.MODEL_LOADED.labels(tiny_bundle.name, CPU)._value.get() == 0
-    strict = Engine(tiny_bundle, EngineConfig(providers=("cuda",), allow_cpu_fallback=False))
+    strict = Engine(
+        tiny_bundle,
+        EngineConfig(runtime=RuntimeSettings(providers=("cuda",), allow_cpu_fallback=False)),
+    )
     with pytest.raises(ProviderUnavailableError):
         strict.start()
 
@@ -267,8 +279,12 @@ def test_model_manager_loads_every_bundle(
 ) -> None:
     manager = ModelManager(
         model_repository,
-        EngineConfig(providers=("cpu",)),
-        per_model={"tiny-float": EngineConfig(providers=("cpu",), max_batch_size=2)},
+        EngineConfig(runtime=RuntimeSettings(providers=("cpu",))),
+        per_model={
+            "tiny-float": EngineConfig(
+                max_batch_size=2, runtime=RuntimeSettings(providers=("cpu",))
+            )
+        },
     )
     assert not manager.ready
     manager.load_all()
@@ -306,8 +322,11 @@ def test_model_manager_refuses_empty_or_mismatched_repositories(
 def test_cuda_engine_matches_cpu_with_placement_checked(
     tiny_float_bundle: Bundle, photos: dict[str, np.ndarray]
 ) -> None:
-    gpu = Engine(tiny_float_bundle, EngineConfig(providers=("cuda",), allow_cpu_fallback=False))
-    cpu = Engine(tiny_float_bundle, EngineConfig(providers=("cpu",)))
+    gpu = Engine(
+        tiny_float_bundle,
+        EngineConfig(runtime=RuntimeSettings(providers=("cuda",), allow_cpu_fallback=False)),
+    )
+    cpu = Engine(tiny_float_bundle, EngineConfig(runtime=RuntimeSettings(providers=("cpu",))))
     gpu.start()  # runs the placement check; raises PlacementError on CPU-placed compute nodes
     cpu.start()
     try:
@@ -387,7 +406,9 @@ def test_stop_past_its_drain_time_fails_the_request_as_overloaded(
             max_batch_size=1,
             max_queue_delay_ms=0,
             max_inputs_in_flight=2,
-            max_inputs_per_request=4096,  # 2960 windows: still running when stop comes
+            limits=Limits(
+                max_inputs_per_request=4096
+            ),  # 2960 windows: still running when stop comes
         ),
     )
     engine.start()

@@ -16,7 +16,7 @@ from service.geometry import (
     ratio_size,
     rescale_size,
     resize_image,
-    resize_scores,
+    resize_plane,
     softmax,
     window_counts,
     window_grid,
@@ -100,11 +100,9 @@ def torch_resize(scores: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     ("src", "dst"),
     [((17, 23), (68, 92)), ((128, 171), (512, 683)), ((40, 30), (13, 11)), ((5, 9), (5, 20))],
 )
-def test_resize_scores_matches_torch_interpolate(
-    src: tuple[int, int], dst: tuple[int, int]
-) -> None:
+def test_resize_plane_matches_torch_interpolate(src: tuple[int, int], dst: tuple[int, int]) -> None:
     scores = np.random.default_rng(0).normal(size=(7, *src)).astype(np.float32)
-    ours = resize_scores(scores, *dst)
+    ours = np.stack([resize_plane(plane, *dst) for plane in scores])
     assert ours.shape == (7, *dst) and ours.dtype == np.float32
     # Both sides compute source coordinates in float32 with different rounding: ~3e-5 apart.
     np.testing.assert_allclose(ours, torch_resize(scores, dst), atol=1e-4)

@@ -1,0 +1,92 @@
+"""What an engine is configured with, and the one path from ``Settings`` to it.
+
+Every engine default is written once, here; ``Settings`` reads its defaults from these classes,
+and ``EngineConfig.from_settings`` is the only translation from the environment to an engine
+(per-model overrides included). No onnxruntime import: settings and planning stay light.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from service.settings import Settings
+
+# Short provider names, in the default preference order, and onnxruntime's names for them.
+PROVIDER_NAMES = {"cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider"}
+PROVIDERS = tuple(PROVIDER_NAMES)
+
+
+@dataclass(frozen=True)
+class RuntimeSettings:
+    """How one onnxruntime session is made (``service/runtime.py``)."""
+
+    providers: tuple[str, ...] = PROVIDERS  # preference order; absent GPUs skipped if allowed
+    allow_cpu_fallback: bool = True  # False: a requested GPU that is absent fails the load
+    intra_op_threads: int = 0  # 0: every core this process may use
+    # Under CUDA, accept a graph whose compute nodes run on the CPU (logged) instead of failing.
+    allow_cpu_nodes: bool = False
+    gpu_mem_limit_bytes: int = 0  # CUDA arena cap (0: onnxruntime's default, the whole GPU)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask for; checked in one place, ``planning.plan_request``."""
+
+    max_pixels: int = 40_000_000  # the image, and each rescaled pass
+    max_scales: int = 8  # TTA ratios per request
+    max_scale_ratio: float = 4.0  # largest TTA ratio
+    max_crop: int = 2048  # slide window side
+    max_tta_inputs: int = 64  # passes (scales x flips) per request
+    max_inputs_per_request: int = 1024  # model inputs (windows x passes) per request
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """One engine's batching, timing, limits and session options."""
+
+    max_batch_size: int = 8
+    max_queue_delay_ms: float = 5.0
+    max_queue_size: int = 256  # inputs waiting; beyond -> OverloadedError
+    inference_timeout_s: float = 60.0
+    # Inputs one request may have queued, running or being merged at once (0: 2 x batch size).
+    max_inputs_in_flight: int = 0
+    limits: Limits = field(default_factory=Limits)
+    runtime: RuntimeSettings = field(default_factory=RuntimeSettings)
+
+    @classmethod
+    def from_settings(
+        cls, settings: Settings, overrides: Mapping[str, Any] | None = None
+    ) -> EngineConfig:
+        """The engine configuration ``settings`` describe, with per-model ``overrides`` (keys
+        are setting names, e.g. ``max_batch_size``) applied on top."""
+        values = settings.model_dump()
+        unknown = sorted(set(overrides or {}) - set(ENGINE_SETTINGS))
+        if unknown:
+            raise ValueError(
+                f"per-model settings name unknown engine settings {unknown}; "
+                f"known: {sorted(ENGINE_SETTINGS)}"
+            )
+        values.update(overrides or {})
+
+        def pick(kind: type) -> dict[str, Any]:
+            return {f.name: values[f.name] for f in fields(kind) if f.name in values}
+
+        runtime = pick(RuntimeSettings)
+        runtime["providers"] = tuple(runtime["providers"])
+        return cls(
+            **{k: v for k, v in pick(cls).items() if k not in ("limits", "runtime")},
+            limits=Limits(**pick(Limits)),
+            runtime=RuntimeSettings(**runtime),
+        )
+
+
+# Settings that configure an engine (and may be overridden per model).
+ENGINE_SETTINGS = frozenset(
+    f.name
+    for kind in (EngineConfig, Limits, RuntimeSettings)
+    for f in fields(kind)
+    if f.name not in ("limits", "runtime")
+)

@@ -1,0 +1,81 @@
+"""The one table from typed failures (``service/errors.py``) to HTTP statuses, and the handlers
+that answer every failure as a JSON ``ErrorBody``."""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from service import errors
+from service.http.schemas import ErrorBody
+
+log = logging.getLogger("segserve.http")
+
+# The one table from typed failures to HTTP statuses (and the short code clients can switch on).
+ERROR_STATUS: dict[type[errors.SegserveError], tuple[int, str]] = {
+    errors.UnsupportedMediaError: (415, "unsupported_media"),
+    errors.InvalidImageError: (400, "invalid_image"),
+    errors.PayloadTooLargeError: (413, "payload_too_large"),
+    errors.UnknownModelError: (404, "unknown_model"),
+    errors.InvalidParameterError: (422, "invalid_parameter"),
+    errors.MaskNotFoundError: (404, "mask_not_found"),
+    errors.OverloadedError: (503, "overloaded"),
+    errors.StoreUnavailableError: (503, "store_unavailable"),
+    errors.InferenceTimeoutError: (504, "inference_timeout"),
+    errors.UnauthorizedError: (401, "unauthorized"),
+}
+
+# OpenAPI: every status a route may answer with an ErrorBody.
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorBody} for status, _ in set(ERROR_STATUS.values())
+}
+
+
+def error_response(
+    status: int, code: str, message: str, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    body = ErrorBody(error=code, message=message).model_dump()
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def status_of(exc: errors.SegserveError) -> tuple[int, str]:
+    return next((v for cls, v in ERROR_STATUS.items() if isinstance(exc, cls)), (500, "internal"))
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(errors.SegserveError)
+    async def typed_failure(request: Request, exc: errors.SegserveError) -> Response:
+        status, code = status_of(exc)
+        headers = None
+        if isinstance(exc, errors.OverloadedError):
+            headers = {"Retry-After": str(max(1, math.ceil(exc.retry_after_s)))}
+        elif isinstance(exc, errors.StoreUnavailableError):
+            headers = {"Retry-After": "1"}
+        elif isinstance(exc, errors.UnauthorizedError):
+            headers = {"WWW-Authenticate": 'ApiKey header="X-API-Key"'}
+        return error_response(status, code, str(exc), headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError) -> Response:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg', '')}"
+            for e in exc.errors()
+        )
+        return error_response(422, "invalid_parameter", problems)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        headers = dict(exc.headers) if exc.headers else None
+        return error_response(exc.status_code, code, str(exc.detail), headers)
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> Response:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return error_response(500, "internal", "internal server error (see the server log)")

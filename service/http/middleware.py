@@ -1,0 +1,41 @@
+"""Request metrics as ASGI middleware."""
+
+from __future__ import annotations
+
+import time
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.metrics import REQUEST_LATENCY, REQUESTS
+
+
+class RequestMetrics:
+    """Count and time every HTTP request by model, route template and status.
+
+    The route template (not the raw path) keeps mask ids out of the label set; routes put the
+    model they resolved in ``request.state.model``.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+
+        async def send_with_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_status)
+        finally:
+            endpoint = getattr(scope.get("route"), "path", None) or "unmatched"
+            model = scope.get("state", {}).get("model", "")
+            REQUESTS.labels(model, endpoint, str(status)).inc()
+            REQUEST_LATENCY.labels(model, endpoint).observe(time.perf_counter() - started)

@@ -1,0 +1,75 @@
+"""Typed request and response bodies of the HTTP API."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class ErrorBody(BaseModel):
+    error: str = Field(description="machine-readable code, e.g. payload_too_large")
+    message: str
+
+
+class ClassInfo(BaseModel):
+    id: int
+    name: str
+    pixels: int
+    fraction: float = Field(description="share of the image's pixels, 0..1")
+    color: tuple[int, int, int]
+
+
+class MaskUrls(BaseModel):
+    png: str
+    labels: str
+    overlay: str
+
+
+class SegmentResponse(BaseModel):
+    mask_id: str
+    model: str
+    trained: bool = Field(description="false for random-init bundles: the mask means nothing")
+    width: int
+    height: int
+    num_inputs: int = Field(description="model inputs run: windows x scales x flips")
+    classes: list[ClassInfo]
+    timings: dict[str, float] = Field(description="seconds per stage, plus total")
+    urls: MaskUrls
+
+
+class SegmentQuery(BaseModel):
+    """Query parameters of ``POST /segment``; omitted ones take the model's test configuration."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = Field(None, description="bundle name; the default model when omitted")
+    mode: Literal["whole", "slide"] | None = None
+    scales: str | None = Field(None, description="comma list of resize ratios, e.g. 0.75,1,1.25")
+    flip: bool = False
+    crop: str | None = Field(None, description="window size: 512 or HxW (slide mode)")
+    stride: str | None = Field(None, description="window step: 341 or HxW (slide mode)")
+    output: Literal["json", "png", "labels", "overlay"] = "json"
+
+
+class ModelInfo(BaseModel):
+    name: str
+    default: bool
+    arch: str
+    variant: str
+    dataset: str | None
+    trained: bool
+    provider: str
+    precision: str
+    num_classes: int
+    classes: list[str]
+    palette: list[tuple[int, int, int]]
+    palette_version: str
+    test_config: dict[str, Any]
+
+
+class ReadyResponse(BaseModel):
+    ready: bool
+    draining: bool
+    models: list[str]
+    problems: list[str]

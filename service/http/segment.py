@@ -1,0 +1,194 @@
+"""``POST /segment``: an image in, a label map out as JSON (stored) or a PNG."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from dataclasses import dataclass
+from typing import Annotated
+
+import numpy as np
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import JSONResponse, Response
+
+from service import errors
+from service.bundle import BundleMetadata
+from service.engine import Engine, SegmentResult
+from service.http.auth import API_KEY
+from service.http.errors import ERROR_RESPONSES
+from service.http.schemas import ClassInfo, MaskUrls, SegmentQuery, SegmentResponse
+from service.http.state import Services, ServicesDep
+from service.http.uploads import IMAGE_BODY, read_image
+from service.imageio import decode_image, encode_jpeg
+from service.metrics import STAGE_LATENCY
+from service.planning import SegmentOptions
+from service.render import (
+    class_statistics,
+    palette_array,
+    palette_version,
+    render_color_png,
+    render_labels_png,
+    render_overlay_png,
+)
+from service.store import StoredMask
+
+PNG = "image/png"
+router = APIRouter()
+
+
+def parse_size(name: str, text: str | None) -> tuple[int, int] | None:
+    """``512`` -> (512, 512); ``512x1024`` -> (512, 1024) as (height, width). Syntax only: the
+    limits are checked with the rest of the plan (``service/planning.py``)."""
+    if text is None:
+        return None
+    parts = text.lower().split("x")
+    try:
+        size = tuple(int(p) for p in parts)
+    except ValueError as exc:
+        raise errors.InvalidParameterError(
+            f"{name} must be N or HxW integers, got {text!r}"
+        ) from exc
+    if len(size) == 1:
+        size = (size[0], size[0])
+    if len(size) != 2 or min(size) < 1:
+        raise errors.InvalidParameterError(f"{name} must be positive N or HxW, got {text!r}")
+    return size[0], size[1]
+
+
+def parse_scales(text: str | None) -> tuple[float, ...] | None:
+    """``0.75,1,1.25`` -> ratios (syntax only; counts and ranges are checked by the plan)."""
+    if text is None:
+        return None
+    try:
+        scales = tuple(float(p) for p in text.split(","))
+    except ValueError as exc:
+        raise errors.InvalidParameterError(f"scales must be numbers, got {text!r}") from exc
+    if not all(math.isfinite(s) and s > 0 for s in scales):
+        raise errors.InvalidParameterError(f"scales must be positive, got {text!r}")
+    return scales
+
+
+def segment_options(query: SegmentQuery) -> SegmentOptions:
+    return SegmentOptions(
+        mode=query.mode,
+        scales=parse_scales(query.scales),
+        flip=query.flip,
+        crop=parse_size("crop", query.crop),
+        stride=parse_size("stride", query.stride),
+    )
+
+
+@router.post(
+    "/segment",
+    response_model=SegmentResponse,
+    responses={
+        **ERROR_RESPONSES,
+        200: {"content": {PNG: {}}, "description": "JSON, or a PNG for png/labels/overlay"},
+    },
+    openapi_extra=IMAGE_BODY,
+    dependencies=[API_KEY],
+)
+async def segment(
+    request: Request,
+    query: Annotated[SegmentQuery, Query()],
+    svc: ServicesDep,
+) -> Response:
+    """Segment one image; the answer is JSON with a mask id, or the PNG asked for."""
+    settings = svc.settings
+    with svc.lifecycle.track():
+        svc.manager.require_ready()
+        engine = svc.manager.get(query.model)
+        request.state.model = engine.name
+        options = segment_options(query)
+        started = time.perf_counter()
+        payload = await read_image(request, settings.max_upload_bytes)
+        received = time.perf_counter()
+        image = await svc.in_pool(decode_image, payload, settings.max_pixels)
+        del payload
+        clock = _Clock(started, received, time.perf_counter())
+        STAGE_LATENCY.labels(engine.name, "decode").observe(clock.decoded - received)
+        plan = engine.plan(options, *image.shape[:2])
+        result = await engine.run(image, plan)
+        return await _respond(svc, engine, query.output, image, result, clock)
+
+
+@dataclass
+class _Clock:
+    """Timestamps of one /segment request: body received, image decoded."""
+
+    started: float
+    received: float
+    decoded: float
+
+
+def _server_timing(timings: dict[str, float]) -> str:
+    return ", ".join(f"{stage};dur={seconds * 1000:.2f}" for stage, seconds in timings.items())
+
+
+async def _respond(
+    svc: Services,
+    engine: Engine,
+    output: str,
+    image: np.ndarray,
+    result: SegmentResult,
+    clock: _Clock,
+) -> Response:
+    """Turn an engine result into the requested output, timing the encode stage."""
+    meta = engine.bundle.metadata
+    encode_started = time.perf_counter()
+
+    def timings() -> dict[str, float]:
+        finished = time.perf_counter()
+        STAGE_LATENCY.labels(engine.name, "encode").observe(finished - encode_started)
+        return {
+            "receive": clock.received - clock.started,
+            "decode": clock.decoded - clock.received,
+            **result.timings,
+            "encode": finished - encode_started,
+            "total": finished - clock.started,
+        }
+
+    if output != "json":
+        content = await svc.in_pool(_render, output, result.labels, image, meta)
+        stages = timings()
+        return Response(content, media_type=PNG, headers={"Server-Timing": _server_timing(stages)})
+
+    stats, photo_jpeg = await asyncio.gather(
+        svc.in_pool(class_statistics, result.labels, meta.classes),
+        svc.in_pool(encode_jpeg, image),
+    )
+    stored = StoredMask(engine.name, result.labels, palette_version(meta.palette), photo_jpeg)
+    mask_id = await svc.store.put(stored)
+    stages = timings()
+    answer = SegmentResponse(
+        mask_id=mask_id,
+        model=engine.name,
+        trained=meta.trained,
+        width=int(image.shape[1]),
+        height=int(image.shape[0]),
+        num_inputs=result.num_inputs,
+        classes=[
+            ClassInfo(
+                id=s.id, name=s.name, pixels=s.pixels, fraction=s.fraction, color=meta.palette[s.id]
+            )
+            for s in stats
+        ],
+        timings=stages,
+        urls=MaskUrls(
+            png=f"/masks/{mask_id}.png",
+            labels=f"/masks/{mask_id}/labels.png",
+            overlay=f"/masks/{mask_id}/overlay.png",
+        ),
+    )
+    return JSONResponse(answer.model_dump(), headers={"Server-Timing": _server_timing(stages)})
+
+
+def _render(output: str, labels: np.ndarray, image: np.ndarray, meta: BundleMetadata) -> bytes:
+    """The PNG for ``output=png|labels|overlay``."""
+    palette = palette_array(meta.palette)
+    if output == "png":
+        return render_color_png(labels, palette)
+    if output == "labels":
+        return render_labels_png(labels, meta.num_classes)
+    return render_overlay_png(labels, image, palette)

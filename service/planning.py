@@ -1,0 +1,149 @@
+"""Planning a request: options and an image size in, passes and windows out (pure, no I/O).
+
+This is the one place where a request's options are checked against ``Limits``; the route plans
+once, and the engine runs that plan. A pass is one forward of the image at one TTA ratio and flip;
+whole mode is one window covering the resized image, slide mode mmseg's window grid.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+from service.bundle import TestConfig
+from service.config import Limits
+from service.errors import InvalidParameterError, PayloadTooLargeError
+from service.geometry import Window, grid_count, ratio_size, rescale_size, window_grid
+
+
+@dataclass(frozen=True)
+class SegmentOptions:
+    mode: Literal["whole", "slide"] | None = None  # None -> bundle test_config.mode
+    scales: tuple[float, ...] | None = None  # TTA ratios; None -> single pass at the test scale
+    flip: bool = False
+    crop: tuple[int, int] | None = None  # (h, w); None -> bundle default
+    stride: tuple[int, int] | None = None
+    return_probabilities: bool = False
+
+
+@dataclass(frozen=True)
+class PassPlan:
+    """One forward pass of the image: its resized size, flip and windows on the resized image."""
+
+    height: int
+    width: int
+    flip: bool
+    windows: tuple[Window, ...]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What the engine runs for one request, on an image of ``height`` x ``width``."""
+
+    mode: Literal["whole", "slide"]
+    passes: tuple[PassPlan, ...]
+    height: int
+    width: int
+    probabilities: bool = False
+
+    @property
+    def num_inputs(self) -> int:
+        return sum(len(p.windows) for p in self.passes)
+
+
+def _pair(value: object, what: str) -> tuple[int, int]:
+    if (
+        not isinstance(value, tuple)
+        or len(value) != 2
+        or not all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+    ):
+        raise InvalidParameterError(f"{what} must be two integers (height, width), got {value!r}")
+    return value[0], value[1]
+
+
+def plan_request(
+    test_config: TestConfig, options: SegmentOptions, height: int, width: int, limits: Limits
+) -> Plan:
+    """Turn options and an image size into passes and windows; refuse bad options by name, and
+    a request needing more than ``max_inputs_per_request`` model inputs before any window is
+    listed (tiny strides on a big image would otherwise take the memory of millions of windows)."""
+    if height < 1 or width < 1:
+        raise InvalidParameterError(f"image size {width}x{height} is empty")
+    if height * width > limits.max_pixels:
+        raise PayloadTooLargeError(
+            f"image has {height * width} pixels, the limit is {limits.max_pixels}"
+        )
+    mode = options.mode or test_config.mode
+    if mode not in ("whole", "slide"):
+        raise InvalidParameterError(f"mode must be 'whole' or 'slide', got {mode!r}")
+    crop = stride = None
+    if mode == "slide":
+        crop = _pair(options.crop or test_config.crop, "crop")
+        stride = _pair(options.stride or test_config.stride, "stride")
+        if min(crop) < 1 or max(crop) > limits.max_crop:
+            raise InvalidParameterError(f"crop sides must be in 1..{limits.max_crop}, got {crop}")
+        if min(stride) < 1 or stride[0] > crop[0] or stride[1] > crop[1]:
+            raise InvalidParameterError(
+                f"stride must be positive and at most the crop {crop}, got {stride}"
+            )
+    elif options.crop is not None or options.stride is not None:
+        raise InvalidParameterError("crop and stride apply to slide mode only")
+
+    if options.scales is None:
+        if test_config.resize_scale is None:
+            sizes = [(width, height)]
+        elif test_config.keep_ratio:
+            sizes = [rescale_size(width, height, test_config.resize_scale)]
+        else:
+            sizes = [test_config.resize_scale]
+    else:
+        if not options.scales or len(options.scales) > limits.max_scales:
+            raise InvalidParameterError(
+                f"{len(options.scales)} scales requested; between 1 and {limits.max_scales} "
+                "are allowed"
+            )
+        for ratio in options.scales:
+            if not (isinstance(ratio, int | float) and math.isfinite(ratio)):
+                raise InvalidParameterError(f"scale ratio {ratio!r} is not a number")
+            if not 0 < ratio <= limits.max_scale_ratio:
+                raise InvalidParameterError(
+                    f"scale ratios must be in (0, {limits.max_scale_ratio}], got {ratio}"
+                )
+        sizes = [ratio_size(width, height, ratio) for ratio in options.scales]
+
+    flips = 2 if options.flip else 1
+    if len(sizes) * flips > limits.max_tta_inputs:
+        raise InvalidParameterError(
+            f"{len(sizes) * flips} test-time passes (scales x flips), the limit is "
+            f"{limits.max_tta_inputs}"
+        )
+    inputs = 0
+    for scaled_w, scaled_h in sizes:
+        if scaled_w < 1 or scaled_h < 1:
+            raise InvalidParameterError(f"a scale makes the {width}x{height} image empty")
+        if scaled_w * scaled_h > limits.max_pixels:
+            raise InvalidParameterError(
+                f"a scale makes the image {scaled_w}x{scaled_h}, over {limits.max_pixels} pixels"
+            )
+        if crop is not None and stride is not None:
+            rows = grid_count(scaled_h, crop[0], stride[0])
+            inputs += rows * grid_count(scaled_w, crop[1], stride[1]) * flips
+        else:
+            inputs += flips
+    if inputs > limits.max_inputs_per_request:
+        raise InvalidParameterError(
+            f"this request needs {inputs} model inputs (windows x scales x flips), the limit is "
+            f"{limits.max_inputs_per_request}: use a larger stride or crop, or fewer scales"
+        )
+
+    passes = []
+    for scaled_w, scaled_h in sizes:
+        if mode == "slide":
+            assert crop is not None and stride is not None
+            windows = tuple(window_grid(scaled_h, scaled_w, crop, stride))
+        else:
+            windows = (Window(0, scaled_h, 0, scaled_w),)
+        for flip in (False, True) if options.flip else (False,):
+            passes.append(PassPlan(scaled_h, scaled_w, flip, windows))
+    return Plan(mode, tuple(passes), height, width, options.return_probabilities)
