@@ -32,7 +32,7 @@ import numpy as np
 from PIL import Image
 from skimage import data
 
-from tests.test_e2e_server import SegserveServer
+from tests.servers import SegserveServer
 
 NUM_CLASSES = 150
 CONCURRENCY = 4

@@ -28,7 +28,7 @@ import psutil
 from PIL import Image
 from skimage import data
 
-from tests.test_e2e_server import SegserveServer
+from tests.servers import SegserveServer
 
 CALIBRATION_CLIENTS = 4
 

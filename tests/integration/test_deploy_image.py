@@ -18,14 +18,14 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.test_deploy import (
+from tests.integration.test_deploy import (
     REPO_ROOT,
     dockerfile_stages,
     exec_form,
     stage_env,
     stage_instructions,
 )
-from tests.test_e2e_server import free_port
+from tests.servers import free_port
 
 # Runs inside the namespace: loopback up, the CMD started, the HEALTHCHECK run before and after
 # readiness, SIGTERM, then one JSON line with what happened.

@@ -18,8 +18,8 @@ import pytest
 import yaml
 from PIL import Image
 
-from tests.test_deploy import PROMETHEUS_CONFIG
-from tests.test_e2e_server import SegserveServer, free_port, start_server
+from tests.integration.test_deploy import PROMETHEUS_CONFIG
+from tests.servers import SegserveServer, free_port, start_server
 
 PROMETHEUS = shutil.which("prometheus") or "/usr/bin/prometheus"
 

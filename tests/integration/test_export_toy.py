@@ -18,7 +18,7 @@ from torch import nn
 
 from export.onnx_export import OnnxExportError, export_onnx
 from export.verify import FP32_RELATIVE_TOLERANCE, compare, photo_batch, verify
-from tests.test_export_attention import ReductionAttention
+from tests.integration.test_export_attention import ReductionAttention
 
 MEAN = (123.675, 116.28, 103.53)
 STD = (58.395, 57.12, 57.375)

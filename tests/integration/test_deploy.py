@@ -26,7 +26,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from service import metrics
 from service.settings import Settings
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILE = REPO_ROOT / "Dockerfile"
 COMPOSE = REPO_ROOT / "docker-compose.yml"
 COMPOSE_CPU = REPO_ROOT / "docker-compose.cpu.yml"

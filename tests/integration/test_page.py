@@ -17,7 +17,7 @@ from PIL import Image
 from playwright.sync_api import Browser, Page, sync_playwright
 
 from service.bundle import load_bundle
-from tests.test_e2e_server import SegserveServer, start_server
+from tests.servers import SegserveServer, start_server
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [

@@ -26,7 +26,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from service.bundle import TestConfig, load_bundle
 from tests.conftest import write_tiny_bundle
-from tests.test_e2e_server import SegserveServer, start_server
+from tests.servers import SegserveServer, start_server
 
 MAX_UPLOAD = 1_000_000
 

@@ -14,8 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.test_e2e_server import SegserveServer
-from tests.test_store import REDIS_SERVER, RedisProcess
+from tests.servers import REDIS_SERVER, RedisProcess, SegserveServer
 
 MASK_TTL_S = 120
 

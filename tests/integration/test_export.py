@@ -27,7 +27,7 @@ from export.verify import FP16_MIN_ARGMAX_AGREEMENT, FP32_RELATIVE_TOLERANCE, ph
 from models.datasets import IMAGENET_MEAN, IMAGENET_STD, get_dataset
 from models.registry import create_model
 from service.bundle import Bundle, TestConfig, load_bundle
-from tests.test_export_attention import triton_schema
+from tests.integration.test_export_attention import triton_schema
 
 VERIFY_SIZES = ((64, 64), (48, 80))
 # Sizes and batches the export and its verification never saw; 45x83 is not a stride multiple.

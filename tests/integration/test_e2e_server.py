@@ -7,9 +7,6 @@ and exits 0 on SIGTERM.
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,81 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-class SegserveServer:
-    """Starts ``python -m service --host 127.0.0.1 --port P`` with ``SEGSERVE_*`` settings."""
-
-    def __init__(self, repository: Path, log_path: Path, **settings: object) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = log_path
-        env = {k: v for k, v in os.environ.items() if not k.startswith("SEGSERVE_")}
-        env.update(
-            {
-                "SEGSERVE_MODEL_REPOSITORY": str(repository),
-                "SEGSERVE_PROVIDERS": "cpu",
-                "SEGSERVE_INTRA_OP_THREADS": "1",
-                "SEGSERVE_WORKER_THREADS": "2",
-            }
-        )
-        env.update({f"SEGSERVE_{k.upper()}": str(v) for k, v in settings.items()})
-        self._log = log_path.open("wb")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(self.port)],
-            cwd=REPO_ROOT,
-            env=env,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-        )
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def wait_ready(self, timeout_s: float = 90.0) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.log()}")
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
-        raise TimeoutError(f"server not ready after {timeout_s} s:\n{self.log()}")
-
-    def terminate(self, timeout_s: float = 60.0) -> int:
-        """SIGTERM, then wait for the exit status (killed after ``timeout_s``)."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        try:
-            return self.process.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-            raise
-        finally:
-            self._log.close()
-
-
-def start_server(
-    repository: Path, tmp_dir: Path, name: str = "server", **settings: object
-) -> Iterator[SegserveServer]:
-    """Generator body for module-scoped fixtures: start, wait for ready, yield, SIGTERM."""
-    server = SegserveServer(repository, tmp_dir / f"{name}.log", **settings)
-    try:
-        server.wait_ready()
-        yield server
-    finally:
-        server.terminate()
+from tests.servers import REPO_ROOT, SegserveServer, start_server
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ import httpx
 import numpy as np
 from PIL import Image
 
-from tests.test_e2e_server import SegserveServer
+from tests.servers import SegserveServer
 
 DRAIN_TIMEOUT_S = 30.0
 # The listener stays up this long after SIGTERM, so the probes below cannot race the exit.

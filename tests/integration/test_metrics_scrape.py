@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.test_e2e_server import SegserveServer, free_port, start_server
+from tests.servers import SegserveServer, free_port, start_server
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 

@@ -13,11 +13,11 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 from pydantic import ValidationError
-from service.http import create_app
 
 from service.config import EngineConfig
+from service.http import create_app
 from service.settings import Settings
-from tests.test_e2e_server import free_port
+from tests.servers import free_port
 
 
 def test_settings_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:

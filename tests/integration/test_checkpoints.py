@@ -26,7 +26,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from models.checkpoints import CheckpointError, load_checkpoint, read_checkpoint
-from tests.test_segformer import pixels, save_hf_model
+from tests.integration.test_segformer import pixels, save_hf_model
 
 transformers = pytest.importorskip("transformers")
 
