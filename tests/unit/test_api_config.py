@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import time
 from pathlib import Path
 
@@ -89,6 +90,13 @@ def test_per_model_overrides_apply_on_top_of_the_global_config() -> None:
 def test_engine_defaults_are_written_once() -> None:
     """Settings' engine defaults are EngineConfig's: one source for each default."""
     assert Settings(_env_file=None).engine_config() == EngineConfig()
+
+
+def test_every_setting_is_in_the_documented_table() -> None:
+    """docs/api.md's settings table is what operators read: a setting missing there is hidden."""
+    table = (Path(__file__).parents[2] / "docs" / "api.md").read_text()
+    documented = set(re.findall(r"^\| `SEGSERVE_([A-Z0-9_]+)`", table, flags=re.MULTILINE))
+    assert {name.upper() for name in Settings.model_fields} <= documented
 
 
 def wait_for(client: TestClient, predicate, timeout_s: float = 30.0) -> dict:
