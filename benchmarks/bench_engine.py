@@ -85,7 +85,9 @@ class Target:
     device: str  # "cpu" or "cuda"
     precision: Literal["fp32", "fp16"]
 
-    def engine_config(self, max_batch_size: int, max_queue_delay_ms: float = 5.0) -> EngineConfig:
+    def engine_config(
+        self, max_batch_size: int, max_queue_delay_ms: float = EngineConfig.max_queue_delay_ms
+    ) -> EngineConfig:
         return EngineConfig(
             max_batch_size=max_batch_size,
             max_queue_delay_ms=max_queue_delay_ms,

@@ -1,12 +1,19 @@
 """The batch queue of one model: bounded, grouped by input shape, drained by one thread.
 
 Requests submit single model inputs (a window or a whole image, CHW) and get a
-``concurrent.futures.Future`` per input. The batch thread takes up to ``max_batch_size`` inputs of
-one shape, waiting at most ``max_queue_delay_s`` after the oldest arrived for a batch to fill, runs
-them together and resolves each future with its own slice of the output. Inputs of several
-requests share a batch; one request's inputs may span several batches. A request first reserves
-queue places (``admit``), which is where a full queue refuses it; ``release`` (or cancelling a
-future) drops its inputs that have not run yet.
+``concurrent.futures.Future`` per input. Inputs of several requests share a batch; one request's
+inputs may span several batches. A request first reserves queue places (``admit``), which is
+where a full queue refuses it; ``release`` (or cancelling a future) drops its inputs that have not
+run yet.
+
+Invariant (continuous batching, oldest first): whenever the batch thread is free it takes the
+oldest queued input and up to ``max_batch_size - 1`` more of the same shape, in arrival order, and
+runs them. With ``max_queue_delay_s = 0`` (the default) an idle server therefore adds no queue
+delay, and a busy one batches what arrived while the previous batch ran. A positive delay lets the
+oldest input wait up to that long for its batch to fill; meanwhile a full batch of another shape
+may go first, but never once the oldest input has waited the delay. So no input waits longer than
+the delay, plus the batch running when that delay ran out, plus the runs of the inputs that
+arrived before it: one shape's steady load cannot starve another.
 """
 
 from __future__ import annotations
@@ -177,26 +184,24 @@ class Batcher:
             self._thread = None
 
     def _next_batch(self) -> list[_Item] | None:
-        """Under the lock: wait for a runnable batch; ``None`` once stopped and empty."""
+        """Under the lock: wait for a runnable batch (see the module invariant); ``None`` once
+        stopped and empty."""
         while True:
             if not self._running:
                 return None
             if not self._buckets:
                 self._condition.wait()
                 continue
-            now = time.perf_counter()
-            # A full bucket runs first; otherwise the bucket holding the oldest input runs once
-            # that input has waited max_queue_delay_s (or at once while draining).
-            full = [k for k, b in self._buckets.items() if len(b) >= self.max_batch_size]
             oldest_key = min(self._buckets, key=lambda k: self._buckets[k][0].enqueued_at)
-            waited = now - self._buckets[oldest_key][0].enqueued_at
-            if full:
-                key = min(full, key=lambda k: self._buckets[k][0].enqueued_at)
-            elif waited >= self.max_queue_delay_s or not self._accepting:
+            waited = time.perf_counter() - self._buckets[oldest_key][0].enqueued_at
+            if waited >= self.max_queue_delay_s or not self._accepting:
                 key = oldest_key
             else:
-                self._condition.wait(timeout=self.max_queue_delay_s - waited)
-                continue
+                full = [k for k, b in self._buckets.items() if len(b) >= self.max_batch_size]
+                if not full:
+                    self._condition.wait(timeout=self.max_queue_delay_s - waited)
+                    continue
+                key = min(full, key=lambda k: self._buckets[k][0].enqueued_at)
             bucket = self._buckets[key]
             batch = [bucket.popleft() for _ in range(min(self.max_batch_size, len(bucket)))]
             if not bucket:

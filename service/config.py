@@ -48,7 +48,7 @@ class EngineConfig:
     """One engine's batching, timing, limits and session options."""
 
     max_batch_size: int = 8
-    max_queue_delay_ms: float = 5.0
+    max_queue_delay_ms: float = 0.0  # 0: continuous batching (see service/batcher.py)
     max_queue_size: int = 256  # inputs waiting; beyond -> OverloadedError
     inference_timeout_s: float = 60.0
     # Inputs one request may have queued, running or being merged at once (0: 2 x batch size).

@@ -89,6 +89,71 @@ def test_waits_for_a_batch_to_fill_but_not_longer_than_the_delay() -> None:
         batcher.stop(drain_timeout_s=0)
 
 
+def test_idle_runner_dispatches_at_once_and_a_busy_one_batches_what_arrived() -> None:
+    run = Recorder()
+    batcher = make_batcher(run, batch=8, delay_s=0.0)
+    try:
+        batcher.admit("a", 8)
+        started = time.perf_counter()
+        batcher.submit(np.zeros((1, 2, 2), np.float32), "a", BatchStats()).result(timeout=5)
+        assert time.perf_counter() - started < 0.1  # nothing to wait for: no queue delay
+        run.release.clear()
+        run.started.clear()
+        first = batcher.submit(np.zeros((1, 2, 2), np.float32), "a", BatchStats())
+        assert run.started.wait(5)
+        rest = [batcher.submit(np.ones((1, 2, 2), np.float32), "a", BatchStats()) for _ in range(5)]
+        run.release.set()
+        wait([first, *rest], timeout=5)
+        assert [shape[0] for shape in run.shapes] == [1, 1, 5]  # gathered while one ran
+    finally:
+        batcher.stop(drain_timeout_s=0)
+
+
+@pytest.mark.parametrize("delay_s", [0.0, 0.02])
+def test_one_shape_under_steady_load_does_not_starve_another(delay_s: float) -> None:
+    """Slide windows keep a full bucket of one shape queued; a whole-image input of another
+    shape still runs after the inputs queued before it, not when the load stops."""
+
+    def model(batch: np.ndarray) -> np.ndarray:
+        time.sleep(0.005)
+        return batch
+
+    batcher = Batcher(
+        model, model_name="fair", max_batch_size=4, max_queue_delay_s=delay_s, max_queue_size=32
+    )
+    batcher.start()
+    in_flight = threading.Semaphore(16)  # four full batches of windows always waiting
+    load_until = time.perf_counter() + 3.0
+    whole_done = threading.Event()
+
+    def slide_load() -> None:
+        while time.perf_counter() < load_until and not whole_done.is_set():
+            if not in_flight.acquire(timeout=1):
+                continue
+            future = batcher.submit(np.zeros((3, 8, 8), np.float32), "slide", BatchStats())
+            future.add_done_callback(lambda _: in_flight.release())
+
+    try:
+        batcher.admit("slide", 16)
+        batcher.admit("whole", 1)
+        feeder = threading.Thread(target=slide_load)
+        feeder.start()
+        time.sleep(0.1)  # the load is steady
+        assert batcher.depth >= 8
+        started = time.perf_counter()
+        whole = batcher.submit(np.ones((3, 8, 12), np.float32), "whole", BatchStats())
+        np.testing.assert_array_equal(whole.result(timeout=5), np.ones((3, 8, 12)))
+        latency = time.perf_counter() - started
+        whole_done.set()
+        feeder.join()
+        # At most the delay, the batch running, and the 16 windows queued before it (4 batches):
+        # ~50 ms of model time; starved, it would wait for the 3 s of load to end.
+        assert latency < 0.5
+    finally:
+        whole_done.set()
+        batcher.stop(drain_timeout_s=0)
+
+
 def test_admission_is_bounded_and_counted() -> None:
     batcher = make_batcher(Recorder(), queue=4, name="bounded")
     rejected = metrics.REJECTED.labels("bounded", "queue_full")
