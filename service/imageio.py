@@ -4,6 +4,10 @@ Decoding guarantees an (H, W, 3) uint8 RGB array in upright orientation, or a ty
 unknown bytes are ``UnsupportedMediaError`` (415), a known format that will not decode is
 ``InvalidImageError`` (400), and too many pixels is ``PayloadTooLargeError`` (413) raised from the
 header alone, before any pixel is decompressed, which is what defuses decompression bombs.
+Multi-frame files (camera JPEGs with previews, animations, multi-page TIFFs) give their first
+frame. Encodings whose decoding costs far more than their pixels suggest are refused from the
+header too (413): RLE bitmaps over ``RLE_BMP_MAX_PIXELS`` (Pillow's RLE decoder is pure Python),
+TIFF tiles out of proportion to the image, JPEGs with more than ``JPEG_MAX_SCANS`` scans.
 """
 
 from __future__ import annotations
@@ -16,7 +20,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from service.errors import InvalidImageError, PayloadTooLargeError, UnsupportedMediaError
 
-SUPPORTED_FORMATS: Final = frozenset({"JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF"})
+# MPO is a JPEG with more frames after the first (the preview cameras embed): Pillow names it.
+SUPPORTED_FORMATS: Final = frozenset({"JPEG", "MPO", "PNG", "WEBP", "BMP", "TIFF", "GIF"})
 # Leading bytes of the formats above: bytes that start like an image but do not decode are corrupt
 # (400); anything else is not an image we read (415).
 _SIGNATURES: Final = (
@@ -28,7 +33,14 @@ _SIGNATURES: Final = (
     b"II*\x00",  # TIFF little-endian
     b"MM\x00*",  # TIFF big-endian
 )
-_SIXTEEN_BIT_MODES: Final = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I"})
+_SIXTEEN_BIT_MODES: Final = frozenset({"I;16", "I;16B", "I;16L", "I;16N"})
+# Pillow's pure-Python RLE decoder takes about 0.4 s per megapixel of one-pixel runs.
+RLE_BMP_MAX_PIXELS: Final = 1_000_000
+# A tile is decoded whole: its area is allowed up to the image's, or a megapixel for small images.
+TIFF_MIN_TILE_ALLOWANCE: Final = 1 << 20
+# Every progressive scan revisits the whole coefficient buffer; common encoders write about ten
+# per frame. Counted as SOS markers in the file, embedded previews included.
+JPEG_MAX_SCANS: Final = 100
 
 
 def _looks_like_supported_image(data: bytes) -> bool:
@@ -60,20 +72,62 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
         raise PayloadTooLargeError(
             f"image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}"
         )
+    _check_decoding_cost(image, data)
     return image
 
 
+def _check_decoding_cost(image: Image.Image, data: bytes) -> None:
+    """Refuse, from the header, encodings that cost far more to decode than their pixel count."""
+    width, height = image.size
+    tiles = getattr(image, "tile", None) or ()
+    codec = tiles[0].codec_name if tiles else ""
+    if codec == "bmp_rle" and width * height > RLE_BMP_MAX_PIXELS:
+        raise PayloadTooLargeError(
+            f"RLE-compressed BMP of {width}x{height} pixels: RLE bitmaps are decoded up to "
+            f"{RLE_BMP_MAX_PIXELS} pixels; send PNG instead"
+        )
+    if image.format == "TIFF":
+        tags = getattr(image, "tag_v2", {})
+        tile_width, tile_height = int(tags.get(322, 0)), int(tags.get(323, 0))
+        if tile_width * tile_height > max(width * height, TIFF_MIN_TILE_ALLOWANCE):
+            raise PayloadTooLargeError(
+                f"TIFF tiles of {tile_width}x{tile_height} for a {width}x{height} image: a tile "
+                "may not exceed the image's area (or a megapixel)"
+            )
+    if image.format in ("JPEG", "MPO"):
+        scans = data.count(b"\xff\xda")
+        if scans > JPEG_MAX_SCANS:
+            raise PayloadTooLargeError(
+                f"JPEG with {scans} scans; at most {JPEG_MAX_SCANS} are decoded"
+            )
+
+
+def _grey_to_rgb(grey8: np.ndarray) -> np.ndarray:
+    return np.repeat(grey8[:, :, None], 3, axis=2)
+
+
 def _to_rgb(image: Image.Image) -> np.ndarray:
-    """Any Pillow mode to RGB uint8; 16-bit grey keeps its high byte instead of clipping."""
+    """Any Pillow mode to RGB uint8; 16-bit grey keeps its high byte instead of clipping.
+
+    Wide modes are narrowed in their own dtype, in place: at most one copy of the pixels at
+    their width (no int64 or float64 temporaries, which would be 4-8x the image)."""
     if image.mode in _SIXTEEN_BIT_MODES:
-        grey = np.asarray(image, dtype=np.int64)
-        grey8 = (np.clip(grey, 0, 65535) >> 8).astype(np.uint8)
-        return np.ascontiguousarray(np.repeat(grey8[:, :, None], 3, axis=2))
+        grey16 = np.array(image)  # uint16 in the file's byte order
+        return _grey_to_rgb((grey16 >> 8).astype(np.uint8))
+    if image.mode == "I":  # 32-bit integers: read as 16-bit intensities, like I;16
+        grey32 = np.array(image, dtype=np.int32)
+        np.clip(grey32, 0, 65535, out=grey32)
+        np.right_shift(grey32, 8, out=grey32)
+        return _grey_to_rgb(grey32.astype(np.uint8))
     if image.mode == "F":
-        grey = np.asarray(image, dtype=np.float32)
-        scale = 255.0 if float(grey.max(initial=0.0)) <= 1.0 else 1.0
-        grey8 = np.clip(np.rint(grey * scale), 0, 255).astype(np.uint8)
-        return np.ascontiguousarray(np.repeat(grey8[:, :, None], 3, axis=2))
+        grey = np.array(image, dtype=np.float32)
+        if float(grey.max(initial=0.0)) <= 1.0:
+            grey *= 255.0
+        np.rint(grey, out=grey)
+        np.clip(grey, 0, 255, out=grey)
+        return _grey_to_rgb(grey.astype(np.uint8))
+    if image.mode == "RGB":
+        return np.asarray(image, dtype=np.uint8)
     # Alpha is dropped, not composited: the model sees the same colours mmcv.imread would give.
     return np.asarray(image.convert("RGB"), dtype=np.uint8)
 

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import io
 import struct
+import time
+import tracemalloc
 import zlib
 
 import cv2
 import numpy as np
 import pytest
+import tifffile
 from PIL import Image
 from skimage import data
 
@@ -200,3 +203,154 @@ def test_encode_png_round_trips_through_opencv() -> None:
     np.testing.assert_array_equal(_cv2_rgb(encode_png(rgb)), rgb)
     with pytest.raises(ValueError):
         encode_png(rgb.astype(np.float32))
+
+
+# Variants cameras, editors and scanners write: each decodes to the first frame, upright.
+
+
+def _frames(photo: np.ndarray) -> list[Image.Image]:
+    return [Image.fromarray(photo), Image.fromarray(np.ascontiguousarray(photo[::-1, ::-1]))]
+
+
+def test_mpo_camera_jpeg_gives_first_frame_upright(photo: np.ndarray) -> None:
+    first, second = _frames(photo)
+    exif = first.getexif()
+    exif[0x0112] = 6  # stored rotated: display needs 90° clockwise
+    payload = _save(first, "MPO", save_all=True, append_images=[second], exif=exif)
+    with Image.open(io.BytesIO(payload)) as opened:
+        assert (opened.format, opened.n_frames) == ("MPO", 2)
+    decoded = decode_image(payload, MAX_PIXELS)
+    # OpenCV reads the first JPEG of the file and applies its EXIF orientation.
+    np.testing.assert_array_equal(decoded, _cv2_rgb(payload))
+    assert np.abs(decoded.astype(int) - np.rot90(photo, -1).astype(int)).mean() < 4
+
+
+def test_progressive_jpeg_matches_opencv(photo: np.ndarray) -> None:
+    payload = _save(Image.fromarray(photo), "JPEG", progressive=True, quality=90)
+    assert payload.count(b"\xff\xda") > 1
+    decoded = decode_image(payload, MAX_PIXELS)
+    assert np.abs(decoded.astype(int) - _cv2_rgb(payload).astype(int)).max() <= 3
+
+
+def test_palette_png_with_transparency_keeps_its_colours(photo: np.ndarray) -> None:
+    indexed = Image.fromarray(photo).quantize(colors=16)
+    payload = _save(indexed, "PNG", transparency=3)
+    decoded = decode_image(payload, MAX_PIXELS)
+    palette = np.asarray(indexed.getpalette()[: 16 * 3], dtype=np.uint8).reshape(16, 3)
+    np.testing.assert_array_equal(decoded, palette[np.asarray(indexed)])
+    np.testing.assert_array_equal(decoded, _cv2_rgb(payload))
+
+
+def test_grey_with_alpha_is_grey(photo: np.ndarray) -> None:
+    grey = cv2.cvtColor(photo, cv2.COLOR_RGB2GRAY)
+    alpha = np.full_like(grey, 9)
+    payload = _save(Image.fromarray(np.dstack([grey, alpha]), mode="LA"), "PNG")
+    decoded = decode_image(payload, MAX_PIXELS)
+    np.testing.assert_array_equal(decoded, np.repeat(grey[:, :, None], 3, axis=2))
+    np.testing.assert_array_equal(decoded, _cv2_rgb(payload))
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "TIFF"])
+def test_sixteen_bit_grey_keeps_high_byte(fmt: str) -> None:
+    ramp = np.linspace(0, 65535, 64 * 48, dtype=np.uint16).reshape(48, 64)
+    image = Image.fromarray(ramp)
+    assert image.mode == "I;16"
+    payload = _save(image, fmt)
+    decoded = decode_image(payload, MAX_PIXELS)
+    np.testing.assert_array_equal(
+        decoded, np.repeat((ramp >> 8).astype(np.uint8)[:, :, None], 3, 2)
+    )
+    np.testing.assert_array_equal(decoded, _cv2_rgb(payload))
+
+
+def test_sixteen_bit_rgb_png_matches_opencv() -> None:
+    rgb16 = np.random.default_rng(3).integers(0, 65536, (40, 56, 3), dtype=np.uint16)
+    ok, encoded = cv2.imencode(".png", rgb16[:, :, ::-1])  # Pillow cannot write 16-bit RGB
+    assert ok
+    decoded = decode_image(encoded.tobytes(), MAX_PIXELS)
+    np.testing.assert_array_equal(decoded, (rgb16 >> 8).astype(np.uint8))
+
+
+def test_sixteen_bit_decode_allocates_no_wide_copies() -> None:
+    """A 16-bit grey PNG compresses to almost nothing; decoding it must cost a few bytes per
+    pixel (the uint16 copy, the uint8 result), not int64 temporaries (24+ bytes per pixel)."""
+    height, width = 2000, 1500
+    payload = _save(Image.fromarray(np.full((height, width), 4660, np.uint16)), "PNG")
+    assert len(payload) < 20_000
+    tracemalloc.start()
+    try:
+        decoded = decode_image(payload, MAX_PIXELS)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert decoded.shape == (height, width, 3) and decoded[0, 0, 0] == 4660 >> 8
+    assert peak < 8 * height * width, f"{peak / (height * width):.1f} bytes per pixel"
+
+
+def test_animated_webp_gives_first_frame(photo: np.ndarray) -> None:
+    first, second = _frames(photo)
+    payload = _save(first, "WEBP", save_all=True, append_images=[second], lossless=True)
+    with Image.open(io.BytesIO(payload)) as opened:
+        assert opened.n_frames == 2
+    np.testing.assert_array_equal(decode_image(payload, MAX_PIXELS), photo)
+
+
+def test_multi_page_tiff_gives_first_page(photo: np.ndarray) -> None:
+    first, second = _frames(photo)
+    payload = _save(first, "TIFF", save_all=True, append_images=[second])
+    with Image.open(io.BytesIO(payload)) as opened:
+        assert opened.n_frames == 2
+    np.testing.assert_array_equal(decode_image(payload, MAX_PIXELS), photo)
+
+
+# Encodings whose decoding costs far more than their pixels: refused from the header.
+
+
+def _rle8_bmp(width: int, height: int, rows: bytes) -> bytes:
+    """A BMP with RLE8 compression (Pillow reads it but cannot write it)."""
+    palette = bytes(v for i in range(256) for v in (i, 255 - i, i // 2, 0))
+    offset = 14 + 40 + len(palette)
+    info = struct.pack("<IiiHHIIiiII", 40, width, height, 1, 8, 1, len(rows), 2835, 2835, 256, 0)
+    header = b"BM" + struct.pack("<IHHI", offset + len(rows), 0, 0, offset)
+    return header + info + palette + rows
+
+
+def _one_pixel_runs(width: int, height: int) -> bytes:
+    """Rows of one-pixel runs (the slowest RLE to decode), end-of-line after each row."""
+    return (bytes([1, 5, 1, 200]) * (width // 2) + b"\x00\x00") * height + b"\x00\x01"
+
+
+def test_small_rle_bmp_decodes_like_opencv() -> None:
+    payload = _rle8_bmp(64, 32, _one_pixel_runs(64, 32))
+    decoded = decode_image(payload, MAX_PIXELS)
+    np.testing.assert_array_equal(decoded, _cv2_rgb(payload))
+    # BMP palettes are BGR: index i is (B, G, R) = (i, 255 - i, i // 2).
+    np.testing.assert_array_equal(decoded[0, :2], [[2, 250, 5], [100, 55, 200]])
+
+
+def test_large_rle_bmp_is_refused_before_decoding() -> None:
+    payload = _rle8_bmp(1200, 1000, _one_pixel_runs(1200, 1000))  # about 0.5 s in Pillow
+    started = time.perf_counter()
+    with pytest.raises(PayloadTooLargeError, match="RLE"):
+        decode_image(payload, MAX_PIXELS)
+    assert time.perf_counter() - started < 0.1
+
+
+def test_tiled_tiff_decodes_and_huge_tiles_are_refused(photo: np.ndarray) -> None:
+    tiled = io.BytesIO()
+    tifffile.imwrite(tiled, photo, tile=(64, 64), photometric="rgb")
+    np.testing.assert_array_equal(decode_image(tiled.getvalue(), MAX_PIXELS), photo)
+    huge = io.BytesIO()  # a 16x16 image in one 4096x4096 tile: 48 MB to decode 768 bytes
+    tifffile.imwrite(
+        huge, photo[:16, :16], tile=(4096, 4096), photometric="rgb", compression="zlib"
+    )
+    with pytest.raises(PayloadTooLargeError, match="4096x4096"):
+        decode_image(huge.getvalue(), MAX_PIXELS)
+
+
+def test_jpeg_with_too_many_scans_is_refused(photo: np.ndarray) -> None:
+    payload = _save(Image.fromarray(photo), "JPEG", progressive=True)
+    last_scan, end = payload.rindex(b"\xff\xda"), payload.rindex(b"\xff\xd9")
+    repeated = payload[:end] + payload[last_scan:end] * 200 + payload[end:]
+    with pytest.raises(PayloadTooLargeError, match="scans"):
+        decode_image(repeated, MAX_PIXELS)
