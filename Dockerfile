@@ -57,7 +57,8 @@ WORKDIR /app
 # differs recompiles it once at start-up into the same (writable) cache.
 RUN mkdir numba-cache && chown 10001 numba-cache
 EXPOSE 8000
-# Ready = every model loaded and warmed and the mask store answering; urlopen raises on a 503.
+# Ready = every model loaded and warmed (the mask store is reported, not required); urlopen raises
+# on a 503.
 HEALTHCHECK --interval=10s --timeout=5s --start-period=120s --retries=3 \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/readyz', timeout=4)"]
 # One process owns the device and batches every request for it: scale with replicas, not workers.

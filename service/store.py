@@ -9,8 +9,10 @@ id it asked for, so a mask is never handed to the wrong caller.
 
 Both backends are bounded by total stored bytes (oldest evicted first) and by a time to live:
 memory expires entries when it is touched; Redis expires keys itself (``PX``) and one Lua script
-does the byte accounting atomically on every put, so no sweeper of ours runs anywhere. A Redis
-that is down, slow or out of memory raises ``StoreUnavailableError`` (HTTP 503).
+does the byte accounting atomically on every put, so no sweeper of ours runs anywhere. The script
+also evicts our oldest masks when Redis itself nears ``maxmemory``, so a full Redis keeps
+accepting masks. A Redis that is down, slow, or full of other data raises
+``StoreUnavailableError`` (HTTP 503); the client reconnects by itself once Redis is back.
 """
 
 from __future__ import annotations
@@ -210,15 +212,21 @@ class MemoryMaskStore:
 # One atomic step per put. The index is a sorted set of "id size" members scored by insertion time
 # in microseconds (Redis' clock, shared by all replicas), kept strictly increasing so that puts
 # within one clock tick still evict oldest first (equal scores would order by the random id); the
-# total counts the bytes of indexed masks. Entries older
-# than the TTL have already been expired by Redis itself and are only forgotten here; then the
-# oldest live masks are deleted until the new one fits. Index and total expire with the newest mask,
-# so an idle store leaves nothing behind. The "#!lua" line makes Redis refuse the whole script,
-# before any write, when it is over maxmemory (scripts without it may write past the limit).
-_PUT_SCRIPT = """#!lua
+# total counts the bytes of indexed masks. Entries older than the TTL have already been expired by
+# Redis itself and are only forgotten here; then the oldest live masks are deleted until the new
+# one fits both our byte budget and Redis' own maxmemory (read from INFO, with headroom for the
+# allocator), so a Redis at its limit makes room instead of refusing every put under
+# ``noeviction``. ``allow-oom`` lets the script run at the limit; it writes only once there is room
+# and answers an OOM error when Redis is full of data that is not ours. A put retried after a lost
+# reply finds its member already indexed and changes nothing. Index and total expire with the
+# newest mask, so an idle store leaves nothing behind.
+_PUT_SCRIPT = """#!lua flags=allow-oom
 local index, total_key, mask_key = KEYS[1], KEYS[2], KEYS[3]
 local blob, ttl_ms, max_bytes, member = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
 local size = string.len(blob)
+if redis.call('ZSCORE', index, member) then
+  return tonumber(redis.call('GET', total_key) or '0')
+end
 local clock = redis.call('TIME')
 local now_us = tonumber(clock[1]) * 1000000 + tonumber(clock[2])
 local expired_before = now_us - ttl_ms * 1000
@@ -235,14 +243,36 @@ for _, entry in ipairs(redis.call('ZRANGEBYSCORE', index, '-inf', expired_before
   total = total - size_of(entry)
 end
 redis.call('ZREMRANGEBYSCORE', index, '-inf', expired_before)
-while total + size > max_bytes do
+local function memory_short()
+  local info = redis.call('INFO', 'memory')
+  local limit = tonumber(string.match(info, 'maxmemory:(%d+)'))
+  if limit == 0 then
+    return false
+  end
+  local used = tonumber(string.match(info, 'used_memory:(%d+)'))
+  used = used - tonumber(string.match(info, 'mem_not_counted_for_evict:(%d+)') or '0')
+  return used + size + math.floor(size / 4) + 65536 > limit
+end
+local function evict_oldest()
   local oldest = redis.call('ZPOPMIN', index)
   if #oldest == 0 then
-    total = 0
-    break
+    return false
   end
   total = total - size_of(oldest[1])
   redis.call('DEL', ARGV[5] .. string.match(oldest[1], '^(%S+) '))
+  return true
+end
+while total + size > max_bytes do
+  if not evict_oldest() then
+    total = 0
+    break
+  end
+end
+while memory_short() do
+  if not evict_oldest() then
+    redis.call('SET', total_key, math.max(total, 0), 'PX', ttl_ms)
+    return redis.error_reply('OOM Redis is at maxmemory with no masks left to evict')
+  end
 end
 redis.call('SET', mask_key, blob, 'PX', ttl_ms)
 redis.call('ZADD', index, score, member)
@@ -263,6 +293,7 @@ class RedisMaskStore:
         ttl_s: float,
         prefix: str = "segserve:",
         timeout_s: float = 2.0,
+        password: str | None = None,
     ) -> None:
         _check_limits(max_bytes, ttl_s)
         self.max_bytes = max_bytes
@@ -270,8 +301,11 @@ class RedisMaskStore:
         self._mask_prefix = f"{prefix}mask:"
         self._index_key = f"{prefix}mask-index"
         self._total_key = f"{prefix}mask-bytes"
+        # redis-py replaces pooled connections that a Redis restart closed and retries a command
+        # cut off by one (its default Retry), so the store heals by itself; the put script
+        # tolerates being run twice.
         self._client = aioredis.from_url(
-            url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s
+            url, password=password, socket_timeout=timeout_s, socket_connect_timeout=timeout_s
         )
         self._put_script = self._client.register_script(_PUT_SCRIPT)
         self._url = _without_password(url)
@@ -328,12 +362,13 @@ def _without_password(url: str) -> str:
     return re.sub(r"//[^@/]*@", "//", url)
 
 
-def create_store(url: str, max_bytes: int, ttl_s: float) -> MaskStore:
-    """``"memory"`` → this process; ``redis://``, ``rediss://`` or ``unix://`` → a shared Redis."""
+def create_store(url: str, max_bytes: int, ttl_s: float, password: str | None = None) -> MaskStore:
+    """``"memory"`` → this process; ``redis://``, ``rediss://`` or ``unix://`` → a shared Redis
+    (``password`` for a URL without one, e.g. from a Kubernetes Secret)."""
     if url == "memory":
         return MemoryMaskStore(max_bytes, ttl_s)
     if url.startswith(("redis://", "rediss://", "unix://")):
-        return RedisMaskStore(url, max_bytes, ttl_s)
+        return RedisMaskStore(url, max_bytes, ttl_s, password=password)
     raise ValueError(
         f"mask store must be 'memory' or a redis:// URL, got {_without_password(url)!r}"
     )

@@ -72,4 +72,8 @@ class ReadyResponse(BaseModel):
     ready: bool
     draining: bool
     models: list[str]
-    problems: list[str]
+    problems: list[str] = Field(description="why not ready; empty when ready")
+    store: str = Field(
+        description="the mask store: ok, or unavailable and why (not a problem: "
+        "only calls that keep or fetch a mask need it)"
+    )

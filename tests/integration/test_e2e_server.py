@@ -34,6 +34,7 @@ def test_health_ready_and_openapi(server: SegserveServer) -> None:
         "draining": False,
         "models": ["tiny", "tiny-float"],
         "problems": [],
+        "store": "ok",
     }
     schema = httpx.get(f"{server.url}/openapi.json").json()
     paths = set(schema["paths"])

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import redis
 from skimage import data, filters
 
 from service.errors import MaskNotFoundError, StoreUnavailableError
@@ -279,27 +280,88 @@ def test_redis_down_gives_503_and_recovers(redis_server: RedisProcess) -> None:
     asyncio.run(scenario())
 
 
-def test_redis_out_of_memory_gives_503(tmp_path: Path) -> None:
-    server = RedisProcess(tmp_path, "--maxmemory", "3mb", "--maxmemory-policy", "noeviction")
+def test_redis_at_maxmemory_keeps_accepting_by_evicting_oldest(tmp_path: Path) -> None:
+    """Redis' maxmemory (8 MB, noeviction as deployed) below the store's byte budget (12 MB): the
+    put script makes room itself, so puts never stop, Redis stays under its limit, the newest
+    masks are intact and the oldest are gone (before the fix: 503 after the 17th mask for good)."""
+    server = RedisProcess(tmp_path, "--maxmemory", "8mb", "--maxmemory-policy", "noeviction")
     server.start()
     try:
 
+        async def scenario() -> list[str]:
+            store = RedisMaskStore(server.url, max_bytes=12_000_000, ttl_s=60)
+            ids = [await store.put(mask_of(noise_labels(seed, 512))) for seed in range(60)]
+            kept = []
+            for seed, mask_id in enumerate(ids):
+                try:
+                    got = await store.get(mask_id)
+                except MaskNotFoundError:
+                    assert not kept, "an older mask survived a newer one"
+                    continue
+                np.testing.assert_array_equal(got.labels, noise_labels(seed, 512))
+                kept.append(mask_id)
+            await store.close()
+            return kept
+
+        client = server.client()
+        kept = asyncio.run(scenario())
+        assert 10 <= len(kept) < 32  # 262 KB each: most of 8 MB, far from 60
+        memory = client.info("memory")
+        assert memory["used_memory"] <= memory["maxmemory"]
+        stored = [client.get(key) or b"" for key in client.scan_iter("segserve:mask:*")]
+        assert len(stored) == len(kept)
+        assert int(client.get("segserve:mask-bytes") or 0) == sum(map(len, stored))
+
+        # An operator lowers maxmemory below what is used: Redis now refuses ordinary writes
+        # (and scripts without allow-oom); the put script still makes room and writes.
+        client.config_set("maxmemory", "4mb")
+        with pytest.raises(redis.OutOfMemoryError):
+            client.set("probe", b"x")
+        kept = asyncio.run(scenario())
+        assert 4 <= len(kept) < 16
+        assert client.info("memory")["used_memory"] <= 4 * 2**20
+    finally:
+        server.stop()
+
+
+def test_redis_full_of_other_data_gives_503_and_keeps_its_limit(tmp_path: Path) -> None:
+    """With nothing of ours left to evict, the put is refused (503) without writing, and accepted
+    again once the other data is gone."""
+    server = RedisProcess(tmp_path, "--maxmemory", "4mb", "--maxmemory-policy", "noeviction")
+    server.start()
+    try:
+        client = server.client()
+        for i in range(64):
+            try:
+                client.set(f"other:{i}", b"x" * 100_000)
+            except redis.OutOfMemoryError:
+                break
+
         async def scenario() -> None:
             store = RedisMaskStore(server.url, max_bytes=100_000_000, ttl_s=60)
-            kept = []
             with pytest.raises(StoreUnavailableError, match="out of memory"):
-                for seed in range(200):
-                    kept.append((seed, await store.put(mask_of(noise_labels(seed, size=256)))))
-            assert kept, "Redis refused before storing anything"
-            for seed, mask_id in kept:  # what was accepted is intact
-                np.testing.assert_array_equal(
-                    (await store.get(mask_id)).labels, noise_labels(seed, 256)
-                )
+                await store.put(mask_of(noise_labels(1, 256)))
+            assert not list(client.scan_iter("segserve:mask:*"))  # nothing written past the limit
+            client.delete(*client.keys("other:*"))
+            mask_id = await store.put(mask_of(noise_labels(2, 256)))
+            np.testing.assert_array_equal((await store.get(mask_id)).labels, noise_labels(2, 256))
             await store.close()
 
         asyncio.run(scenario())
     finally:
         server.stop()
+
+
+def test_redis_put_retried_after_a_lost_reply_counts_once(redis_server: RedisProcess) -> None:
+    """The client retries a put whose reply a dying connection lost: the second run is a no-op."""
+    client = redis_server.client()
+    put = client.register_script(_PUT_SCRIPT)
+    args = [b"\0" * 1000, 60_000, 10_000, "a000000000000000000000 1000", "t:mask:"]
+    keys = ["t:mask-index", "t:mask-bytes", "t:mask:a000000000000000000000"]
+    assert put(keys=keys, args=args) == 1000
+    assert put(keys=keys, args=args) == 1000
+    assert int(client.get("t:mask-bytes") or 0) == 1000
+    assert client.zcard("t:mask-index") == 1
 
 
 def test_redis_errors_name_the_server_but_not_its_password() -> None:
