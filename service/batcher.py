@@ -25,6 +25,7 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Hashable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -55,7 +56,7 @@ class _Item:
     tensor: np.ndarray
     owner: Hashable
     stats: BatchStats
-    future: Future[np.ndarray]
+    future: Future[Any]  # an output row, or a device_postprocess.DeviceTensor
     enqueued_at: float
 
 
@@ -64,7 +65,7 @@ class Batcher:
 
     def __init__(
         self,
-        run_batch: Callable[[np.ndarray], np.ndarray],
+        run_batch: Callable[[np.ndarray], Any],  # outputs indexed per input (N, ...)
         *,
         model_name: str,
         max_batch_size: int,
@@ -123,14 +124,14 @@ class Batcher:
             self._reservations[owner] = self._reservations.get(owner, 0) + slots
             self._reserved += slots
 
-    def submit(self, tensor: np.ndarray, owner: Hashable, stats: BatchStats) -> Future[np.ndarray]:
+    def submit(self, tensor: np.ndarray, owner: Hashable, stats: BatchStats) -> Future[Any]:
         """Queue one input of an admitted request; the future resolves to its output."""
         with self._condition:
             if not self._running:
                 raise OverloadedError(f"model {self._model!r} has stopped", retry_after_s=5.0)
             if owner not in self._reservations:
                 raise RuntimeError("submit before admit")
-            future: Future[np.ndarray] = Future()
+            future: Future[Any] = Future()
             item = _Item(tensor, owner, stats, future, time.perf_counter())
             self._buckets.setdefault(tuple(tensor.shape), deque()).append(item)
             self._depth += 1

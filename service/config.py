@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
     from service.settings import Settings
@@ -53,6 +53,9 @@ class EngineConfig:
     inference_timeout_s: float = 60.0
     # Inputs one request may have queued, running or being merged at once (0: 2 x batch size).
     max_inputs_in_flight: int = 0
+    # Where resize/merge/argmax run: "device" as ONNX graphs on the model's provider (logits
+    # stay on the GPU), "host" in NumPy/Numba on the CPU, "auto" device under CUDA, host on CPU.
+    postprocess: Literal["auto", "host", "device"] = "auto"
     limits: Limits = field(default_factory=Limits)
     runtime: RuntimeSettings = field(default_factory=RuntimeSettings)
 

@@ -28,6 +28,7 @@ from service import labelmap, metrics
 from service.batcher import Batcher, BatchStats
 from service.bundle import Bundle, BundleError
 from service.config import EngineConfig
+from service.device_postprocess import DeviceBatch, DevicePassMerge, DevicePostprocess
 from service.errors import InferenceTimeoutError, InvalidParameterError, OverloadedError
 from service.geometry import Window, argmax_planes, labels_dtype, rescale_size, resize_image
 from service.merging import (
@@ -42,6 +43,7 @@ from service.runtime import CUDA, Runtime, default_intra_op_threads
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+Merge = TypeVar("Merge", PassMerge, DevicePassMerge)
 
 
 @dataclass
@@ -100,6 +102,8 @@ class Engine:
         if self._input.dtype == "uint8" and self._normalise:
             raise BundleError(f"{bundle.path}: a uint8 input must be normalised in the graph")
         self._runtime: Runtime | None = None
+        self._device_post: DevicePostprocess | None = None
+        self.postprocess = ""  # "host" or "device" once started
         self._batcher: Batcher | None = None
         self._pool: ThreadPoolExecutor | None = None
         self._in_flight = self.config.max_inputs_in_flight or 2 * self.config.max_batch_size
@@ -129,13 +133,18 @@ class Engine:
             runtime.check_placement(warm_input[None])
         runtime.run(warm_input[None])
         labelmap.warm_up()
+        device_post = self._device_postprocess(runtime)
         self._runtime = runtime
+        self._device_post = device_post
         self.provider = runtime.provider
+        self.postprocess = "host" if device_post is None else "device"
         self._pool = ThreadPoolExecutor(
             max_workers=default_intra_op_threads(), thread_name_prefix=f"engine-{self.name}"
         )
         self._batcher = Batcher(
-            runtime.run,
+            runtime.run
+            if device_post is None
+            else lambda batch: DeviceBatch(runtime.run_on_device(batch)),
             model_name=self.name,
             max_batch_size=config.max_batch_size,
             max_queue_delay_s=config.max_queue_delay_ms / 1000.0,
@@ -143,7 +152,28 @@ class Engine:
         )
         self._batcher.start()
         metrics.MODEL_LOADED.labels(self.name, self.provider).set(1)
-        log.info("model %s loaded on %s", self.name, self.provider)
+        log.info(
+            "model %s loaded on %s, post-processing on the %s",
+            self.name,
+            self.provider,
+            self.postprocess,
+        )
+
+    def _device_postprocess(self, runtime: Runtime) -> DevicePostprocess | None:
+        """Post-processing sessions on the model's provider (warmed up), or None to post-process
+        on the host; ``postprocess="auto"`` means device under CUDA."""
+        setting = self.config.postprocess
+        if setting == "host" or (setting == "auto" and runtime.provider != CUDA):
+            return None
+        device_post = DevicePostprocess(
+            runtime.device,
+            runtime.postprocess_providers(),
+            runtime.intra_op_threads,
+            self._num_classes,
+            labels_dtype(self._num_classes),
+        )
+        device_post.warm_up(np.dtype(self.bundle.metadata.output.dtype))
+        return device_post
 
     def _warmup_input(self) -> np.ndarray:
         """One input of the shape most requests will have: a crop, or a square at test scale."""
@@ -167,6 +197,7 @@ class Engine:
         self._batcher = None
         self._pool = None
         self._runtime = None
+        self._device_post = None
 
     def plan(self, options: SegmentOptions, height: int, width: int) -> Plan:
         """The passes and windows of a request on a ``height`` x ``width`` image; raises
@@ -240,6 +271,8 @@ class Engine:
     ) -> tuple[np.ndarray, np.ndarray | None]:
         """Label map, and (C, H, W) probabilities when asked: argmax of the logits for a single
         pass, of the mean softmax over passes otherwise."""
+        if self._device_post is not None:
+            return await self._device_labels(image, plan, request, self._device_post)
         original = image.shape[:2]
         if len(plan.passes) == 1:
             pass_plan = plan.passes[0]
@@ -247,9 +280,8 @@ class Engine:
             tile_wise = not plan.probabilities and not pass_plan.flip
             merge = await self._run_pass(
                 image,
-                pass_plan,
+                PassMerge(pass_plan, tile_wise and keep_windows(pass_plan, self._output_stride)),
                 request,
-                tile_wise and keep_windows(pass_plan, self._output_stride),
             )
             if not tile_wise:
                 logits = await self._compute(request, merge.logits)
@@ -279,7 +311,9 @@ class Engine:
         for pass_plan in plan.passes:
             groups.setdefault((pass_plan.height, pass_plan.width), []).append(pass_plan)
         for group in groups.values():
-            merges = await _all_or_none(self._run_pass(image, p, request) for p in group)
+            merges = await _all_or_none(
+                self._run_pass(image, PassMerge(p, False), request) for p in group
+            )
             for pass_plan, merge in zip(group, merges, strict=True):
                 logits = await self._compute(request, merge.logits)
                 total = await self._compute(
@@ -294,17 +328,44 @@ class Engine:
 
         return await self._compute(request, finish)
 
-    async def _run_pass(
-        self, image: np.ndarray, pass_plan: PassPlan, request: _Request, keep: bool = False
-    ) -> PassMerge:
-        """Resize (and flip) the image, stream its windows through the batcher, merge them."""
+    async def _device_labels(
+        self, image: np.ndarray, plan: Plan, request: _Request, device_post: DevicePostprocess
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """``_labels`` with the merging, resizes, softmax and argmax on the model's device
+        (``service/device_postprocess.py``): only the results are copied to the host."""
+        original = (plan.height, plan.width)
+        if len(plan.passes) == 1:
+            merge = await self._run_pass(image, device_post.new_pass(plan.passes[0]), request)
+            return await self._compute(
+                request, partial(device_post.pass_result, merge, original, plan.probabilities)
+            )
+        total = None
+        groups: dict[tuple[int, int], list[PassPlan]] = {}  # as in _labels
+        for pass_plan in plan.passes:
+            groups.setdefault((pass_plan.height, pass_plan.width), []).append(pass_plan)
+        for group in groups.values():
+            merges = await _all_or_none(
+                self._run_pass(image, device_post.new_pass(p), request) for p in group
+            )
+            for merge in merges:
+                total = await self._compute(
+                    request, partial(device_post.add_softmax, total, merge, original)
+                )
+        assert total is not None
+        return await self._compute(
+            request,
+            partial(device_post.mean_result, total, len(plan.passes), plan.probabilities),
+        )
+
+    async def _run_pass(self, image: np.ndarray, merge: Merge, request: _Request) -> Merge:
+        """Resize (and flip) the image, stream its windows through the batcher into ``merge``."""
+        pass_plan = merge.plan
 
         def prepare() -> np.ndarray:
             scaled = resize_image(image, pass_plan.width, pass_plan.height)
             return scaled[:, ::-1] if pass_plan.flip else scaled
 
         scaled = await self._compute(request, prepare, pre=True)
-        merge = PassMerge(pass_plan, keep)
         await _all_or_none(
             self._run_window(scaled, index, merge, request)
             for index in range(len(pass_plan.windows))
@@ -312,7 +373,11 @@ class Engine:
         return merge
 
     async def _run_window(
-        self, scaled: np.ndarray, index: int, merge: PassMerge, request: _Request
+        self,
+        scaled: np.ndarray,
+        index: int,
+        merge: PassMerge | DevicePassMerge,
+        request: _Request,
     ) -> None:
         window = merge.plan.windows[index]
         async with request.slots:

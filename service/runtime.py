@@ -13,6 +13,7 @@ import os
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import onnxruntime as ort
@@ -141,6 +142,7 @@ class Runtime:
             providers=[(p, self._provider_options(p)) for p in providers],
         )
         self.provider = self._session.get_providers()[0]
+        self.device: Literal["cpu", "cuda"] = "cuda" if self.provider == CUDA else "cpu"
         self._model_path = model_path
         self._providers = providers
         # Only the GPU has an arena to shrink: the CPU arena is off (see _session_options).
@@ -177,26 +179,44 @@ class Runtime:
         return options
 
     def run(self, batch: np.ndarray) -> np.ndarray:
-        """Logits (N, C, h, w) float32 for an (N, 3, H, W) batch in the bundle's input dtype."""
-        if batch.dtype != self.input_dtype:
-            batch = batch.astype(self.input_dtype)
-        pixels = batch.shape[0] * batch.shape[2] * batch.shape[3]
-        run_options = self._shrink if pixels > ARENA_SHRINK_PIXELS else None
+        """Logits (N, C, h, w) float32 on the host for an (N, 3, H, W) batch in the bundle's
+        input dtype."""
+        batch, run_options = self._prepare(batch)
         if self.provider == CUDA:
-            output = self._run_cuda(batch, run_options)
+            output = np.asarray(self._run_bound(batch, run_options).copy_outputs_to_cpu()[0])
         else:
             output = self._session.run([self.output_name], {self.input_name: batch}, run_options)[0]
         return output if output.dtype == np.float32 else output.astype(np.float32)
 
-    def _run_cuda(self, batch: np.ndarray, run_options: ort.RunOptions | None) -> np.ndarray:
+    def run_on_device(self, batch: np.ndarray) -> ort.OrtValue:
+        """Logits (N, C, h, w) in the graph's output dtype, left in the session's device memory
+        (``device``) for post-processing there (``service/device_postprocess.py``)."""
+        batch, run_options = self._prepare(batch)
+        return self._run_bound(batch, run_options).get_outputs()[0]
+
+    def postprocess_providers(self) -> list[tuple[str, dict[str, str]]]:
+        """The provider (and options) this session runs on, for post-processing sessions that
+        must read its outputs where they are."""
+        return [(self.provider, self._provider_options(self.provider))]
+
+    def _prepare(self, batch: np.ndarray) -> tuple[np.ndarray, ort.RunOptions | None]:
+        if batch.dtype != self.input_dtype:
+            batch = batch.astype(self.input_dtype)
+        pixels = batch.shape[0] * batch.shape[2] * batch.shape[3]
+        return batch, self._shrink if pixels > ARENA_SHRINK_PIXELS else None
+
+    def _run_bound(self, batch: np.ndarray, run_options: ort.RunOptions | None) -> ort.IOBinding:
         """IO binding: the batch is copied to the device once and the logits are allocated there
-        by onnxruntime, with one device-to-host copy of the result instead of staging buffers."""
+        by onnxruntime (no staging buffers); the caller copies them back or leaves them."""
         binding = self._session.io_binding()
-        device_input = ort.OrtValue.ortvalue_from_numpy(batch, "cuda", 0)
-        binding.bind_ortvalue_input(self.input_name, device_input)
-        binding.bind_output(self.output_name, "cuda", 0)
+        if self.device == "cuda":
+            device_input = ort.OrtValue.ortvalue_from_numpy(batch, "cuda", 0)
+            binding.bind_ortvalue_input(self.input_name, device_input)
+        else:
+            binding.bind_cpu_input(self.input_name, batch)
+        binding.bind_output(self.output_name, self.device, 0)
         self._session.run_with_iobinding(binding, run_options)
-        return np.asarray(binding.copy_outputs_to_cpu()[0])
+        return binding
 
     def node_placements(self, sample: np.ndarray) -> list[dict[str, object]]:
         """Profile events of one run of ``sample`` in a profiling twin of the session."""

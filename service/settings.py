@@ -9,7 +9,7 @@ bundle name, e.g. ``SEGSERVE_PER_MODEL='{"segformer-b5": {"max_batch_size": 2}}'
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -40,6 +40,7 @@ class Settings(BaseSettings):
     max_queue_size: int = Field(default=_ENGINE.max_queue_size, ge=1)
     max_inputs_in_flight: int = Field(default=_ENGINE.max_inputs_in_flight, ge=0)
     inference_timeout_s: float = Field(default=_ENGINE.inference_timeout_s, gt=0)
+    postprocess: Literal["auto", "host", "device"] = _ENGINE.postprocess
     # request limits (checked in service/planning.py, except the upload size)
     max_upload_bytes: int = Field(default=20 * 1024 * 1024, ge=1)
     max_pixels: int = Field(default=_LIMITS.max_pixels, ge=1)

@@ -55,6 +55,14 @@ def client(model_repository: Path) -> Iterator[TestClient]:
         yield test_client
 
 
+@pytest.fixture(scope="module")
+def device_client(model_repository: Path) -> Iterator[TestClient]:
+    """Post-processing as ONNX graphs on the (CPU) provider: ``SEGSERVE_POSTPROCESS=device``."""
+    with make_client(model_repository, postprocess="device") as test_client:
+        wait_ready(test_client)
+        yield test_client
+
+
 def png_bytes(image: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(image).save(buffer, format="PNG")
@@ -170,8 +178,10 @@ def test_raw_body_equals_multipart(client: TestClient, chelsea: np.ndarray) -> N
     [((0.5, 1.0), True, 4), (None, False, 1)],
     ids=["multiscale-flip", "labels-tile-wise"],
 )
+@pytest.mark.parametrize("postprocess", ["host", "device"])
 def test_slide_matches_the_reference(
-    client: TestClient,
+    request: pytest.FixtureRequest,
+    postprocess: str,
     chelsea: np.ndarray,
     model_repository: Path,
     scales: tuple[float, ...] | None,
@@ -179,7 +189,11 @@ def test_slide_matches_the_reference(
     inputs_over: int,
 ) -> None:
     """Slide with TTA averages full softmax planes; plain slide labels come tile by tile
-    (``service.labelmap``). Both must give mmseg's labels."""
+    (``service.labelmap``). Both must give mmseg's labels, and so must the same steps as ONNX
+    graphs (``postprocess=device``)."""
+    client: TestClient = request.getfixturevalue(
+        "client" if postprocess == "host" else "device_client"
+    )
     params = {"model": "tiny-float", "mode": "slide", "crop": "128", "stride": "96x80"}
     if scales is not None:
         params |= {"scales": ",".join(str(ratio) for ratio in scales), "flip": str(flip).lower()}
