@@ -1,14 +1,22 @@
-"""The whole HTTP path against HuggingFace's ``pipeline("image-segmentation")``, same model.
+"""The whole HTTP path against the bare forward of its own model file and HF's pipeline.
 
 One random-init SegFormer-B0 (ADE20K head, 150 classes) is built from a ``SegformerConfig`` and
-saved locally (nothing is downloaded); the same weights are exported to a segserve bundle. Both
-then segment the same 512x512 photograph (scikit-image's astronaut): segserve through a real
-``python -m service`` process (whole mode, JSON answer, multipart upload), the pipeline in this
-process. Each is timed sequentially and at concurrency 4 (four threads).
+saved locally (nothing is downloaded); the same weights are exported to a segserve bundle. Then,
+on the same 512x512 photograph (scikit-image's astronaut):
 
-    .venv/bin/python -m benchmarks.bench_http [--requests 40] [--work DIR]
+- the bare forward: the bundle's ``model.onnx`` in a ``service.runtime.Runtime`` made as the
+  server makes it, fed the preprocessed tensor (no decode, resize, merge, encode or HTTP);
+- segserve through a real ``python -m service`` process (whole mode, JSON answer, multipart);
+- HF ``pipeline("image-segmentation")`` in this process.
 
-Prints median / p95 latency and throughput per row and the segserve / pipeline ratio.
+The bare forward and the sequential HTTP requests alternate in rounds, so drift on a shared
+machine hits both alike. Each system is also timed at concurrency 4 (four threads).
+
+    .venv/bin/python -m benchmarks.bench_http [--requests 40] [--work DIR] [--precision int8]
+
+Prints median / p95 latency and throughput per row, then the ratios the targets name: HTTP median
+over the bare forward's, segserve over the pipeline's throughput, segserve at concurrency 4 over
+the bare single-stream throughput.
 """
 
 from __future__ import annotations
@@ -36,6 +44,7 @@ from tests.servers import SegserveServer
 
 NUM_CLASSES = 150
 CONCURRENCY = 4
+BARE = "bare forward (model.onnx, onnxruntime)"
 
 
 @dataclass(frozen=True)
@@ -85,6 +94,21 @@ def measure(system: str, call: Callable[[], None], requests: int, warmup: int) -
     return rows
 
 
+def alternate(
+    calls: dict[str, Callable[[], None]], requests: int, rounds: int = 5
+) -> dict[str, Row]:
+    """Sequential rows for several systems, their calls alternating in ``rounds`` chunks."""
+    latencies: dict[str, list[float]] = {name: [] for name in calls}
+    walls = dict.fromkeys(calls, 0.0)
+    for round_index in range(rounds):
+        chunk = requests // rounds + (round_index < requests % rounds)
+        for name, call in calls.items():
+            chunk_latencies, wall = timed_run(call, chunk, 1)
+            latencies[name] += chunk_latencies
+            walls[name] += wall
+    return {name: Row(name, 1, latencies[name], walls[name]) for name in calls}
+
+
 def build_models(work: Path) -> tuple[Path, Path]:
     """Random-init HF SegFormer-B0 saved to ``work/hf``, exported to ``work/repo/segformer-b0``."""
     import torch
@@ -114,14 +138,42 @@ def build_models(work: Path) -> tuple[Path, Path]:
     return hf_dir, repository
 
 
+def bare_forward(bundle_path: Path, photo: bytes) -> Callable[[], None]:
+    """One forward of the bundle's model on the photo's input tensor, in a runtime made as the
+    server makes it (same session options, all cores)."""
+    from service.bundle import load_bundle
+    from service.config import RuntimeSettings
+    from service.engine import Engine
+    from service.imageio import decode_image
+    from service.runtime import Runtime
+
+    bundle = load_bundle(bundle_path)
+    meta = bundle.metadata
+    runtime = Runtime(
+        bundle.model_path,
+        meta.input.name,
+        meta.output.name,
+        meta.input.dtype,
+        RuntimeSettings(providers=("cpu",)),
+    )
+    tensor = Engine(bundle)._to_input(decode_image(photo, 10**8))[None]
+
+    def forward() -> None:
+        runtime.run(tensor)
+
+    return forward
+
+
 def bench_segserve(
     repository: Path, work: Path, photo: bytes, requests: int, batch: int
 ) -> list[Row]:
+    """Bare forward and sequential HTTP alternating, then HTTP at concurrency 4."""
     server = SegserveServer(
         repository, work / "server.log", intra_op_threads=0, worker_threads=2, max_batch_size=batch
     )
     try:
         server.wait_ready(timeout_s=300)
+        bare = bare_forward(repository / "segformer-b0", photo)
         with httpx.Client(base_url=server.url, timeout=120) as client:
 
             def call() -> None:
@@ -129,7 +181,13 @@ def bench_segserve(
                 response.raise_for_status()
                 assert response.json()["width"] == 512
 
-            return measure("segserve (HTTP, onnxruntime)", call, requests, warmup=3)
+            for _ in range(3):
+                bare()
+                call()
+            http_name = "segserve (HTTP, onnxruntime)"
+            rows = alternate({BARE: bare, http_name: call}, requests)
+            latencies, wall = timed_run(call, requests, CONCURRENCY)
+            return [rows[BARE], rows[http_name], Row(http_name, CONCURRENCY, latencies, wall)]
     finally:
         server.terminate()
 
@@ -173,9 +231,19 @@ def main() -> None:
     print("| --- | --- | --- | --- | --- |")
     for row in ours + theirs:
         print(row.line())
-    for mine, base in zip(ours, theirs, strict=False):
+    bare, http_sequential, http_concurrent = ours
+    print(
+        f"HTTP / bare forward, sequential median: {median(http_sequential) / median(bare):.2f}x; "
+        f"HTTP at concurrency {CONCURRENCY} / bare single-stream throughput: "
+        f"{http_concurrent.throughput / bare.throughput:.2f}x"
+    )
+    for mine, base in zip(ours[1:], theirs, strict=False):
         ratio = mine.throughput / base.throughput
-        print(f"throughput ratio at concurrency {mine.concurrency}: {ratio:.2f}x")
+        print(f"segserve / HF pipeline throughput at concurrency {mine.concurrency}: {ratio:.2f}x")
+
+
+def median(row: Row) -> float:
+    return statistics.median(row.latencies_s)
 
 
 if __name__ == "__main__":
