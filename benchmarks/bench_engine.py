@@ -290,10 +290,10 @@ def refitted_bundle(
     )
     session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
     pass_plan = plan_request(
-        bundle.metadata.test_config,
+        bundle.metadata,
         options,
         *image.shape[:2],
-        Limits(max_pixels=1 << 30, max_inputs_per_request=1 << 20),
+        Limits(max_pixels=1 << 30, max_inputs_per_request=1 << 20, max_request_bytes=1 << 40),
     ).passes[0]
     scaled = resize_image(image, pass_plan.width, pass_plan.height)
     regions = segmentation.slic(scaled, n_segments=40, compactness=20, start_label=0)

@@ -9,7 +9,9 @@ mmsegmentation 1.x's published test settings: the SegFormer configs for ADE20K a
 ``..._8xb1-160k_cityscapes-1024x1024.py``); mmsegmentation publishes no SegFormer config for
 Pascal Context or COCO-Stuff, so those take the dataset's own test pipeline
 (``configs/_base_/datasets/pascal_context_59.py``, ``coco-stuff164k.py``) and the sliding window
-every mmsegmentation Pascal-Context-59 model uses (crop 480, stride 320).
+every mmsegmentation Pascal-Context-59 model uses (crop 480, stride 320). Whole-mode datasets
+still carry a window: their training crop with mmseg's two-thirds stride (ADE20K and COCO-Stuff
+512, stride 341), used when a request asks for slide mode without a crop.
 """
 
 from __future__ import annotations
@@ -176,7 +178,7 @@ DATASETS: dict[str, DatasetInfo] = {
         "ade20k",
         ADE20K_CLASSES,
         ADE20K_PALETTE,
-        {"mode": "whole", "resize_scale": (2048, 512), "crop": None, "stride": None},
+        {"mode": "whole", "resize_scale": (2048, 512), "crop": (512, 512), "stride": (341, 341)},
     ),
     "cityscapes": DatasetInfo(
         "cityscapes",
@@ -194,7 +196,7 @@ DATASETS: dict[str, DatasetInfo] = {
         "coco-stuff",
         COCO_STUFF_CLASSES,
         COCO_STUFF_PALETTE,
-        {"mode": "whole", "resize_scale": (2048, 512), "crop": None, "stride": None},
+        {"mode": "whole", "resize_scale": (2048, 512), "crop": (512, 512), "stride": (341, 341)},
     ),
 }
 

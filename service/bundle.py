@@ -25,6 +25,11 @@ TRITON_CONFIG_FILE = "config.pbtxt"
 
 RGB = tuple[int, int, int]
 
+# The smallest input side each architecture's graph accepts: SegFormer's stage-1 key/value
+# reduction is an 8x8 convolution of the stride-4 features (32 px); SETR needs one 16-px patch.
+# Smaller windows are padded up to it by the engine (see docs/api.md).
+MIN_INPUT_SIDE: dict[str, int] = {"segformer": 32, "setr": 16}
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -58,7 +63,9 @@ class TestConfig(_Strict):
 
     ``resize_scale`` follows mmcv's ``imrescale`` with keep-ratio: the image is scaled by
     ``min(max(scale) / long_edge, min(scale) / short_edge)``. ``None`` means no resize.
-    ``crop``/``stride`` are (height, width) and required for ``slide``.
+    ``crop``/``stride`` are (height, width), required for ``slide``; a ``whole`` bundle may carry
+    them too (its dataset's training crop), as the window of requests that ask for slide mode
+    without one. Older bundles without them are read as before.
     """
 
     __test__ = False  # not a pytest class
@@ -119,6 +126,10 @@ class BundleMetadata(_Strict):
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+    @property
+    def min_input_side(self) -> int:
+        return MIN_INPUT_SIDE[self.arch]
 
 
 class BundleError(ValueError):

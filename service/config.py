@@ -41,6 +41,8 @@ class Limits:
     max_crop: int = 2048  # slide window side
     max_tta_inputs: int = 64  # passes (scales x flips) per request
     max_inputs_per_request: int = 1024  # model inputs (windows x passes) per request
+    # Estimated peak memory of one request (planning.peak_bytes): image, logits, class planes.
+    max_request_bytes: int = 2 << 30
 
 
 @dataclass(frozen=True)

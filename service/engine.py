@@ -30,7 +30,14 @@ from service.bundle import Bundle, BundleError
 from service.config import EngineConfig
 from service.device_postprocess import DeviceBatch, DevicePassMerge, DevicePostprocess
 from service.errors import InferenceTimeoutError, InvalidParameterError, OverloadedError
-from service.geometry import Window, argmax_planes, labels_dtype, rescale_size, resize_image
+from service.geometry import (
+    Window,
+    argmax_planes,
+    labels_dtype,
+    rescale_size,
+    resize_image,
+    unpad_logits,
+)
 from service.merging import (
     PassMerge,
     accumulate_probabilities,
@@ -99,6 +106,12 @@ class Engine:
         self._mean = np.asarray(self._input.mean, np.float32).reshape(3, 1, 1)
         self._inv_std = (1.0 / np.asarray(self._input.std, np.float32)).reshape(3, 1, 1)
         self._normalise = not self._input.normalized_in_graph
+        # Windows under the graph's minimum side are padded with the mean colour (0 once
+        # normalised: mmseg's test-time pad value) and the padding cropped off their logits.
+        self._min_side = metadata.min_input_side
+        self._pad_value = np.zeros(3) if self._normalise else np.asarray(self._input.mean)
+        if self._input.dtype == "uint8":
+            self._pad_value = np.rint(self._pad_value)
         if self._input.dtype == "uint8" and self._normalise:
             raise BundleError(f"{bundle.path}: a uint8 input must be normalised in the graph")
         self._runtime: Runtime | None = None
@@ -202,9 +215,7 @@ class Engine:
     def plan(self, options: SegmentOptions, height: int, width: int) -> Plan:
         """The passes and windows of a request on a ``height`` x ``width`` image; raises
         ``InvalidParameterError`` / ``PayloadTooLargeError`` for options over the limits."""
-        return plan_request(
-            self.bundle.metadata.test_config, options, height, width, self.config.limits
-        )
+        return plan_request(self.bundle.metadata, options, height, width, self.config.limits)
 
     async def segment(self, image: np.ndarray, options: SegmentOptions) -> SegmentResult:
         """Label map (and probabilities if asked) of an (H, W, 3) uint8 RGB image."""
@@ -382,7 +393,7 @@ class Engine:
         window = merge.plan.windows[index]
         async with request.slots:
             crop = scaled[window.y1 : window.y2, window.x1 : window.x2]
-            tensor = await self._compute(request, lambda: self._to_input(crop), pre=True)
+            tensor = await self._compute(request, lambda: self._padded_input(crop), pre=True)
             batcher = self._batcher  # read after the await: stop() may have run meanwhile
             if batcher is None:
                 raise self._stopped_error()
@@ -395,12 +406,29 @@ class Engine:
                     # Dropped by a shutdown that outlasted its drain time, not by our caller.
                     raise self._stopped_error() from None
                 raise
+            padded = tensor.shape[1:]
+            if padded != crop.shape[:2]:
+                size = crop.shape[:2]
+                logits = await self._compute(request, partial(unpad_logits, logits, padded, size))
             await self._compute(request, lambda: merge.add(index, logits))
 
     def _stopped_error(self) -> OverloadedError:
         return OverloadedError(
             f"model {self.name!r} stopped before this request finished", retry_after_s=5.0
         )
+
+    def _padded_input(self, pixels: np.ndarray) -> np.ndarray:
+        """The model input of one window, padded bottom/right up to the graph's minimum side."""
+        tensor = self._to_input(pixels)
+        height, width = tensor.shape[1:]
+        if min(height, width) >= self._min_side:
+            return tensor
+        padded = np.empty(
+            (3, max(height, self._min_side), max(width, self._min_side)), tensor.dtype
+        )
+        padded[...] = self._pad_value.reshape(3, 1, 1)
+        padded[:, :height, :width] = tensor
+        return padded
 
     def _to_input(self, pixels: np.ndarray) -> np.ndarray:
         """HWC uint8 -> CHW in the graph's input dtype, normalised here when the graph does not."""

@@ -55,6 +55,16 @@ def resize_plane(plane: np.ndarray, height: int, width: int) -> np.ndarray:
     return cv2.resize(plane, (width, height), interpolation=cv2.INTER_LINEAR)
 
 
+def unpad_logits(logits: np.ndarray, padded: tuple[int, int], size: tuple[int, int]) -> np.ndarray:
+    """(C, *size) logits of an input padded bottom/right from ``size`` to ``padded`` (height,
+    width), as mmseg handles test-time padding: resized to the padded input (``predict_by_feat``
+    with ``pad_shape``), the padding cropped off (``postprocess_result``)."""
+    unpadded = np.empty((logits.shape[0], *size), np.float32)
+    for channel, plane in enumerate(logits):
+        unpadded[channel] = resize_plane(plane, *padded)[: size[0], : size[1]]
+    return unpadded
+
+
 def planes_to_original(
     scores: np.ndarray, scaled: tuple[int, int], flip: bool, original: tuple[int, int]
 ) -> Iterator[np.ndarray]:

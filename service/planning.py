@@ -2,7 +2,9 @@
 
 This is the one place where a request's options are checked against ``Limits``; the route plans
 once, and the engine runs that plan. A pass is one forward of the image at one TTA ratio and flip;
-whole mode is one window covering the resized image, slide mode mmseg's window grid.
+whole mode is one window covering the resized image, slide mode mmseg's window grid. The memory a
+plan will take is estimated here (``peak_bytes``) and refused over ``Limits.max_request_bytes``
+before anything is allocated.
 """
 
 from __future__ import annotations
@@ -11,10 +13,19 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
-from service.bundle import TestConfig
+import numpy as np
+
+from service.bundle import BundleMetadata
 from service.config import Limits
 from service.errors import InvalidParameterError, PayloadTooLargeError
-from service.geometry import Window, grid_count, ratio_size, rescale_size, window_grid
+from service.geometry import (
+    Window,
+    grid_count,
+    labels_dtype,
+    ratio_size,
+    rescale_size,
+    window_grid,
+)
 
 
 @dataclass(frozen=True)
@@ -62,12 +73,42 @@ def _pair(value: object, what: str) -> tuple[int, int]:
     return value[0], value[1]
 
 
+def _slide_window(
+    metadata: BundleMetadata, options: SegmentOptions, limits: Limits
+) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Crop and stride of a slide request: the asked ones, else the bundle's window. An asked
+    crop without a stride gets the bundle's stride capped at the crop, or two thirds of the crop
+    (mmseg's usual overlap) when the bundle has none."""
+    test_config = metadata.test_config
+    if options.crop is None and test_config.crop is None:
+        raise InvalidParameterError(
+            "slide mode needs a window and this bundle has no default one (no known dataset): "
+            "pass crop=HxW or crop=N (e.g. crop=512), and optionally stride"
+        )
+    crop = _pair(options.crop or test_config.crop, "crop")
+    if min(crop) < 1 or max(crop) > limits.max_crop:
+        raise InvalidParameterError(f"crop sides must be in 1..{limits.max_crop}, got {crop}")
+    if options.stride is not None:
+        stride = _pair(options.stride, "stride")
+    elif test_config.stride is not None:
+        stride = (min(test_config.stride[0], crop[0]), min(test_config.stride[1], crop[1]))
+    else:
+        stride = (max(1, crop[0] * 2 // 3), max(1, crop[1] * 2 // 3))
+    if min(stride) < 1 or stride[0] > crop[0] or stride[1] > crop[1]:
+        raise InvalidParameterError(
+            f"stride must be positive and at most the crop {crop}, got {stride}"
+        )
+    return crop, stride
+
+
 def plan_request(
-    test_config: TestConfig, options: SegmentOptions, height: int, width: int, limits: Limits
+    metadata: BundleMetadata, options: SegmentOptions, height: int, width: int, limits: Limits
 ) -> Plan:
-    """Turn options and an image size into passes and windows; refuse bad options by name, and
-    a request needing more than ``max_inputs_per_request`` model inputs before any window is
-    listed (tiny strides on a big image would otherwise take the memory of millions of windows)."""
+    """Turn options and an image size into passes and windows; refuse bad options by name, a
+    request needing more than ``max_inputs_per_request`` model inputs before any window is
+    listed (tiny strides on a big image would otherwise take the memory of millions of windows),
+    and one whose estimated memory is over ``max_request_bytes``."""
+    test_config = metadata.test_config
     if height < 1 or width < 1:
         raise InvalidParameterError(f"image size {width}x{height} is empty")
     if height * width > limits.max_pixels:
@@ -79,14 +120,7 @@ def plan_request(
         raise InvalidParameterError(f"mode must be 'whole' or 'slide', got {mode!r}")
     crop = stride = None
     if mode == "slide":
-        crop = _pair(options.crop or test_config.crop, "crop")
-        stride = _pair(options.stride or test_config.stride, "stride")
-        if min(crop) < 1 or max(crop) > limits.max_crop:
-            raise InvalidParameterError(f"crop sides must be in 1..{limits.max_crop}, got {crop}")
-        if min(stride) < 1 or stride[0] > crop[0] or stride[1] > crop[1]:
-            raise InvalidParameterError(
-                f"stride must be positive and at most the crop {crop}, got {stride}"
-            )
+        crop, stride = _slide_window(metadata, options, limits)
     elif options.crop is not None or options.stride is not None:
         raise InvalidParameterError("crop and stride apply to slide mode only")
 
@@ -146,4 +180,59 @@ def plan_request(
             windows = (Window(0, scaled_h, 0, scaled_w),)
         for flip in (False, True) if options.flip else (False,):
             passes.append(PassPlan(scaled_h, scaled_w, flip, windows))
-    return Plan(mode, tuple(passes), height, width, options.return_probabilities)
+    plan = Plan(mode, tuple(passes), height, width, options.return_probabilities)
+    needed = peak_bytes(plan, metadata.num_classes, metadata.output.stride)
+    if needed > limits.max_request_bytes:
+        raise PayloadTooLargeError(
+            f"this request would take about {needed / MIB:.0f} MiB of memory, over the "
+            f"per-request budget of {limits.max_request_bytes / MIB:.0f} MiB "
+            "(SEGSERVE_MAX_REQUEST_BYTES): send a smaller image, or fewer scales / no flip"
+        )
+    return plan
+
+
+MIB = 1 << 20
+_FLOAT = 4  # bytes per logit / probability (float32)
+
+
+def _pass_logits_bytes(
+    pass_plan: PassPlan, num_classes: int, output_stride: int, may_keep: bool
+) -> int:
+    """One pass's logits as ``PassMerge`` holds them: a single window's raw output, else the
+    summed planes at the resized size plus the window counts (merged), or for a labels-only
+    single pass the smaller of that and the windows' outputs (``keep_windows``)."""
+    windows = pass_plan.windows
+    if len(windows) == 1:
+        window = windows[0]
+        cells = -(-window.height // output_stride) * -(-window.width // output_stride)
+        return num_classes * cells * _FLOAT
+    merged = (num_classes + 1) * pass_plan.height * pass_plan.width
+    kept = sum(w.height * w.width for w in windows) // output_stride**2 * num_classes
+    return (min(kept, merged) if may_keep else merged) * _FLOAT
+
+
+def peak_bytes(plan: Plan, num_classes: int, output_stride: int) -> int:
+    """Estimated peak memory of running ``plan``: the decoded image and its label map, the
+    largest resized image, and the class planes the engine's merge path holds at once.
+
+    One labels-only pass needs only its logits (``labelmap`` works tile by tile). A flipped or
+    probabilities pass also takes (C, H, W) float32 planes at the original size; several passes
+    hold a pass group's logits (a scale and its flip run together), the running TTA sum and one
+    pass's planes. Kept in step with ``Engine._labels``; the small per-window inputs in flight
+    are left out.
+    """
+    original = plan.height * plan.width
+    fixed = original * 3 + original * np.dtype(labels_dtype(num_classes)).itemsize
+    fixed += max(p.height * p.width * 3 for p in plan.passes)
+    planes = num_classes * original * _FLOAT
+    if len(plan.passes) == 1:
+        only = plan.passes[0]
+        labels_only = not (plan.probabilities or only.flip)
+        logits = _pass_logits_bytes(only, num_classes, output_stride, may_keep=labels_only)
+        return fixed + logits + (0 if labels_only else planes)
+    groups: dict[tuple[int, int], int] = {}
+    for pass_plan in plan.passes:
+        key = (pass_plan.height, pass_plan.width)
+        size = _pass_logits_bytes(pass_plan, num_classes, output_stride, may_keep=False)
+        groups[key] = groups.get(key, 0) + size
+    return fixed + max(groups.values()) + 2 * planes

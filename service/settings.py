@@ -49,6 +49,7 @@ class Settings(BaseSettings):
     max_crop: int = Field(default=_LIMITS.max_crop, ge=1)
     max_tta_inputs: int = Field(default=_LIMITS.max_tta_inputs, ge=1)
     max_inputs_per_request: int = Field(default=_LIMITS.max_inputs_per_request, ge=1)
+    max_request_bytes: int = Field(default=_LIMITS.max_request_bytes, ge=1)
     # HTTP, store, shutdown
     api_key: SecretStr | None = None
     mask_store: str = "memory"

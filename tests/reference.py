@@ -32,20 +32,36 @@ class ReferenceConfig:
     stride: tuple[int, int] | None = None
 
 
-def onnx_forward(bundle: Bundle) -> Forward:
-    """Run the bundle's graph one image at a time, normalising first when the graph does not."""
+def onnx_forward(bundle: Bundle, pad_to: int = 0) -> Forward:
+    """Run the bundle's graph one image at a time, normalising first when the graph does not.
+
+    ``pad_to``: inputs with a side under it are padded bottom/right to it, as mmseg's data
+    preprocessor pads at test time (with 0 after normalisation, i.e. the mean colour; a uint8
+    graph gets the mean rounded), and the logits, resized to the padded size, lose the padding
+    (``predict_by_feat`` with ``pad_shape``, then ``postprocess_result``)."""
     session = ort.InferenceSession(str(bundle.model_path), providers=["CPUExecutionProvider"])
     contract = bundle.metadata.input
     mean = torch.tensor(contract.mean, dtype=torch.float32).view(1, 3, 1, 1)
     std = torch.tensor(contract.std, dtype=torch.float32).view(1, 3, 1, 1)
+    pad_colour = mean.round() if contract.dtype == "uint8" else mean
 
-    def forward(pixels: torch.Tensor) -> torch.Tensor:
+    def run(pixels: torch.Tensor) -> torch.Tensor:
         if contract.normalized_in_graph:
             feed = pixels.numpy().astype(contract.dtype)
         else:
             feed = ((pixels - mean) / std).numpy().astype(contract.dtype)
         (logits,) = session.run([bundle.metadata.output.name], {contract.name: feed})
         return torch.from_numpy(np.asarray(logits, dtype=np.float32))
+
+    def forward(pixels: torch.Tensor) -> torch.Tensor:
+        height, width = pixels.shape[2:]
+        padded_size = (max(height, pad_to), max(width, pad_to))
+        if padded_size == (height, width):
+            return run(pixels)
+        padded = pad_colour.expand(1, 3, *padded_size).clone()
+        padded[:, :, :height, :width] = pixels
+        logits = F.interpolate(run(padded), size=padded_size, mode="bilinear", align_corners=False)
+        return logits[:, :, :height, :width]
 
     return forward
 

@@ -74,14 +74,15 @@ def test_pascal_context_and_coco_stuff_spot_checks() -> None:
     assert coco.classes[0] == "person" and coco.classes[79] == "toothbrush"
     assert coco.classes[80] == "banner" and coco.classes[-1] == "wood"
     assert coco.test_config["mode"] == "whole" and coco.test_config["resize_scale"] == (2048, 512)
+    assert coco.test_config["crop"] == (512, 512) and coco.test_config["stride"] == (341, 341)
 
 
 def test_segformer_test_settings() -> None:
     assert DATASETS["ade20k"].test_config == {
         "mode": "whole",
         "resize_scale": (2048, 512),
-        "crop": None,
-        "stride": None,
+        "crop": (512, 512),  # the training crop: slide mode's default window
+        "stride": (341, 341),
     }
     assert DATASETS["cityscapes"].test_config == {
         "mode": "slide",

@@ -67,7 +67,7 @@ def assert_matches_reference(
 ) -> SegmentResult:
     result = segment(engine, image, options)
     labels, scores = reference_segment(
-        onnx_forward(engine.bundle),
+        onnx_forward(engine.bundle, pad_to=engine.bundle.metadata.min_input_side),
         image,
         reference_config(engine.bundle, options),
         options.scales,
@@ -271,3 +271,27 @@ def test_fp16_contract_is_fed_and_read_as_declared(
         assert_matches_reference(engine, photos["rocket"], SegmentOptions(mode="whole"))
     finally:
         engine.stop()
+
+
+@pytest.mark.parametrize(
+    ("engine_name", "size", "options"),
+    [
+        ("whole_engine", (12, 200), SegmentOptions(scales=(1.0,))),  # 12 px high: padded to 32
+        ("slide_engine", (20, 300), SegmentOptions(scales=(1.0,), return_probabilities=True)),
+        ("slide_engine", (64, 80), SegmentOptions(crop=(16, 16), stride=(16, 16))),
+        ("whole_engine", (200, 300), SegmentOptions(scales=(0.05, 1.0), flip=True)),  # 10x15
+    ],
+    ids=["whole-thin", "slide-thin", "slide-tiny-crop", "tiny-scale-flip"],
+)
+def test_inputs_under_the_minimum_are_padded_like_mmseg(
+    request: pytest.FixtureRequest,
+    photos: dict[str, np.ndarray],
+    engine_name: str,
+    size: tuple[int, int],
+    options: SegmentOptions,
+) -> None:
+    """Windows under the graph's 32-px minimum are padded with the mean colour and the padding
+    cropped off their logits: the reference pads the same way (mmseg's test-time padding)."""
+    engine: Engine = request.getfixturevalue(engine_name)
+    assert engine.bundle.metadata.min_input_side == 32
+    assert_matches_reference(engine, sized(photos, "astronaut", *size), options)

@@ -157,7 +157,7 @@ def test_timeout_raises_and_frees_the_queue(
         (SegmentOptions(mode="slide", crop=(64, 64), stride=(96, 32)), "at most the crop"),
         (SegmentOptions(mode="slide", crop=(9000, 64), stride=(32, 32)), "crop sides"),
         (SegmentOptions(mode="slide", crop=(64.5, 64), stride=(32, 32)), "two integers"),  # type: ignore[arg-type]
-        (SegmentOptions(mode="slide"), "crop must be two integers"),  # bundle has no crop
+        (SegmentOptions(mode="slide"), "no default one"),  # bundle has no window
         (SegmentOptions(crop=(64, 64)), "slide mode only"),
         (SegmentOptions(mode="tiles"), "mode must be"),  # type: ignore[arg-type]
         (SegmentOptions(scales=()), "0 scales requested; between 1 and 8"),

@@ -1,0 +1,130 @@
+"""Planning: slide mode's default window, and the per-request memory estimate against what the
+engine really allocates (traced), refused over the budget before anything is allocated."""
+
+from __future__ import annotations
+
+import asyncio
+import tracemalloc
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+
+from models.datasets import DATASETS
+from service.bundle import Bundle, TestConfig
+from service.config import EngineConfig, Limits
+from service.engine import Engine
+from service.errors import InvalidParameterError, PayloadTooLargeError
+from service.geometry import resize_image
+from service.planning import Plan, SegmentOptions, peak_bytes, plan_request
+from tests.conftest import write_tiny_bundle
+
+WINDOWED = TestConfig(mode="whole", resize_scale=None, crop=(96, 96), stride=(64, 64))
+
+
+@pytest.fixture(scope="module")
+def windowed_bundle(tmp_path_factory: pytest.TempPathFactory) -> Bundle:
+    """Whole mode by default, with a slide window for requests that ask for slide mode."""
+    return write_tiny_bundle(
+        tmp_path_factory.mktemp("windowed") / "w", num_classes=40, test_config=WINDOWED
+    )
+
+
+def _plan(bundle: Bundle, options: SegmentOptions, height: int = 300, width: int = 400) -> Plan:
+    return plan_request(bundle.metadata, options, height, width, Limits())
+
+
+def test_slide_without_crop_takes_the_bundles_window(windowed_bundle: Bundle) -> None:
+    plan = _plan(windowed_bundle, SegmentOptions(mode="slide"))
+    windows = plan.passes[0].windows
+    assert {(w.height, w.width) for w in windows} == {(96, 96)}
+    assert sorted({w.y1 for w in windows}) == [0, 64, 128, 192, 204]  # stride 64, last clamped
+    assert len(windows) == 5 * 6
+
+
+def test_a_crop_without_stride_gets_the_bundle_stride_capped_at_the_crop(
+    windowed_bundle: Bundle, tiny_bundle: Bundle
+) -> None:
+    small = _plan(windowed_bundle, SegmentOptions(mode="slide", crop=(48, 48)))
+    assert sorted({w.x1 for w in small.passes[0].windows})[:3] == [0, 48, 96]
+    # No window in the bundle: two thirds of the crop, mmseg's usual overlap (512 -> 341).
+    plan = _plan(tiny_bundle, SegmentOptions(mode="slide", crop=(90, 60)))
+    assert sorted({w.y1 for w in plan.passes[0].windows})[:2] == [0, 60]
+    assert sorted({w.x1 for w in plan.passes[0].windows})[:2] == [0, 40]
+
+
+def test_slide_without_any_window_names_what_to_pass(tiny_bundle: Bundle) -> None:
+    assert tiny_bundle.metadata.test_config.crop is None
+    with pytest.raises(InvalidParameterError, match=r"no default one.*pass crop=HxW"):
+        _plan(tiny_bundle, SegmentOptions(mode="slide"))
+
+
+@pytest.mark.parametrize("dataset", ["ade20k", "coco-stuff"])
+def test_whole_mode_datasets_carry_their_training_crop(dataset: str) -> None:
+    config = TestConfig.model_validate(DATASETS[dataset].test_config)
+    assert config.mode == "whole"
+    assert (config.crop, config.stride) == ((512, 512), (341, 341))
+
+
+@pytest.fixture(scope="module")
+def engine(windowed_bundle: Bundle) -> Iterator[Engine]:
+    engine = Engine(windowed_bundle, EngineConfig())
+    engine.start()
+    yield engine
+    engine.stop()
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        SegmentOptions(mode="slide"),  # labels only: kept windows
+        SegmentOptions(mode="slide", stride=(16, 16)),  # labels only: merged at the resized size
+        SegmentOptions(return_probabilities=True),  # planes at the original size
+        SegmentOptions(flip=True),  # two passes: TTA sum and one pass's planes
+        SegmentOptions(scales=(0.5, 1.0, 1.5), flip=True),
+        SegmentOptions(mode="slide", scales=(0.5, 1.0), flip=True, return_probabilities=True),
+    ],
+    ids=["kept", "merged", "probabilities", "flip", "scales-flip", "slide-scales-flip"],
+)
+def test_estimate_follows_what_the_engine_allocates(
+    engine: Engine, photos: dict[str, np.ndarray], options: SegmentOptions
+) -> None:
+    """NumPy's allocations while a request runs (traced in every thread) against the plan's
+    estimate; onnxruntime's own arena is not traced and not estimated."""
+    image = resize_image(photos["astronaut"], 400, 300)
+    plan = engine.plan(options, *image.shape[:2])
+    estimate = peak_bytes(plan, engine.bundle.metadata.num_classes, 4)
+    tracemalloc.start()
+    try:
+        baseline = tracemalloc.get_traced_memory()[0]
+        asyncio.run(engine.run(image, plan))
+        measured = tracemalloc.get_traced_memory()[1] - baseline
+    finally:
+        tracemalloc.stop()
+    # The decoded image is estimated but was allocated before tracing began.
+    measured += image.nbytes
+    assert 0.8 * estimate <= measured <= 1.25 * estimate, f"{measured=} {estimate=}"
+
+
+def test_over_budget_is_refused_before_allocating(windowed_bundle: Bundle) -> None:
+    """A 12 MP photo with flip on a 150-class model: about 15 GB of class planes today."""
+    budget = 2 << 30
+    limits = Limits(max_request_bytes=budget)
+    ade = windowed_bundle.metadata.model_copy(
+        update={"classes": ("c",) * 150, "palette": ((0, 0, 0),) * 150}
+    )
+    flip = SegmentOptions(flip=True)
+    with pytest.raises(PayloadTooLargeError, match=r"about 14\d{3} MiB.*budget of 2048 MiB"):
+        plan_request(ade, flip, 3000, 4000, limits)
+    plan = plan_request(ade, SegmentOptions(), 3000, 4000, limits)  # one pass: logits only
+    assert peak_bytes(plan, 150, 4) < budget
+    small = plan_request(ade, flip, 300, 400, limits)
+    assert peak_bytes(small, 150, 4) < budget
+    with pytest.raises(PayloadTooLargeError, match="budget of 1 MiB"):
+        plan_request(ade, SegmentOptions(), 300, 400, Limits(max_request_bytes=1 << 20))
+
+
+def test_limits_default_is_written_once() -> None:
+    from service.settings import Settings
+
+    assert Settings().max_request_bytes == Limits().max_request_bytes == 2 << 30
