@@ -41,6 +41,7 @@ from export.onnx_export import (
 from export.triton import triton_config
 from export.verify import DEFAULT_SIZES, VerificationReport, verify
 from models import datasets
+from models.checkpoints import CheckpointError, load_checkpoint
 from models.registry import create_model, list_models
 from service import __version__
 from service.bundle import (
@@ -372,8 +373,6 @@ def _load(
     model_name: str, checkpoint: Path
 ) -> tuple[nn.Module, SourceCheckpoint, _ClassList | None]:
     """The checkpoint's model, its provenance and its own class names (if it has any)."""
-    from models.checkpoints import CheckpointError, load_checkpoint
-
     try:
         loaded = load_checkpoint(checkpoint, model_name=model_name)
     except (CheckpointError, OSError, KeyError, ValueError) as exc:

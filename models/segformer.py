@@ -1,7 +1,7 @@
 """SegFormer (Mix Transformer encoder + All-MLP decoder), variants B0–B5.
 
-One module per published component, named after what it does; ``models/checkpoints.py`` maps the
-HuggingFace, NVlabs and mmsegmentation key layouts onto these names. Attention goes through
+One module per published component, named after what it does; ``models.checkpoints.segformer_keys``
+maps the HuggingFace, NVlabs and mmsegmentation key layouts onto these names. Attention goes through
 ``F.scaled_dot_product_attention`` exactly once per transformer block (full-length queries,
 spatially reduced keys/values) so the ONNX exporter can keep it as one fused node. Spatial sizes
 are always read from tensors, never cached as Python ints, so ``torch.export`` with dynamic H, W
@@ -16,7 +16,7 @@ The decoder exists in two published flavours that differ in more than key names:
 
 LayerNorm epsilons also differ by source (HF uses PyTorch's 1e-5 everywhere, NVlabs 1e-6 in the
 blocks and stage norms but 1e-5 in the patch embedding and reduction norms, mmseg 1e-6
-everywhere); ``norm_eps`` picks the convention so each checkpoint reproduces its own numbers.
+everywhere); ``norm_eps`` takes the source's epsilons so each checkpoint reproduces its own numbers.
 """
 
 from __future__ import annotations
@@ -31,7 +31,6 @@ from torch import nn
 from models.registry import register_model
 
 DecoderFlavour = Literal["hf", "mmseg"]
-NormEpsConvention = Literal["hf", "nvlabs", "mmseg"]
 
 NUM_HEADS = (1, 2, 5, 8)
 SR_RATIOS = (8, 4, 2, 1)
@@ -68,11 +67,11 @@ class LayerNormEps:
     block: float
 
 
-NORM_EPS: dict[NormEpsConvention, LayerNormEps] = {
-    "hf": LayerNormEps(patch_embed=1e-5, reduction=1e-5, block=1e-5),
-    "nvlabs": LayerNormEps(patch_embed=1e-5, reduction=1e-5, block=1e-6),
-    "mmseg": LayerNormEps(patch_embed=1e-6, reduction=1e-6, block=1e-6),
-}
+HF_NORM_EPS = LayerNormEps(patch_embed=1e-5, reduction=1e-5, block=1e-5)
+NVLABS_NORM_EPS = LayerNormEps(patch_embed=1e-5, reduction=1e-5, block=1e-6)
+MMSEG_NORM_EPS = LayerNormEps(patch_embed=1e-6, reduction=1e-6, block=1e-6)
+# Each decoder flavour's own source, used when no checkpoint says otherwise.
+DEFAULT_NORM_EPS: dict[DecoderFlavour, LayerNormEps] = {"hf": HF_NORM_EPS, "mmseg": MMSEG_NORM_EPS}
 
 
 def _tokens(feature_map: torch.Tensor) -> torch.Tensor:
@@ -254,7 +253,7 @@ class SegFormer(nn.Module):
         variant: str,
         num_classes: int,
         decoder: DecoderFlavour = "hf",
-        norm_eps: NormEpsConvention | None = None,
+        norm_eps: LayerNormEps | None = None,
     ) -> None:
         super().__init__()
         if variant not in VARIANTS:
@@ -265,8 +264,8 @@ class SegFormer(nn.Module):
         self.variant = variant
         self.num_classes = num_classes
         self.decoder = decoder
-        self.norm_eps: NormEpsConvention = norm_eps or decoder
-        self.encoder = MixTransformer(spec, NORM_EPS[self.norm_eps])
+        self.norm_eps = norm_eps or DEFAULT_NORM_EPS[decoder]
+        self.encoder = MixTransformer(spec, self.norm_eps)
         head_type = AllMLPHead if decoder == "hf" else MMSegHead
         self.decode_head = head_type(spec.embed_dims, spec.decoder_dim, num_classes)
 
@@ -279,7 +278,7 @@ def _factory(variant: str) -> None:
     def build(
         num_classes: int,
         decoder: DecoderFlavour = "hf",
-        norm_eps: NormEpsConvention | None = None,
+        norm_eps: LayerNormEps | None = None,
     ) -> SegFormer:
         return SegFormer(variant, num_classes, decoder=decoder, norm_eps=norm_eps)
 

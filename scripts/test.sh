@@ -6,5 +6,5 @@ bash scripts/system_packages.sh
 bash scripts/setup_env.sh test
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
-.venv/bin/mypy service export
+.venv/bin/mypy service export models
 .venv/bin/python -m pytest "$@"

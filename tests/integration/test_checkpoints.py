@@ -556,52 +556,22 @@ def test_forced_format_that_does_not_fit_names_the_format(
         load_checkpoint(path, format="onnx")
 
 
-def _setr_like_checkpoint(tmp_path: Path) -> Path:
+def test_class_token_goes_to_the_setr_loader_and_errors_name_the_file(tmp_path: Path) -> None:
+    """A ViT class token routes to SETR even beside SegFormer-like ``backbone.layers.`` keys."""
     path = tmp_path / "setr.pth"
-    torch.save({"state_dict": {"backbone.cls_token": torch.zeros(1, 1, 8)}, "meta": {}}, path)
-    return path
-
-
-def test_setr_dispatch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    calls: list[tuple[list[str], str | None]] = []
-
-    def load_mmseg_setr(
-        state_dict: dict[str, torch.Tensor], meta: dict, model_name: str | None
-    ) -> tuple[nn.Module, str]:
-        calls.append((sorted(state_dict), model_name))
-        model = nn.Identity()
-        model.num_classes = 150
-        return model, "setr-vit-l-pup"
-
-    fake = types.ModuleType("models.setr")
-    fake.load_mmseg_setr = load_mmseg_setr  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "models.setr", fake)
-    loaded = load_checkpoint(_setr_like_checkpoint(tmp_path), model_name="setr-vit-l-pup")
-    assert (loaded.format, loaded.model_name) == ("mmseg-setr", "setr-vit-l-pup")
-    assert calls == [(["backbone.cls_token"], "setr-vit-l-pup")]
-
-
-def test_setr_without_setr_module_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(sys.modules, "models.setr", None)
-    with pytest.raises(CheckpointError, match=r"SETR support \(models/setr\.py\) is not installed"):
-        load_checkpoint(_setr_like_checkpoint(tmp_path))
+    state = {
+        "backbone.cls_token": torch.zeros(1, 1, 8),
+        "backbone.layers.0.ln1.weight": torch.ones(8),
+    }
+    torch.save({"state_dict": state, "meta": {}}, path)
+    with pytest.raises(
+        CheckpointError,
+        match=r"setr\.pth: cannot read a SETR model .* \(format assumed: mmseg-setr\)",
+    ):
+        load_checkpoint(path)
 
 
 def test_reference_batch_norm_statistics_are_not_trivial(reference: nn.Module) -> None:
     """Guards the fixtures: a loader that skipped BatchNorm buffers could not pass the others."""
     bn = reference.decode_head.batch_norm
     assert bn.running_var.sub(1).abs().max() > 0.05 and bn.running_mean.abs().max() > 0.05
-
-
-def test_setr_errors_name_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    def load_mmseg_setr(state_dict: dict, meta: dict, model_name: str | None) -> tuple:
-        raise CheckpointError("missing keys: backbone.ln1.weight")
-
-    fake = types.ModuleType("models.setr")
-    fake.load_mmseg_setr = load_mmseg_setr  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "models.setr", fake)
-    with pytest.raises(
-        CheckpointError,
-        match=r"setr\.pth: missing keys: backbone\.ln1\.weight \(format assumed: mmseg-setr\)",
-    ):
-        load_checkpoint(_setr_like_checkpoint(tmp_path))

@@ -18,14 +18,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.checkpoints import CheckpointError, LoadedCheckpoint, load_checkpoint
+from models.checkpoints.metadata import parse_config_text
+from models.checkpoints.setr_keys import infer_setr_spec, load_mmseg_setr, looks_like_setr
 from models.registry import create_model, list_models
 from models.setr import (
     SETR,
     SelfAttention,
-    infer_setr_spec,
-    load_mmseg_setr,
-    looks_like_setr,
-    parse_config_text,
     resize_pos_embed,
 )
 
@@ -407,8 +405,8 @@ def test_half_precision_checkpoint_loads_as_float32() -> None:
     torch.manual_seed(11)
     source = create_model("setr-naive-base", num_classes=19, img_size=128)
     half = {k: v.half() if v.is_floating_point() else v for k, v in source.state_dict().items()}
-    model, variant = load_mmseg_setr(half, {}, "setr-naive-base")
-    assert variant == "setr-naive-base"
+    model = load_mmseg_setr(half, {}, "setr-naive-base")
+    assert model.variant == "setr-naive-base"
     assert model.num_classes == 19
     assert model.backbone.pos_grid == (8, 8)
     assert {p.dtype for p in model.parameters()} == {torch.float32}
@@ -511,7 +509,7 @@ def test_config_text_is_read_without_executing(tmp_path: Path) -> None:
     assert num_classes == NUM_CLASSES
     assert spec.interpolate_mode == "bicubic"
     assert spec.pos_grid == (8, 8)
-    model, _ = load_mmseg_setr(state, {"cfg": text}, None)
+    model = load_mmseg_setr(state, {"cfg": text}, None)
     assert model.backbone.interpolate_mode == "bicubic"
     assert not marker.exists()
     # bicubic vs the published bilinear changes logits once the grid is resized

@@ -1,11 +1,9 @@
-"""Checkpoint on disk -> one of our models, strictly and safely.
-
-Three SegFormer layouts are understood (plus SETR, delegated to ``models.setr``):
+"""SegFormer checkpoints: three published key layouts mapped onto ``models.segformer`` names.
 
 * ``hf``: a HuggingFace ``transformers`` directory (``config.json`` + ``model.safetensors`` or
   ``pytorch_model.bin``), keys ``segformer.encoder.*`` / ``decode_head.linear_c.*``;
-* ``nvlabs``: the official NVlabs release, keys ``backbone.block1.0.attn.kv.weight``,
-  ``decode_head.linear_c4.proj.weight``;
+* ``nvlabs``: the official NVlabs release (mmseg 0.x / mmcv 1.x), keys
+  ``backbone.block1.0.attn.kv.weight``, ``decode_head.linear_c4.proj.weight``;
 * ``mmseg``: mmsegmentation 1.x, keys ``backbone.layers.0.1.0.attn.attn.in_proj_weight``,
   ``decode_head.convs.0.conv.weight``, ``decode_head.conv_seg.weight``.
 
@@ -13,273 +11,84 @@ Loading is strict: every source key must be consumed, every model key filled, ev
 match; the error names the keys and the format assumed. Two documented exceptions are dropped by
 name: ``auxiliary_head.*`` (training-only heads) and, for NVlabs, ``decode_head.conv_seg.*`` (a
 classifier its base class creates but ``SegFormerHead`` never uses; ``linear_pred`` is the real
-one).
-
-Loading is safe: ``.safetensors`` needs no unpickling at all; ``.pth``/``.bin`` go through
-``torch.load`` with a restricted unpickler that materialises only tensors, storages, dtypes and
-plain containers. Objects from known framework namespaces (mmengine's message hub and history
-buffers, numpy arrays in training metadata) become inert ``OpaqueObject`` placeholders: their
-classes are never imported and nothing of theirs runs. Any other global (``os.system``,
-``builtins.exec``...) refuses the whole file.
+one). Like timm's per-architecture ``checkpoint_filter_fn``, this module owns everything about
+its architecture's checkpoints: recognising them, naming the variant, renaming the keys.
 """
 
 from __future__ import annotations
 
-import _compat_pickle
-import hashlib
-import importlib
-import io
-import json
-import pickle
 import re
-import types
-from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
-from torch import nn
 
-from models.registry import create_model
-from models.segformer import PATCH_SIZES, SR_RATIOS, VARIANTS, SegFormer
+from models.checkpoints.errors import CheckpointError
+from models.segformer import (
+    HF_NORM_EPS,
+    MMSEG_NORM_EPS,
+    NVLABS_NORM_EPS,
+    PATCH_SIZES,
+    SR_RATIOS,
+    VARIANTS,
+    DecoderFlavour,
+    LayerNormEps,
+    SegFormer,
+)
 
-FORMATS = ("hf", "nvlabs", "mmseg", "mmseg-setr")
-HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
-# Objects from these top-level packages are tolerated as inert placeholders (never imported).
-TOLERATED_NAMESPACES = frozenset({"mmengine", "mmcv", "mmseg", "mmdet", "numpy"})
+FORMATS = ("hf", "nvlabs", "mmseg")
 DROPPED_PREFIXES: dict[str, tuple[str, ...]] = {
     "hf": ("auxiliary_head.",),
     "nvlabs": ("auxiliary_head.", "decode_head.conv_seg."),
     "mmseg": ("auxiliary_head.",),
 }
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be loaded exactly; the message names file, format and keys."""
-
-
-@dataclass(frozen=True)
-class LoadedCheckpoint:
-    model: nn.Module
-    model_name: str
-    format: str
-    classes: tuple[str, ...] | None
-    palette: tuple[tuple[int, int, int], ...] | None
-    sha256: str
-    source_name: str
-
-
-# --------------------------------------------------------------------------- safe reading
-
-
-class OpaqueObject:
-    """Stands in for an object of a tolerated class: records what was pickled, runs nothing."""
-
-    qualified_name = "?"
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        self.args = args
-        self.kwargs = kwargs
-        self.state: Any = None
-
-    def __setstate__(self, state: Any) -> None:
-        self.state = state
-
-    def __repr__(self) -> str:
-        return f"<opaque {self.qualified_name}>"
-
-
-class _UnsafeGlobal(pickle.UnpicklingError):
-    def __init__(self, qualified_name: str) -> None:
-        super().__init__(qualified_name)
-        self.qualified_name = qualified_name
-
-
-_SAFE_TORCH_FUNCTIONS = frozenset(
-    {
-        "torch._utils._rebuild_tensor",
-        "torch._utils._rebuild_tensor_v2",
-        "torch._utils._rebuild_tensor_v3",
-        "torch._utils._rebuild_parameter",
-        "torch._utils._rebuild_parameter_with_state",
-        "torch.nn.parameter.Parameter",
-        "torch.Size",
-        "torch.device",
-        "torch.storage.UntypedStorage",
-        "torch.storage.TypedStorage",
-    }
-)
-_SAFE_BUILTINS: dict[str, object] = {
-    "collections.OrderedDict": OrderedDict,
-    "builtins.set": set,
-    "builtins.frozenset": frozenset,
-    "builtins.slice": slice,
-    "builtins.complex": complex,
-    "builtins.bytearray": bytearray,
-    "_codecs.encode": __import__("codecs").encode,  # protocol-2 pickles spell bytes this way
+CLASSIFIER_KEYS = {
+    "hf": "decode_head.classifier.weight",
+    "nvlabs": "decode_head.linear_pred.weight",
+    "mmseg": "decode_head.conv_seg.weight",
+}
+DECODERS: dict[str, DecoderFlavour] = {"hf": "hf", "nvlabs": "hf", "mmseg": "mmseg"}
+NORM_EPS: dict[str, LayerNormEps] = {
+    "hf": HF_NORM_EPS,
+    "nvlabs": NVLABS_NORM_EPS,
+    "mmseg": MMSEG_NORM_EPS,
 }
 
 
-def _resolve_safe_global(module: str, name: str) -> object:
-    qualified = f"{module}.{name}"
-    if qualified in _SAFE_BUILTINS:
-        return _SAFE_BUILTINS[qualified]
-    if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
-        return getattr(torch, name)
-    if module == "torch" and name.endswith("Storage") and hasattr(torch, name):
-        return getattr(torch, name)
-    if qualified in _SAFE_TORCH_FUNCTIONS:
-        return getattr(importlib.import_module(module), name)
-    if module.split(".")[0] in TOLERATED_NAMESPACES:
-        return type(name, (OpaqueObject,), {"qualified_name": qualified})
-    raise _UnsafeGlobal(qualified)
-
-
-class RestrictedUnpickler(pickle.Unpickler):
-    """Resolves only the globals a weights file needs; see the module docstring."""
-
-    def find_class(self, module: str, name: str) -> Any:
-        # Protocol-2 pickles (torch.save's default) spell builtins with Python 2 names.
-        module, name = _compat_pickle.NAME_MAPPING.get((module, name), (module, name))
-        module = _compat_pickle.IMPORT_MAPPING.get(module, module)
-        return _resolve_safe_global(module, name)
-
-
-def _restricted_load(file: io.IOBase, **kwargs: Any) -> Any:
-    return RestrictedUnpickler(file, **kwargs).load()
-
-
-# torch.load takes a pickle *module*; this one exposes the restricted Unpickler and load.
-_restricted_pickle = types.ModuleType("segserve_restricted_pickle")
-_restricted_pickle.Unpickler = RestrictedUnpickler  # type: ignore[attr-defined]
-_restricted_pickle.load = _restricted_load  # type: ignore[attr-defined]
-
-
-def _weights_file(path: Path) -> Path:
-    if not path.is_dir():
-        return path
-    for name in HF_WEIGHT_FILES:
-        if (path / name).is_file():
-            return path / name
-    raise CheckpointError(
-        f"{path}: directory holds none of {', '.join(HF_WEIGHT_FILES)} (format assumed: hf)"
-    )
-
-
-def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
-            metadata = handle.metadata() or {}
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from exc
-    return tensors, {"safetensors_metadata": dict(metadata)}
-
-
-def _read_pickle(path: Path) -> object:
-    try:
-        return torch.load(
-            path, map_location="cpu", pickle_module=_restricted_pickle, weights_only=False
-        )
-    except _UnsafeGlobal as exc:
-        raise CheckpointError(
-            f"{path}: refused, the pickle references {exc.qualified_name!r}, which could run "
-            "code; only tensors, plain containers and inert framework metadata are accepted"
-        ) from exc
-    except Exception as exc:  # a malformed pickle can fail in any way; all mean "unreadable"
-        raise CheckpointError(
-            f"{path}: not a readable PyTorch checkpoint ({type(exc).__name__}: {exc})"
-        ) from exc
-
-
-def _plain_meta(meta: object) -> dict[str, Any]:
-    return dict(meta) if isinstance(meta, dict) else {}
-
-
-def _unwrap_pickled(path: Path, loaded: object) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    if not isinstance(loaded, dict):
-        raise CheckpointError(
-            f"{path}: holds a {type(loaded).__name__}, not a checkpoint dictionary"
-        )
-    meta = _plain_meta(loaded.get("meta"))
-    for wrapper in ("state_dict", "model"):
-        if isinstance(loaded.get(wrapper), dict):
-            state_dict = loaded[wrapper]
-            break
-    else:
-        state_dict = loaded
-    not_tensors = sorted(k for k, v in state_dict.items() if not isinstance(v, torch.Tensor))
-    if not state_dict or not_tensors:
-        raise CheckpointError(
-            f"{path}: no state dict of tensors found (top-level keys: "
-            f"{', '.join(map(str, list(loaded)[:10]))}; non-tensor entries: "
-            f"{', '.join(map(str, not_tensors[:10]))})"
-        )
-    return dict(state_dict), meta
-
-
-def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Read (state_dict, meta) from a weights file or a HuggingFace directory, running no code.
-
-    ``meta`` holds what was readable: mmengine's ``dataset_meta`` (classes, palette) and ``cfg``
-    text, NVlabs-era ``CLASSES``/``PALETTE``, ``hf_config`` for a HuggingFace directory,
-    ``safetensors_metadata`` for safetensors files.
-    """
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"{path}: no such file or directory")
-    weights = _weights_file(path)
-    if weights.suffix == ".safetensors":
-        state_dict, meta = _read_safetensors(weights)
-    else:
-        state_dict, meta = _unwrap_pickled(weights, _read_pickle(weights))
-    if path.is_dir():
-        meta["hf_config"] = _read_hf_config(path)
-    return state_dict, meta
-
-
-def _read_hf_config(directory: Path) -> dict[str, Any]:
-    config_file = directory / "config.json"
-    try:
-        config = json.loads(config_file.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{config_file}: unreadable HuggingFace config ({exc})") from exc
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{config_file}: not a JSON object")
-    return config
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-# --------------------------------------------------------------------------- format detection
-
-
-def detect_format(state_dict: dict[str, torch.Tensor], meta: dict[str, Any]) -> str:
-    """Name the layout from tell-tale keys; raise when none matches."""
+def detect(state_dict: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> str | None:
+    """The SegFormer layout the tell-tale keys show, or None."""
     keys = state_dict.keys()
-    if "backbone.cls_token" in keys:
-        return "mmseg-setr"
     if "hf_config" in meta or any(k.startswith("segformer.encoder.") for k in keys):
         return "hf"
     if any(k.startswith("backbone.block1.") for k in keys):
         return "nvlabs"
     if any(k.startswith("backbone.layers.") for k in keys):
         return "mmseg"
-    sample = ", ".join(sorted(keys)[:8])
-    raise CheckpointError(f"no known checkpoint layout matches the keys (first keys: {sample})")
+    return None
+
+
+def load(
+    state_dict: dict[str, torch.Tensor],
+    meta: dict[str, Any],
+    fmt: str,
+    model_name: str | None,
+    where: str,
+) -> SegFormer:
+    """Build the variant the weights describe and load them into it strictly."""
+    name = detect_variant(state_dict, meta, fmt, where)
+    if model_name is not None and model_name != name:
+        raise CheckpointError(
+            f"{where}: checkpoint holds {name} (read from the {fmt} weights), "
+            f"not the requested {model_name}"
+        )
+    num_classes = _shape0(state_dict, CLASSIFIER_KEYS[fmt], where, fmt)
+    model = SegFormer(name, num_classes, decoder=DECODERS[fmt], norm_eps=NORM_EPS[fmt])
+    model.load_state_dict(convert_state_dict(state_dict, fmt, model, where), strict=True)
+    return model
 
 
 # --------------------------------------------------------------------------- key mapping
-
 Combine = Callable[[list[torch.Tensor]], torch.Tensor]
 
 
@@ -584,137 +393,3 @@ def detect_variant(
         decoder_key = "decode_head.fusion_conv.conv.weight"
     decoder_dim = _shape0(state_dict, decoder_key, where, fmt)
     return _variant_from_sizes(dims, depths, decoder_dim, where)
-
-
-# --------------------------------------------------------------------------- class metadata
-
-
-def _as_palette(value: object) -> tuple[tuple[int, int, int], ...] | None:
-    if not isinstance(value, list | tuple):
-        return None
-    colours = []
-    for colour in value:
-        if not isinstance(colour, list | tuple) or len(colour) != 3:
-            return None
-        colours.append((int(colour[0]), int(colour[1]), int(colour[2])))
-    return tuple(colours)
-
-
-def _class_metadata(
-    meta: dict[str, Any], fmt: str
-) -> tuple[tuple[str, ...] | None, tuple[tuple[int, int, int], ...] | None]:
-    if fmt == "hf":
-        id2label = meta.get("hf_config", {}).get("id2label") or {}
-        labels = tuple(str(id2label[k]) for k in sorted(id2label, key=int))
-        generic = all(label == f"LABEL_{i}" for i, label in enumerate(labels))
-        return (None if generic or not labels else labels), None
-    dataset_meta = meta.get("dataset_meta")
-    if not isinstance(dataset_meta, dict):
-        dataset_meta = {}
-    classes = dataset_meta.get("classes", meta.get("CLASSES"))
-    palette = dataset_meta.get("palette", meta.get("PALETTE"))
-    names = tuple(str(c) for c in classes) if isinstance(classes, list | tuple) else None
-    return names, _as_palette(palette)
-
-
-# --------------------------------------------------------------------------- loading
-
-
-def _load_setr(
-    state_dict: dict[str, torch.Tensor], meta: dict[str, Any], model_name: str | None, where: str
-) -> tuple[nn.Module, str]:
-    try:
-        setr = importlib.import_module("models.setr")
-    except ModuleNotFoundError as exc:
-        if exc.name != "models.setr":
-            raise
-        raise CheckpointError(
-            f"{where}: this is an mmsegmentation SETR checkpoint (backbone.cls_token) but SETR "
-            "support (models/setr.py) is not installed (format assumed: mmseg-setr)"
-        ) from exc
-    try:
-        model, name = setr.load_mmseg_setr(state_dict, meta, model_name)
-    except CheckpointError as exc:
-        raise CheckpointError(f"{where}: {exc} (format assumed: mmseg-setr)") from exc
-    return model, name
-
-
-def load_checkpoint(
-    path: str | Path, model_name: str | None = None, format: str = "auto"
-) -> LoadedCheckpoint:
-    """Load a checkpoint into an eval-mode model; ``format`` forces one of ``FORMATS``."""
-    path = Path(path)
-    where = str(path)
-    if format != "auto" and format not in FORMATS:
-        raise CheckpointError(f"{where}: unknown format {format!r}; known: {', '.join(FORMATS)}")
-    state_dict, meta = read_checkpoint(path)
-    weights = _weights_file(path)
-    fmt = detect_format(state_dict, meta) if format == "auto" else format
-    if fmt == "mmseg-setr":
-        model, name = _load_setr(state_dict, meta, model_name, where)
-        classes, palette = _class_metadata(meta, "mmseg")
-        setr_classes = model.num_classes
-        assert isinstance(setr_classes, int), "registry models expose num_classes: int"
-        _check_class_count(setr_classes, classes, palette, where, fmt)
-    else:
-        name = detect_variant(state_dict, meta, fmt, where)
-        if model_name is not None and model_name != name:
-            raise CheckpointError(
-                f"{where}: checkpoint holds {name} (read from the {fmt} weights), "
-                f"not the requested {model_name}"
-            )
-        classifier = _classifier_key(fmt)
-        num_classes = _shape0(state_dict, classifier, where, fmt)
-        classes, palette = _class_metadata(meta, fmt)
-        _check_class_count(num_classes, classes, palette, where, fmt)
-        if fmt == "hf":
-            _check_hf_label_count(meta.get("hf_config", {}), num_classes, where)
-        model = create_model(
-            name,
-            num_classes=num_classes,
-            decoder="mmseg" if fmt == "mmseg" else "hf",
-            norm_eps=fmt,
-        )
-        assert isinstance(model, SegFormer)
-        model.load_state_dict(convert_state_dict(state_dict, fmt, model, where), strict=True)
-    return LoadedCheckpoint(
-        model=model.eval(),
-        model_name=name,
-        format=fmt,
-        classes=classes,
-        palette=palette,
-        sha256=_sha256(weights),
-        source_name=path.name,
-    )
-
-
-def _classifier_key(fmt: str) -> str:
-    return {
-        "hf": "decode_head.classifier.weight",
-        "nvlabs": "decode_head.linear_pred.weight",
-        "mmseg": "decode_head.conv_seg.weight",
-    }[fmt]
-
-
-def _check_class_count(
-    num_classes: int,
-    classes: tuple[str, ...] | None,
-    palette: tuple[tuple[int, int, int], ...] | None,
-    where: str,
-    fmt: str,
-) -> None:
-    for what, listed in (("class names", classes), ("palette colours", palette)):
-        if listed is not None and len(listed) != num_classes:
-            raise CheckpointError(
-                f"{where}: the classifier has {num_classes} outputs but the metadata lists "
-                f"{len(listed)} {what} (format assumed: {fmt})"
-            )
-
-
-def _check_hf_label_count(config: dict[str, Any], num_classes: int, where: str) -> None:
-    declared = len(config.get("id2label") or {}) or config.get("num_labels")
-    if declared is not None and declared != num_classes:
-        raise CheckpointError(
-            f"{where}: config.json declares {declared} labels but the classifier has "
-            f"{num_classes} outputs (format assumed: hf)"
-        )
