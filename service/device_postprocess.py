@@ -157,6 +157,25 @@ def window_sum_graph(logits_dtype: np.dtype, first: bool) -> bytes:
     return _model("window_sum", nodes, inputs, outputs)
 
 
+def unpad_graph(logits_dtype: np.dtype) -> bytes:
+    """A padded input's logits resized to the padded size and cropped to the real one
+    (``geometry.unpad_logits``), in float32."""
+    nodes = [
+        helper.make_node("Cast", ["logits"], ["logits_f"], to=TensorProto.FLOAT),
+        _resize("logits_f", "padded_size", "resized"),
+        helper.make_node("Slice", ["resized", "starts", "ends", "axes"], ["unpadded"]),
+    ]
+    inputs = [
+        _tensor("logits", _elem(logits_dtype), [1, "C", "h", "w"]),
+        _sizes("padded_size"),
+        _tensor("starts", TensorProto.INT64, [2]),
+        _tensor("ends", TensorProto.INT64, [2]),
+        _tensor("axes", TensorProto.INT64, [2]),
+    ]
+    outputs = [_tensor("unpadded", TensorProto.FLOAT, [1, "C", "H", "W"])]
+    return _model("unpad", nodes, inputs, outputs)
+
+
 def pass_graph(
     logits_dtype: np.dtype, labels_dtype: np.dtype, output: PassOutput, accumulate: bool
 ) -> bytes:
@@ -255,6 +274,7 @@ class DevicePostprocess:
                 kind, *args = key
                 graphs: dict[str, Callable[..., bytes]] = {
                     "window_sum": window_sum_graph,
+                    "unpad": unpad_graph,
                     "pass": pass_graph,
                     "mean": mean_graph,
                 }
@@ -308,6 +328,22 @@ class DevicePostprocess:
             tensors["sum"] = total
         session = self._session(("window_sum", logits.dtype, total is None))
         binding = self._run(session, tensors, host, ("sum_out",))
+        return DeviceTensor.of(binding.get_outputs()[0])
+
+    def unpad(
+        self, logits: DeviceTensor, padded: tuple[int, int], size: tuple[int, int]
+    ) -> DeviceTensor:
+        """The logits of an input padded from ``size`` to ``padded`` (height, width), resized to
+        the padded size with the padding cropped off, as a new device buffer."""
+        host = {
+            "padded_size": np.array([1, logits.shape[1], *padded], np.int64),
+            "starts": np.zeros(2, np.int64),
+            "ends": np.array(size, np.int64),
+            "axes": np.array([2, 3], np.int64),
+        }
+        binding = self._run(
+            self._session(("unpad", logits.dtype)), {"logits": logits}, host, ("unpadded",)
+        )
         return DeviceTensor.of(binding.get_outputs()[0])
 
     def new_pass(self, plan: PassPlan) -> DevicePassMerge:

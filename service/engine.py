@@ -406,10 +406,10 @@ class Engine:
                     # Dropped by a shutdown that outlasted its drain time, not by our caller.
                     raise self._stopped_error() from None
                 raise
-            padded = tensor.shape[1:]
-            if padded != crop.shape[:2]:
-                size = crop.shape[:2]
-                logits = await self._compute(request, partial(unpad_logits, logits, padded, size))
+            padded, size = tensor.shape[1:], crop.shape[:2]
+            if padded != size:
+                unpad = unpad_logits if self._device_post is None else self._device_post.unpad
+                logits = await self._compute(request, partial(unpad, logits, padded, size))
             await self._compute(request, lambda: merge.add(index, logits))
 
     def _stopped_error(self) -> OverloadedError:

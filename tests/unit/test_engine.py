@@ -294,4 +294,12 @@ def test_inputs_under_the_minimum_are_padded_like_mmseg(
     cropped off their logits: the reference pads the same way (mmseg's test-time padding)."""
     engine: Engine = request.getfixturevalue(engine_name)
     assert engine.bundle.metadata.min_input_side == 32
-    assert_matches_reference(engine, sized(photos, "astronaut", *size), options)
+    image = sized(photos, "astronaut", *size)
+    assert_matches_reference(engine, image, options)
+    # The same with the post-processing as onnxruntime graphs (run here on the CPU provider).
+    on_device = start(engine.bundle, postprocess="device")
+    try:
+        assert on_device._device_post is not None
+        assert_matches_reference(on_device, image, options)
+    finally:
+        on_device.stop()
