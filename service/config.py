@@ -29,6 +29,8 @@ class RuntimeSettings:
     # Under CUDA, accept a graph whose compute nodes run on the CPU (logged) instead of failing.
     allow_cpu_nodes: bool = False
     gpu_mem_limit_bytes: int = 0  # CUDA arena cap (0: onnxruntime's default, the whole GPU)
+    # Under CUDA, capture a graph per fixed input shape (service/cuda_graphs.py); never yet run.
+    cuda_graphs: bool = False
 
 
 @dataclass(frozen=True)

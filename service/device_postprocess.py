@@ -66,7 +66,7 @@ class DeviceTensor:
 
     @classmethod
     def of(cls, value: ort.OrtValue) -> DeviceTensor:
-        return cls(value, value.data_ptr(), tuple(value.shape()), _numpy_dtype(value))
+        return cls(value, value.data_ptr(), tuple(value.shape()), numpy_dtype(value))
 
 
 class DeviceBatch:
@@ -92,7 +92,8 @@ class DeviceBatch:
         )
 
 
-def _numpy_dtype(value: ort.OrtValue) -> np.dtype:
+def numpy_dtype(value: ort.OrtValue) -> np.dtype:
+    """The dtype of a float tensor OrtValue (model outputs are float32 or float16)."""
     names = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
     return np.dtype(names[value.data_type()])
 

@@ -28,6 +28,7 @@ from service import labelmap, metrics
 from service.batcher import Batcher, BatchStats
 from service.bundle import Bundle, BundleError
 from service.config import EngineConfig
+from service.cuda_graphs import capture_batch_sizes
 from service.device_postprocess import DeviceBatch, DevicePassMerge, DevicePostprocess
 from service.errors import InferenceTimeoutError, InvalidParameterError, OverloadedError
 from service.geometry import (
@@ -145,6 +146,10 @@ class Engine:
         if runtime.provider == CUDA:
             runtime.check_placement(warm_input[None])
         runtime.run(warm_input[None])
+        if config.runtime.cuda_graphs:
+            runtime.capture_cuda_graphs(
+                [(size, *warm_input.shape) for size in capture_batch_sizes(config.max_batch_size)]
+            )
         labelmap.warm_up()
         device_post = self._device_postprocess(runtime)
         self._runtime = runtime

@@ -19,6 +19,7 @@ import numpy as np
 import onnxruntime as ort
 
 from service.config import PROVIDER_NAMES, RuntimeSettings
+from service.cuda_graphs import CudaGraphs
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +140,7 @@ class Runtime:
         self._session = ort.InferenceSession(
             str(model_path),
             sess_options=self._session_options(profile=False),
-            providers=[(p, self._provider_options(p)) for p in providers],
+            providers=[(p, self._provider_options(p, settings.cuda_graphs)) for p in providers],
         )
         self.provider = self._session.get_providers()[0]
         self.device: Literal["cpu", "cuda"] = "cuda" if self.provider == CUDA else "cpu"
@@ -150,6 +151,10 @@ class Runtime:
         if self.provider == CUDA:
             self._shrink = ort.RunOptions()
             self._shrink.add_run_config_entry("memory.enable_memory_arena_shrinkage", "gpu:0")
+        # Captured graphs keep their buffers: no shrinking, and every other run says uncaptured.
+        self._graphs: CudaGraphs | None = None
+        if self.provider == CUDA and settings.cuda_graphs:
+            self._graphs = CudaGraphs(self._session, input_name, output_name)
 
     def _session_options(self, profile: bool) -> ort.SessionOptions:
         options = ort.SessionOptions()
@@ -167,13 +172,15 @@ class Runtime:
             options.profile_file_prefix = str(Path(tempfile.gettempdir()) / "segserve_placement")
         return options
 
-    def _provider_options(self, provider: str) -> dict[str, str]:
+    def _provider_options(self, provider: str, cuda_graph: bool = False) -> dict[str, str]:
         if provider != CUDA:
             return {}
         options = {
             "arena_extend_strategy": "kSameAsRequested",
             "cudnn_conv_algo_search": "HEURISTIC",
         }
+        if cuda_graph:
+            options["enable_cuda_graph"] = "1"
         if self.settings.gpu_mem_limit_bytes:
             options["gpu_mem_limit"] = str(self.settings.gpu_mem_limit_bytes)
         return options
@@ -181,9 +188,11 @@ class Runtime:
     def run(self, batch: np.ndarray) -> np.ndarray:
         """Logits (N, C, h, w) float32 on the host for an (N, 3, H, W) batch in the bundle's
         input dtype."""
+        count = batch.shape[0]
         batch, run_options = self._prepare(batch)
         if self.provider == CUDA:
-            output = np.asarray(self._run_bound(batch, run_options).copy_outputs_to_cpu()[0])
+            binding, _ = self._run_bound(batch, run_options)
+            output = np.asarray(binding.copy_outputs_to_cpu()[0])[:count]  # a graph pads
         else:
             output = self._session.run([self.output_name], {self.input_name: batch}, run_options)[0]
         return output if output.dtype == np.float32 else output.astype(np.float32)
@@ -192,7 +201,20 @@ class Runtime:
         """Logits (N, C, h, w) in the graph's output dtype, left in the session's device memory
         (``device``) for post-processing there (``service/device_postprocess.py``)."""
         batch, run_options = self._prepare(batch)
-        return self._run_bound(batch, run_options).get_outputs()[0]
+        binding, captured = self._run_bound(batch, run_options)
+        output = binding.get_outputs()[0]
+        if captured:  # the graph's own buffer, which its next replay overwrites
+            assert self._graphs is not None and self._graphs.copy is not None
+            output = self._graphs.copy(output)
+        return output
+
+    def capture_cuda_graphs(self, shapes: list[tuple[int, ...]]) -> None:
+        """Capture a CUDA graph per (N, 3, H, W) input shape (``cuda_graphs`` setting; see
+        ``service/cuda_graphs.py``); logged and skipped when the model is not on CUDA."""
+        if self._graphs is None:
+            log.warning("cuda_graphs is set but the model runs on %s: none captured", self.provider)
+            return
+        self._graphs.capture(shapes, self.input_dtype)
 
     def postprocess_providers(self) -> list[tuple[str, dict[str, str]]]:
         """The provider (and options) this session runs on, for post-processing sessions that
@@ -202,12 +224,21 @@ class Runtime:
     def _prepare(self, batch: np.ndarray) -> tuple[np.ndarray, ort.RunOptions | None]:
         if batch.dtype != self.input_dtype:
             batch = batch.astype(self.input_dtype)
+        if self._graphs is not None:
+            return batch, self._graphs.uncaptured
         pixels = batch.shape[0] * batch.shape[2] * batch.shape[3]
         return batch, self._shrink if pixels > ARENA_SHRINK_PIXELS else None
 
-    def _run_bound(self, batch: np.ndarray, run_options: ort.RunOptions | None) -> ort.IOBinding:
+    def _run_bound(
+        self, batch: np.ndarray, run_options: ort.RunOptions | None
+    ) -> tuple[ort.IOBinding, bool]:
         """IO binding: the batch is copied to the device once and the logits are allocated there
-        by onnxruntime (no staging buffers); the caller copies them back or leaves them."""
+        by onnxruntime (no staging buffers), or a captured graph is replayed (then True); the
+        caller copies the logits back or leaves them."""
+        if self._graphs is not None:
+            replayed = self._graphs.run(batch)
+            if replayed is not None:
+                return replayed, True
         binding = self._session.io_binding()
         if self.device == "cuda":
             device_input = ort.OrtValue.ortvalue_from_numpy(batch, "cuda", 0)
@@ -216,7 +247,7 @@ class Runtime:
             binding.bind_cpu_input(self.input_name, batch)
         binding.bind_output(self.output_name, self.device, 0)
         self._session.run_with_iobinding(binding, run_options)
-        return binding
+        return binding, False
 
     def node_placements(self, sample: np.ndarray) -> list[dict[str, object]]:
         """Profile events of one run of ``sample`` in a profiling twin of the session."""

@@ -34,6 +34,7 @@ class Settings(BaseSettings):
     intra_op_threads: int = Field(default=_RUNTIME.intra_op_threads, ge=0)
     allow_cpu_nodes: bool = _RUNTIME.allow_cpu_nodes
     gpu_mem_limit_bytes: int = Field(default=_RUNTIME.gpu_mem_limit_bytes, ge=0)
+    cuda_graphs: bool = _RUNTIME.cuda_graphs
     # batching (service/batcher.py)
     max_batch_size: int = Field(default=_ENGINE.max_batch_size, ge=1)
     max_queue_delay_ms: float = Field(default=_ENGINE.max_queue_delay_ms, ge=0)
