@@ -34,6 +34,7 @@ from service.render import (
 from service.store import StoredMask
 
 PNG = "image/png"
+JPEG_SIGNATURE = b"\xff\xd8\xff"
 router = APIRouter()
 
 
@@ -105,12 +106,13 @@ async def segment(
         payload = await read_image(request, settings.max_upload_bytes)
         received = time.perf_counter()
         image = await svc.in_pool(decode_image, payload, settings.max_pixels)
+        upload_jpeg = payload if payload.startswith(JPEG_SIGNATURE) else None
         del payload
         clock = _Clock(started, received, time.perf_counter())
         STAGE_LATENCY.labels(engine.name, "decode").observe(clock.decoded - received)
         plan = engine.plan(options, *image.shape[:2])
         result = await engine.run(image, plan)
-        return await _respond(svc, engine, query.output, image, result, clock)
+        return await _respond(svc, engine, query.output, image, upload_jpeg, result, clock)
 
 
 @dataclass
@@ -131,10 +133,15 @@ async def _respond(
     engine: Engine,
     output: str,
     image: np.ndarray,
+    upload_jpeg: bytes | None,
     result: SegmentResult,
     clock: _Clock,
 ) -> Response:
-    """Turn an engine result into the requested output, timing the encode stage."""
+    """Turn an engine result into the requested output, timing the encode stage.
+
+    The store keeps the photo for overlays as JPEG: a JPEG upload as it came (``decode_image``
+    turns it back into the same upright pixels, and re-encoding a large photo costs tens of
+    milliseconds), anything else encoded once here."""
     meta = engine.bundle.metadata
     encode_started = time.perf_counter()
 
@@ -154,12 +161,11 @@ async def _respond(
         stages = timings()
         return Response(content, media_type=PNG, headers={"Server-Timing": _server_timing(stages)})
 
-    stats, photo_jpeg = await asyncio.gather(
-        svc.in_pool(class_statistics, result.labels, meta.classes),
-        svc.in_pool(encode_jpeg, image),
-    )
+    photo_jpeg = upload_jpeg or await svc.in_pool(encode_jpeg, image)
     stored = StoredMask(engine.name, result.labels, palette_version(meta.palette), photo_jpeg)
-    mask_id = await svc.store.put(stored)
+    stats, mask_id = await asyncio.gather(
+        svc.in_pool(class_statistics, result.labels, meta.classes), svc.store.put(stored)
+    )
     stages = timings()
     answer = SegmentResponse(
         mask_id=mask_id,

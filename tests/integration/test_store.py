@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import struct
 import time
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -69,12 +72,39 @@ def test_blob_round_trip_is_exact_and_compressed() -> None:
     assert back16.image_jpeg is None
 
 
+def test_blob_written_by_a_zlib_replica_still_reads() -> None:
+    """Before zstd, records carried zlib labels and no codec: a rolling upgrade sharing Redis
+    must still read them. This is that record, built by hand as the old encoder wrote it."""
+    labels = astronaut_labels()
+    packed = zlib.compress(labels.tobytes(), 3)
+    header = json.dumps(
+        {"id": "old-1", "model": "segformer-b0", "palette_version": "a1b2c3d4", "dtype": "uint8",
+         "shape": list(labels.shape), "labels_bytes": len(packed), "image_bytes": None},
+        separators=(",", ":"),
+    ).encode()  # fmt: skip
+    blob = b"SEGMASK1" + struct.pack("<I", len(header)) + header + packed
+    np.testing.assert_array_equal(decode_mask("old-1", blob).labels, labels)
+    new = encode_mask("new-1", mask_of(labels))
+    (new_header_length,) = struct.unpack_from("<I", new, 8)
+    assert json.loads(new[12 : 12 + new_header_length])["codec"] == "zstd"
+
+
 def test_blob_refuses_other_ids_damage_and_bad_labels() -> None:
     blob = encode_mask("id-1", mask_of(astronaut_labels()))
     with pytest.raises(StoreUnavailableError, match="belongs to mask"):
         decode_mask("id-2", blob)
     with pytest.raises(StoreUnavailableError, match="damaged"):
         decode_mask("id-1", blob[:-10])
+    (header_length,) = struct.unpack_from("<I", blob, 8)
+    for offset in range(12 + header_length, len(blob)):  # every byte of the compressed labels
+        flipped = bytearray(blob)
+        flipped[offset] ^= 0x10
+        try:
+            back = decode_mask("id-1", bytes(flipped))
+        except StoreUnavailableError:
+            continue
+        # Damage that decodes must not change the labels (the frame checksum sees to it).
+        np.testing.assert_array_equal(back.labels, astronaut_labels())
     with pytest.raises(ValueError, match="uint8 or uint16"):
         encode_mask("x", mask_of(astronaut_labels().astype(np.int32)))
     with pytest.raises(ValueError, match=r"\(H, W\)"):

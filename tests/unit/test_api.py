@@ -18,6 +18,8 @@ from PIL import Image
 
 from service.bundle import load_bundle
 from service.http import create_app
+from service.imageio import decode_image
+from service.render import blend_overlay, palette_array
 from service.settings import Settings
 from tests.reference import ReferenceConfig, onnx_forward, reference_segment
 
@@ -529,3 +531,23 @@ def test_colour_modes_and_orientation_reach_the_model_as_upright_rgb(
     np.testing.assert_array_equal(
         labels_of(_encoded(grey16, "PNG")), labels_of(png_bytes(np.dstack([grey] * 3)))
     )
+
+
+def test_a_jpeg_upload_is_kept_as_the_overlay_photo(
+    client: TestClient, model_repository: Path, chelsea: np.ndarray
+) -> None:
+    """The store keeps a JPEG upload as it came instead of re-encoding it: the overlay blends
+    exactly the pixels the model saw, upright even when the JPEG is rotated by EXIF."""
+    stored_rotated = Image.fromarray(np.ascontiguousarray(np.rot90(chelsea, 1)))
+    exif = stored_rotated.getexif()
+    exif[0x0112] = 6
+    upload = _encoded(stored_rotated, "JPEG", quality=80, exif=exif)
+    response = client.post("/segment", files={"image": ("cat.jpg", upload)})
+    assert response.status_code == 200, response.text
+    urls = response.json()["urls"]
+    labels = decode(client.get(urls["labels"]).content)
+    assert labels.shape == chelsea.shape[:2]
+    overlay = decode(client.get(urls["overlay"]).content)
+    palette = palette_array(load_bundle(model_repository / "tiny").metadata.palette)
+    expected = blend_overlay(labels, decode_image(upload, 10**8), palette)
+    np.testing.assert_array_equal(overlay, expected)
