@@ -503,7 +503,9 @@ def pod_specs() -> list[tuple[str, dict[str, Any]]]:
 def test_kubernetes_lint_every_workload() -> None:
     """Our lint (kube-linter is not installable from a package registry here): what a cluster's
     admission policies usually demand of every container."""
-    version = re.search(r'^version = "([^"]+)"', (REPO_ROOT / "pyproject.toml").read_text(), re.M)
+    version = re.search(
+        r'^__version__ = "([^"]+)"', (REPO_ROOT / "service" / "__init__.py").read_text(), re.M
+    )
     assert version is not None
     for kind, pod in pod_specs():
         assert pod["securityContext"]["runAsNonRoot"] is True
