@@ -1,12 +1,16 @@
-"""Stored results, rendered on request."""
+"""Stored results, rendered or encoded on request (probabilities are not stored: they are
+classes x pixels floats; ``POST /segment?output=probabilities`` returns them)."""
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import numpy as np
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 
 from service import errors
+from service.encodings import MAX_POLYGON_TOLERANCE, encode_polygons_json, encode_rle_json
 from service.http.auth import API_KEY
 from service.http.errors import ERROR_RESPONSES
 from service.http.state import Services, ServicesDep
@@ -40,23 +44,24 @@ async def mask_for(request: Request, svc: Services, mask_id: str) -> tuple[Store
     return mask, palette_array(palette)
 
 
-def png(svc: Services, content: bytes) -> Response:
+def cached(svc: Services, content: bytes, media_type: str = PNG) -> Response:
     ttl = int(svc.settings.mask_ttl_s)
-    return Response(content, media_type=PNG, headers={"Cache-Control": f"private, max-age={ttl}"})
+    headers = {"Cache-Control": f"private, max-age={ttl}"}
+    return Response(content, media_type=media_type, headers=headers)
 
 
 @router.get("/masks/{mask_id}.png")
 async def mask_png(request: Request, mask_id: str, svc: ServicesDep) -> Response:
     """The mask coloured with the model's palette."""
     mask, palette = await mask_for(request, svc, mask_id)
-    return png(svc, await svc.in_pool(render_color_png, mask.labels, palette))
+    return cached(svc, await svc.in_pool(render_color_png, mask.labels, palette))
 
 
 @router.get("/masks/{mask_id}/labels.png")
 async def mask_labels(request: Request, mask_id: str, svc: ServicesDep) -> Response:
     """Class ids as pixel values: 8-bit PNG up to 256 classes, 16-bit above."""
     mask, palette = await mask_for(request, svc, mask_id)
-    return png(svc, await svc.in_pool(render_labels_png, mask.labels, len(palette)))
+    return cached(svc, await svc.in_pool(render_labels_png, mask.labels, len(palette)))
 
 
 @router.get("/masks/{mask_id}/overlay.png")
@@ -66,4 +71,27 @@ async def mask_overlay(request: Request, mask_id: str, svc: ServicesDep) -> Resp
     if mask.image_jpeg is None:
         raise errors.MaskNotFoundError(f"mask {mask_id} was stored without its photo")
     photo = await svc.in_pool(decode_image, mask.image_jpeg, svc.settings.max_pixels)
-    return png(svc, await svc.in_pool(render_overlay_png, mask.labels, photo, palette))
+    return cached(svc, await svc.in_pool(render_overlay_png, mask.labels, photo, palette))
+
+
+@router.get("/masks/{mask_id}/rle.json")
+async def mask_rle(request: Request, mask_id: str, svc: ServicesDep) -> Response:
+    """COCO RLE per class present (``pycocotools.mask.decode`` reads each ``segmentation``)."""
+    mask, _ = await mask_for(request, svc, mask_id)
+    classes = svc.manager.get(mask.model).bundle.metadata.classes
+    content = await svc.in_pool(encode_rle_json, mask.labels, classes, mask.model)
+    return cached(svc, content, "application/json")
+
+
+@router.get("/masks/{mask_id}/polygons.geojson")
+async def mask_polygons(
+    request: Request,
+    mask_id: str,
+    svc: ServicesDep,
+    tolerance: Annotated[float, Query(ge=0, le=MAX_POLYGON_TOLERANCE)] = 0.0,
+) -> Response:
+    """GeoJSON MultiPolygon per class in pixel coordinates, simplified by ``tolerance`` pixels."""
+    mask, _ = await mask_for(request, svc, mask_id)
+    classes = svc.manager.get(mask.model).bundle.metadata.classes
+    content = await svc.in_pool(encode_polygons_json, mask.labels, classes, tolerance, mask.model)
+    return cached(svc, content, "application/geo+json")

@@ -6,6 +6,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from service.encodings import MAX_POLYGON_TOLERANCE
+
 
 class ErrorBody(BaseModel):
     error: str = Field(description="machine-readable code, e.g. payload_too_large")
@@ -24,6 +26,8 @@ class MaskUrls(BaseModel):
     png: str
     labels: str
     overlay: str
+    rle: str
+    polygons: str
 
 
 class SegmentResponse(BaseModel):
@@ -49,7 +53,13 @@ class SegmentQuery(BaseModel):
     flip: bool = False
     crop: str | None = Field(None, description="window size: 512 or HxW (slide mode)")
     stride: str | None = Field(None, description="window step: 341 or HxW (slide mode)")
-    output: Literal["json", "png", "labels", "overlay"] = "json"
+    output: Literal["json", "png", "labels", "overlay", "rle", "polygons", "probabilities"] = "json"
+    tolerance: float = Field(
+        0.0,
+        ge=0,
+        le=MAX_POLYGON_TOLERANCE,
+        description="polygons: Douglas-Peucker tolerance in pixels (0: exact pixel edges)",
+    )
 
 
 class ModelInfo(BaseModel):

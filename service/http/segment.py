@@ -1,4 +1,5 @@
-"""``POST /segment``: an image in, a label map out as JSON (stored) or a PNG."""
+"""``POST /segment``: an image in, a label map out as JSON (stored), a PNG, COCO RLE, GeoJSON
+polygons, or the class probabilities as a float16 ``.npy``."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, Response
 
 from service import errors
-from service.bundle import BundleMetadata
+from service.encodings import encode_polygons_json, encode_probabilities_npy, encode_rle_json
 from service.engine import Engine, SegmentResult
 from service.http.auth import API_KEY
 from service.http.errors import ERROR_RESPONSES
@@ -35,6 +36,14 @@ from service.store import StoredMask
 
 PNG = "image/png"
 JPEG_SIGNATURE = b"\xff\xd8\xff"
+MEDIA_TYPES = {
+    "png": PNG,
+    "labels": PNG,
+    "overlay": PNG,
+    "rle": "application/json",
+    "polygons": "application/geo+json",
+    "probabilities": "application/octet-stream",
+}
 router = APIRouter()
 
 
@@ -77,6 +86,7 @@ def segment_options(query: SegmentQuery) -> SegmentOptions:
         flip=query.flip,
         crop=parse_size("crop", query.crop),
         stride=parse_size("stride", query.stride),
+        return_probabilities=query.output == "probabilities",
     )
 
 
@@ -85,7 +95,10 @@ def segment_options(query: SegmentQuery) -> SegmentOptions:
     response_model=SegmentResponse,
     responses={
         **ERROR_RESPONSES,
-        200: {"content": {PNG: {}}, "description": "JSON, or a PNG for png/labels/overlay"},
+        200: {
+            "content": {media: {} for media in MEDIA_TYPES.values()},
+            "description": "JSON with a mask id, or the encoding `output` names",
+        },
     },
     openapi_extra=IMAGE_BODY,
     dependencies=[API_KEY],
@@ -112,7 +125,7 @@ async def segment(
         STAGE_LATENCY.labels(engine.name, "decode").observe(clock.decoded - received)
         plan = engine.plan(options, *image.shape[:2])
         result = await engine.run(image, plan)
-        return await _respond(svc, engine, query.output, image, upload_jpeg, result, clock)
+        return await _respond(svc, engine, query, image, upload_jpeg, result, clock)
 
 
 @dataclass
@@ -131,7 +144,7 @@ def _server_timing(timings: dict[str, float]) -> str:
 async def _respond(
     svc: Services,
     engine: Engine,
-    output: str,
+    query: SegmentQuery,
     image: np.ndarray,
     upload_jpeg: bytes | None,
     result: SegmentResult,
@@ -156,10 +169,14 @@ async def _respond(
             "total": finished - clock.started,
         }
 
-    if output != "json":
-        content = await svc.in_pool(_render, output, result.labels, image, meta)
+    if query.output != "json":
+        content = await svc.in_pool(_encode, query, result, image, engine)
         stages = timings()
-        return Response(content, media_type=PNG, headers={"Server-Timing": _server_timing(stages)})
+        return Response(
+            content,
+            media_type=MEDIA_TYPES[query.output],
+            headers={"Server-Timing": _server_timing(stages)},
+        )
 
     photo_jpeg = upload_jpeg or await svc.in_pool(encode_jpeg, image)
     stored = StoredMask(engine.name, result.labels, palette_version(meta.palette), photo_jpeg)
@@ -185,16 +202,29 @@ async def _respond(
             png=f"/masks/{mask_id}.png",
             labels=f"/masks/{mask_id}/labels.png",
             overlay=f"/masks/{mask_id}/overlay.png",
+            rle=f"/masks/{mask_id}/rle.json",
+            polygons=f"/masks/{mask_id}/polygons.geojson",
         ),
     )
     return JSONResponse(answer.model_dump(), headers={"Server-Timing": _server_timing(stages)})
 
 
-def _render(output: str, labels: np.ndarray, image: np.ndarray, meta: BundleMetadata) -> bytes:
-    """The PNG for ``output=png|labels|overlay``."""
+def _encode(
+    query: SegmentQuery, result: SegmentResult, image: np.ndarray, engine: Engine
+) -> bytes | memoryview:
+    """The body for any ``output`` but json."""
+    meta = engine.bundle.metadata
+    labels = result.labels
+    if query.output == "probabilities":
+        assert result.probabilities is not None
+        return encode_probabilities_npy(result.probabilities)
+    if query.output == "rle":
+        return encode_rle_json(labels, meta.classes, engine.name)
+    if query.output == "polygons":
+        return encode_polygons_json(labels, meta.classes, query.tolerance, engine.name)
     palette = palette_array(meta.palette)
-    if output == "png":
+    if query.output == "png":
         return render_color_png(labels, palette)
-    if output == "labels":
+    if query.output == "labels":
         return render_labels_png(labels, meta.num_classes)
     return render_overlay_png(labels, image, palette)
