@@ -15,6 +15,8 @@ from fastapi.testclient import TestClient
 from pycocotools import mask as coco_mask
 
 from service.bundle import load_bundle
+from service.config import Limits
+from service.planning import SegmentOptions, peak_bytes, plan_request
 from tests.reference import ReferenceConfig, onnx_forward, reference_segment
 from tests.unit.test_api import decode, make_client, post_image, wait_ready
 from tests.unit.test_encodings import rasterise
@@ -124,3 +126,28 @@ def test_bad_tolerance_is_422(client: TestClient, photo: np.ndarray) -> None:
     for tolerance in ("-1", "1000", "abc"):
         response = post_image(client, photo, output="polygons", tolerance=tolerance)
         assert response.status_code == 422 and "tolerance" in response.json()["message"]
+
+
+def test_probabilities_over_the_request_budget_are_413(
+    model_repository: Path, photo: np.ndarray
+) -> None:
+    """A budget that fits the labels-only plan but not the probability planes."""
+    metadata = load_bundle(model_repository / "tiny").metadata
+    height, width = photo.shape[:2]
+
+    def needs(options: SegmentOptions) -> int:
+        plan = plan_request(metadata, options, height, width, Limits())
+        return peak_bytes(plan, metadata.num_classes, metadata.output.stride)
+
+    labels_only, with_planes = (
+        needs(SegmentOptions()),
+        needs(SegmentOptions(return_probabilities=True)),
+    )
+    assert labels_only < with_planes
+    with make_client(model_repository, max_request_bytes=(labels_only + with_planes) // 2) as small:
+        wait_ready(small)
+        assert post_image(small, photo, output="labels").status_code == 200
+        refused = post_image(small, photo, output="probabilities")
+        assert refused.status_code == 413, refused.text
+        assert refused.json()["error"] == "payload_too_large"
+        assert "budget" in refused.json()["message"]
