@@ -111,6 +111,8 @@ def main(argv: list[str] | None = None) -> None:
         # In-flight work already had the drain; connections then get a short grace to flush.
         timeout_graceful_shutdown=5,
         timeout_keep_alive=5,
+        # Connections and tasks beyond this are answered 503 by uvicorn before any app code.
+        limit_concurrency=settings.max_connections,
     )
     server = DrainingServer(config, app, settings.drain_timeout_s, settings.drain_min_s)
     server.run()

@@ -50,3 +50,11 @@ class InferenceTimeoutError(SegserveError):
 
 class UnauthorizedError(SegserveError):
     """Missing or wrong API key (401)."""
+
+
+class RequestTimeoutError(SegserveError):
+    """The request body did not arrive within the time allowed (408)."""
+
+
+class ClientClosedError(SegserveError):
+    """The client went away before the answer (499, nginx's "client closed request")."""

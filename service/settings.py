@@ -51,6 +51,10 @@ class Settings(BaseSettings):
     max_tta_inputs: int = Field(default=_LIMITS.max_tta_inputs, ge=1)
     max_inputs_per_request: int = Field(default=_LIMITS.max_inputs_per_request, ge=1)
     max_request_bytes: int = Field(default=_LIMITS.max_request_bytes, ge=1)
+    # HTTP admission (service/http/admission.py, uploads.py; uvicorn in __main__.py)
+    max_inflight_bytes: int = Field(default=4 << 30, ge=1)
+    body_timeout_s: float = Field(default=60.0, gt=0)
+    max_connections: int = Field(default=64, ge=1)
     # HTTP, store, shutdown
     api_key: SecretStr | None = None
     mask_store: str = "memory"

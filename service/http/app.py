@@ -16,6 +16,7 @@ from fastapi.staticfiles import StaticFiles
 
 from service import __version__
 from service.http import health, masks, models, segment
+from service.http.admission import ByteAdmission
 from service.http.errors import install_error_handlers
 from service.http.middleware import RequestMetrics
 from service.http.state import Lifecycle, Services
@@ -46,6 +47,7 @@ def create_app(
             ),
             pool=ThreadPoolExecutor(settings.worker_threads, thread_name_prefix="segserve-io"),
             lifecycle=Lifecycle(),
+            admission=ByteAdmission(settings.max_inflight_bytes),
         )
         app.state.services = services
         loading = asyncio.create_task(_load(services))

@@ -29,6 +29,8 @@ ERROR_STATUS: dict[type[errors.SegserveError], tuple[int, str]] = {
     errors.StoreUnavailableError: (503, "store_unavailable"),
     errors.InferenceTimeoutError: (504, "inference_timeout"),
     errors.UnauthorizedError: (401, "unauthorized"),
+    errors.RequestTimeoutError: (408, "request_timeout"),
+    errors.ClientClosedError: (499, "client_closed_request"),
 }
 
 # OpenAPI: every status a route may answer with an ErrorBody.
@@ -52,6 +54,8 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(errors.SegserveError)
     async def typed_failure(request: Request, exc: errors.SegserveError) -> Response:
         status, code = status_of(exc)
+        if isinstance(exc, errors.ClientClosedError):  # nobody to answer: counted and logged
+            log.info("%s %s: %s", request.method, request.url.path, exc)
         headers = None
         if isinstance(exc, errors.OverloadedError):
             headers = {"Retry-After": str(max(1, math.ceil(exc.retry_after_s)))}

@@ -20,10 +20,10 @@ from service.http.auth import API_KEY
 from service.http.errors import ERROR_RESPONSES
 from service.http.schemas import ClassInfo, MaskUrls, SegmentQuery, SegmentResponse
 from service.http.state import Services, ServicesDep
-from service.http.uploads import IMAGE_BODY, read_image
+from service.http.uploads import IMAGE_BODY, read_image, until_disconnect
 from service.imageio import decode_image, encode_jpeg
 from service.metrics import STAGE_LATENCY
-from service.planning import SegmentOptions
+from service.planning import SegmentOptions, peak_bytes
 from service.render import (
     class_statistics,
     palette_array,
@@ -110,21 +110,34 @@ async def segment(
 ) -> Response:
     """Segment one image; the answer is JSON with a mask id, or the PNG asked for."""
     settings = svc.settings
-    with svc.lifecycle.track():
+    with svc.lifecycle.track(), svc.admission.request() as holding:
         svc.manager.require_ready()
         engine = svc.manager.get(query.model)
         request.state.model = engine.name
         options = segment_options(query)
         started = time.perf_counter()
-        payload = await read_image(request, settings.max_upload_bytes)
+        payload = await read_image(
+            request, settings.max_upload_bytes, holding, settings.body_timeout_s
+        )
         received = time.perf_counter()
-        image = await svc.in_pool(decode_image, payload, settings.max_pixels)
         upload_jpeg = payload if payload.startswith(JPEG_SIGNATURE) else None
-        del payload
-        clock = _Clock(started, received, time.perf_counter())
-        STAGE_LATENCY.labels(engine.name, "decode").observe(clock.decoded - received)
-        plan = engine.plan(options, *image.shape[:2])
-        result = await engine.run(image, plan)
+        kept = len(upload_jpeg or b"")
+
+        async def decode_and_run(encoded: bytes) -> tuple[np.ndarray, SegmentResult, _Clock]:
+            image = await svc.in_pool(decode_image, encoded, settings.max_pixels)
+            del encoded
+            holding.hold(image.nbytes + kept, "the decoded image")
+            clock = _Clock(started, received, time.perf_counter())
+            STAGE_LATENCY.labels(engine.name, "decode").observe(clock.decoded - received)
+            plan = engine.plan(options, *image.shape[:2])
+            meta = engine.bundle.metadata
+            needed = peak_bytes(plan, meta.num_classes, meta.output.stride)
+            holding.hold(needed + kept, "this request")
+            return image, await engine.run(image, plan), clock
+
+        work = decode_and_run(payload)
+        del payload  # held by the coroutine until decoded (and by upload_jpeg for a JPEG)
+        image, result, clock = await until_disconnect(request, work)
         return await _respond(svc, engine, query, image, upload_jpeg, result, clock)
 
 

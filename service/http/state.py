@@ -13,6 +13,7 @@ from typing import Annotated, Any, TypeVar
 from fastapi import Depends, Request
 
 from service import errors
+from service.http.admission import ByteAdmission
 from service.manager import ModelManager
 from service.settings import Settings
 from service.store import MaskStore
@@ -61,6 +62,7 @@ class Services:
     store: MaskStore
     pool: ThreadPoolExecutor
     lifecycle: Lifecycle
+    admission: ByteAdmission
 
     async def in_pool(self, fn: Callable[..., T], *args: Any) -> T:
         """Run blocking NumPy/Pillow work off the event loop."""

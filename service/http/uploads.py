@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator
-from typing import Any
+import asyncio
+from collections.abc import AsyncGenerator, Awaitable
+from typing import Any, TypeVar
 
 from fastapi import Request
 from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.requests import ClientDisconnect
 
 from service import errors
+from service.http.admission import Holding
+
+T = TypeVar("T")
 
 # OpenAPI: the image as a multipart field or a raw body.
 IMAGE_BODY: dict[str, Any] = {
@@ -28,23 +33,42 @@ IMAGE_BODY: dict[str, Any] = {
 }
 
 
-async def read_body_capped(request: Request, limit: int) -> bytes:
+async def read_body_capped(
+    request: Request, limit: int, holding: Holding, timeout_s: float
+) -> bytes:
     """The request body, refused with 413 as soon as it is known to exceed ``limit`` bytes.
 
-    A declared Content-Length over the limit is refused before reading anything; otherwise the
-    bytes actually received are counted, so an absent or lying header changes nothing.
+    A declared Content-Length over the limit is refused before reading anything, and one within
+    it is held in ``holding`` at once (a crowd of large uploads is refused before it arrives);
+    the bytes actually received are counted too, so an absent or lying header changes nothing.
+    The whole body must arrive within ``timeout_s`` (408), so a slow sender cannot keep a
+    connection and its memory forever; a client that goes away mid-body is ``ClientClosedError``.
     """
     too_large = errors.PayloadTooLargeError(f"request body exceeds the limit of {limit} bytes")
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise too_large
+    if declared is not None and declared.isdigit():
+        if int(declared) > limit:
+            raise too_large
+        holding.hold(int(declared), "the request body")
     chunks: list[bytes] = []
     received = 0
-    async for chunk in request.stream():
-        received += len(chunk)
-        if received > limit:
-            raise too_large
-        chunks.append(chunk)
+    try:
+        async with asyncio.timeout(timeout_s):
+            async for chunk in request.stream():
+                received += len(chunk)
+                if received > limit:
+                    raise too_large
+                if received > holding.bytes:
+                    holding.hold(received, "the request body")
+                chunks.append(chunk)
+    except TimeoutError:
+        raise errors.RequestTimeoutError(
+            f"the request body did not arrive within {timeout_s:g} s ({received} bytes received)"
+        ) from None
+    except ClientDisconnect:
+        raise errors.ClientClosedError(
+            f"client closed the connection after {received} body bytes"
+        ) from None
     return b"".join(chunks)
 
 
@@ -77,6 +101,29 @@ async def extract_image(request: Request, body: bytes) -> bytes:
     )
 
 
-async def read_image(request: Request, limit: int) -> bytes:
+async def read_image(request: Request, limit: int, holding: Holding, timeout_s: float) -> bytes:
     """The encoded image of a request whose body is at most ``limit`` bytes."""
-    return await extract_image(request, await read_body_capped(request, limit))
+    return await extract_image(request, await read_body_capped(request, limit, holding, timeout_s))
+
+
+async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
+    """``work``, cancelled (with the inputs it queued) if the client goes away first."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+    if task.cancelled():
+        raise errors.ClientClosedError("client closed the connection before the answer")
+    return task.result()
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the server reports the connection gone (the body has been read, so the only
+    message left to receive is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass

@@ -1,0 +1,133 @@
+"""Slow and vanishing clients against a real ``python -m service`` (tiny bundles): a body that
+does not arrive in time is a 408, a client that goes away mid-body or mid-inference is recorded as
+499 with one log line and no traceback, and its queued model inputs are dropped."""
+
+from __future__ import annotations
+
+import io
+import socket
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.servers import SegserveServer, start_server
+
+
+@pytest.fixture(scope="module")
+def server(
+    model_repository: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[SegserveServer]:
+    yield from start_server(
+        model_repository,
+        tmp_path_factory.mktemp("clients"),
+        body_timeout_s=1,
+        max_batch_size=1,
+        max_inputs_in_flight=2,
+    )
+
+
+def _samples(server: SegserveServer, name: str) -> dict[tuple[tuple[str, str], ...], float]:
+    text = httpx.get(f"{server.url}/metrics", timeout=5).text
+    return {
+        tuple(sorted(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name
+    }
+
+
+def _count(server: SegserveServer, status: str) -> float:
+    return sum(
+        value
+        for labels, value in _samples(server, "segserve_requests_total").items()
+        if ("status", status) in labels and ("endpoint", "/segment") in labels
+    )
+
+
+def _wait_for(condition: Callable[[], bool], timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.05)
+
+
+def _headers(path: str, length: int) -> bytes:
+    return (
+        f"POST {path} HTTP/1.1\r\nHost: test\r\nContent-Type: image/png\r\n"
+        f"Content-Length: {length}\r\n\r\n"
+    ).encode()
+
+
+def _png(size: tuple[int, int]) -> bytes:
+    rng = np.random.default_rng(5)
+    buffer = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def _response(client: socket.socket) -> str:
+    """One whole HTTP response (headers and a Content-Length body) from a raw socket."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += client.recv(4096)
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int(
+        next(h for h in head.split(b"\r\n") if h.lower().startswith(b"content-length"))[15:]
+    )
+    while len(body) < length:
+        body += client.recv(4096)
+    return (head + b"\r\n\r\n" + body).decode(errors="replace")
+
+
+def test_slow_body_is_408(server: SegserveServer) -> None:
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as client:
+        client.sendall(_headers("/segment", 100_000) + b"\x89PNG\r\n\x1a\n")
+        started = time.monotonic()
+        answer = _response(client)
+    assert answer.startswith("HTTP/1.1 408"), answer
+    assert '"error":"request_timeout"' in answer and "within 1 s" in answer
+    assert 0.9 < time.monotonic() - started < 5
+
+
+def test_client_gone_mid_body_is_499_in_one_line(server: SegserveServer) -> None:
+    before = _count(server, "499")
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as client:
+        client.sendall(_headers("/segment", 100_000) + b"\x89PNG\r\n\x1a\n" + bytes(5000))
+        time.sleep(0.2)
+    _wait_for(lambda: _count(server, "499") == before + 1)
+    log = server.log()
+    assert "client closed the connection after" in log
+    assert "Traceback" not in log and _count(server, "500") == 0
+    assert httpx.get(f"{server.url}/healthz", timeout=5).status_code == 200
+
+
+def test_client_gone_mid_inference_drops_its_queued_inputs(server: SegserveServer) -> None:
+    """A slide request of 551 windows run one at a time: the client leaves once inference has
+    begun, and far fewer than 551 inputs reach the model."""
+    body = _png((320, 480))
+    query = "/segment?model=tiny-float&mode=slide&crop=32&stride=16&scales=1&output=labels"
+
+    def inputs_run() -> float:
+        return sum(
+            value
+            for labels, value in _samples(server, "segserve_batch_size_sum").items()
+            if ("model", "tiny-float") in labels
+        )
+
+    before_inputs, before = inputs_run(), _count(server, "499")
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as client:
+        client.sendall(_headers(query, len(body)) + body)
+        _wait_for(lambda: inputs_run() > before_inputs)  # inference has begun
+    _wait_for(lambda: _count(server, "499") == before + 1)
+    ran = inputs_run() - before_inputs
+    time.sleep(0.5)
+    assert inputs_run() - before_inputs - ran <= 2  # at most what was in flight
+    assert ran < 275, ran
+    assert "client closed the connection before the answer" in server.log()
+    assert "Traceback" not in server.log()
