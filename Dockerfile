@@ -50,11 +50,14 @@ ENV PYTHONUNBUFFERED=1 \
     PATH=/opt/venv/bin:$PATH \
     HOME=/tmp \
     SEGSERVE_MODEL_REPOSITORY=/models \
-    NUMBA_CACHE_DIR=/app/numba-cache
+    NUMBA_CACHE_DIR=/tmp/numba-cache
 RUN useradd --uid 10001 --no-create-home --shell /usr/sbin/nologin segserve
 WORKDIR /app
-# The label kernel (service/labelmap.py) is compiled while the image builds; a host whose CPU
-# differs recompiles it once at start-up into the same (writable) cache.
+# The label kernel (service/labelmap.py) is compiled while the image builds, into /app/numba-cache.
+# Numba only uses a cache directory it can write, and the root filesystem is read-only when
+# deployed, so `python -m service` copies it into NUMBA_CACHE_DIR under /tmp before the warm-up
+# (service/__main__.py): loaded in about a second instead of compiled for a minute at every start.
+# A host whose CPU differs recompiles it once per start.
 RUN mkdir numba-cache && chown 10001 numba-cache
 EXPOSE 8000
 # Ready = every model loaded and warmed (the mask store is reported, not required); urlopen raises
@@ -69,7 +72,7 @@ ENV SEGSERVE_PROVIDERS=cpu
 COPY --from=deps-cpu /opt/venv /opt/venv
 COPY service/ service/
 USER 10001
-RUN python -c "from service import labelmap; labelmap.warm_up()"
+RUN NUMBA_CACHE_DIR=/app/numba-cache python -c "from service import labelmap; labelmap.warm_up()"
 
 # ---------------------------------------------------------------- GPU serving image (default)
 FROM runtime AS serve
@@ -84,4 +87,4 @@ RUN find /opt/venv -path '*/site-packages/nvidia/*' -name 'lib*.so*' -printf '%h
     && ldconfig
 COPY service/ service/
 USER 10001
-RUN python -c "from service import labelmap; labelmap.warm_up()"
+RUN NUMBA_CACHE_DIR=/app/numba-cache python -c "from service import labelmap; labelmap.warm_up()"

@@ -4,12 +4,19 @@ SIGTERM starts a graceful drain instead of uvicorn's immediate stop: ``/readyz``
 ``/segment`` calls answer 503 at once (the load balancer moves on while the listener stays open),
 in-flight requests get up to ``SEGSERVE_DRAIN_TIMEOUT_S`` to finish (and the listener stays open
 for at least ``SEGSERVE_DRAIN_MIN_S``), then uvicorn closes
-connections, the lifespan stops the engines, and the process exits 0. A second SIGTERM or a
-SIGINT stops at once, as uvicorn does.
+connections, the lifespan stops the engines, and the process exits 0. A second SIGTERM stops at
+once with status 143 (128 + SIGTERM), abandoning what is in flight; SIGINT stops as uvicorn does.
 
-A model repository that fails to load (missing, invalid bundle, unknown default model) stops the
-process with exit status 1 after logging why, so an orchestrator shows the failure instead of a
-replica that never becomes ready.
+Settings that cannot be served (a malformed ``SEGSERVE_*`` value, ``SEGSERVE_REQUIRE_API_KEY``
+without a key) stop the process with exit status 2 and one line saying why. A model repository
+that fails to load (missing, invalid bundle, unknown default model) stops it with exit status 1
+after logging why, so an orchestrator shows the failure instead of a replica that never becomes
+ready.
+
+The image bakes the label kernel's Numba cache into ``/app/numba-cache``, but Numba only uses a
+cache directory it can write to, and the root filesystem is read-only when deployed; so the baked
+files are copied into ``NUMBA_CACHE_DIR`` (under ``/tmp``) before any model warms up, and the
+kernel is loaded instead of compiled at every start.
 """
 
 from __future__ import annotations
@@ -17,9 +24,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
+import shutil
 import signal
 import socket
 import sys
+from pathlib import Path
 from types import FrameType
 
 import uvicorn
@@ -31,6 +41,8 @@ from service.manager import ModelsState
 from service.settings import Settings
 
 log = logging.getLogger("segserve")
+# Where the Dockerfile compiles the kernel: /app/numba-cache next to /app/service.
+BAKED_NUMBA_CACHE = Path(__file__).resolve().parent.parent / "numba-cache"
 
 
 class DrainingServer(uvicorn.Server):
@@ -49,6 +61,7 @@ class DrainingServer(uvicorn.Server):
         self.drain_min_s = drain_min_s
         self._loop: asyncio.AbstractEventLoop | None = None
         self._drain_task: asyncio.Task[None] | None = None
+        self._drain_requested = False
         self.load_failed = False
 
     async def serve(self, sockets: list[socket.socket] | None = None) -> None:
@@ -63,9 +76,14 @@ class DrainingServer(uvicorn.Server):
         return await super().on_tick(counter)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        if sig == signal.SIGTERM and self._drain_task is None and self._loop is not None:
+        if sig == signal.SIGTERM and self._loop is not None:
+            if self._drain_requested:
+                log.warning("second SIGTERM: stopping now, abandoning in-flight requests")
+                logging.shutdown()
+                os._exit(128 + signal.SIGTERM)
             # Not recorded in uvicorn's captured signals: that would re-raise SIGTERM after the
             # shutdown and turn a clean drain into exit status 143.
+            self._drain_requested = True
             self._loop.call_soon_threadsafe(self._start_drain)
             return
         super().handle_exit(sig, frame)
@@ -100,8 +118,13 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(message)s")
 
-    settings = Settings()
-    app = create_app(settings)
+    try:
+        settings = Settings()
+        app = create_app(settings)
+    except ValueError as exc:  # pydantic's ValidationError included
+        print(f"segserve: refusing to start: {exc}", file=sys.stderr)
+        sys.exit(2)
+    seed_numba_cache()
     config = uvicorn.Config(
         app,
         host=args.host,
@@ -118,6 +141,19 @@ def main(argv: list[str] | None = None) -> None:
     server.run()
     if server.load_failed:
         sys.exit(1)
+
+
+def seed_numba_cache(baked: Path = BAKED_NUMBA_CACHE) -> None:
+    """Copy the image's compiled kernels into the writable ``NUMBA_CACHE_DIR``, if both exist.
+    Numba picks the cache directory when ``service.labelmap`` is imported but reads the files only
+    at the first call (the engine's warm-up), so copying here, before the app starts, is in time."""
+    target = os.environ.get("NUMBA_CACHE_DIR")
+    if not target or not baked.is_dir() or Path(target).resolve() == baked.resolve():
+        return
+    try:
+        shutil.copytree(baked, target, dirs_exist_ok=True)
+    except OSError as exc:
+        log.warning("Numba cache not copied (the kernel compiles at warm-up): %s", exc)
 
 
 if __name__ == "__main__":

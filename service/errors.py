@@ -58,3 +58,7 @@ class RequestTimeoutError(SegserveError):
 
 class ClientClosedError(SegserveError):
     """The client went away before the answer (499, nginx's "client closed request")."""
+
+
+class OriginNotAllowedError(SegserveError):
+    """A browser request from an origin ``SEGSERVE_CORS_ORIGINS`` does not list (403)."""

@@ -8,6 +8,7 @@ bundle name, e.g. ``SEGSERVE_PER_MODEL='{"segformer-b5": {"max_batch_size": 2}}'
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -57,7 +58,14 @@ class Settings(BaseSettings):
     max_connections: int = Field(default=64, ge=1)
     # HTTP, store, shutdown
     api_key: SecretStr | None = None
+    # Fail closed: with this set, a missing or empty key stops the server at start-up instead of
+    # silently serving without authentication (service/http/auth.py).
+    require_api_key: bool = False
+    # Browser origins allowed to call the API cross-origin (comma list); others get 403.
+    cors_origins: Annotated[tuple[str, ...], NoDecode] = ()
     mask_store: str = "memory"
+    # Redis password for a mask store URL without one (kept out of the URL, e.g. from a Secret).
+    mask_store_password: SecretStr | None = None
     mask_store_max_bytes: int = Field(default=256 * 1024 * 1024, ge=1)
     mask_ttl_s: float = Field(default=3600.0, gt=0)
     drain_timeout_s: float = Field(default=30.0, ge=0)
@@ -83,10 +91,32 @@ class Settings(BaseSettings):
             raise ValueError(f"providers must be a non-empty subset of {PROVIDERS}, got {value}")
         return value
 
-    @field_validator("api_key", mode="before")
+    @field_validator("api_key", "mask_store_password", mode="before")
     @classmethod
-    def _empty_key_is_none(cls, value: object) -> object:
-        return None if value == "" else value
+    def _empty_secret_is_none(cls, value: object) -> object:
+        """Surrounding whitespace (the newline of a key file) dropped; empty means none."""
+        if isinstance(value, str):
+            value = value.strip() or None
+        return value
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _split_origins(cls, value: object) -> object:
+        """``https://a.example,https://b.example`` from the environment, as exact origins."""
+        if isinstance(value, str):
+            value = [part.strip().rstrip("/") for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _exact_origins(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        malformed = [o for o in value if not re.fullmatch(r"https?://[^/\s*]+", o)]
+        if malformed:
+            raise ValueError(
+                f"cors_origins must be scheme://host[:port] origins (no paths, no '*'), "
+                f"got {malformed}"
+            )
+        return value
 
     @field_validator("per_model")
     @classmethod

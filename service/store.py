@@ -32,7 +32,7 @@ from typing import Protocol
 import numpy as np
 import redis.asyncio as aioredis
 import zstandard
-from redis.exceptions import OutOfMemoryError, RedisError
+from redis.exceptions import AuthenticationError, OutOfMemoryError, RedisError
 
 from service.errors import MaskNotFoundError, StoreUnavailableError
 
@@ -362,7 +362,12 @@ class RedisMaskStore:
         await self._client.aclose()
 
     def _unavailable(self, action: str, exc: RedisError) -> StoreUnavailableError:
-        reason = "is out of memory" if isinstance(exc, OutOfMemoryError) else f"failed: {exc}"
+        if isinstance(exc, OutOfMemoryError):
+            reason = "is out of memory"
+        elif isinstance(exc, AuthenticationError):
+            reason = "refused the password (SEGSERVE_MASK_STORE_PASSWORD or the URL's)"
+        else:
+            reason = f"failed: {exc}"
         return StoreUnavailableError(f"cannot {action} mask: Redis at {self._url} {reason}")
 
 

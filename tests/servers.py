@@ -100,12 +100,14 @@ REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 
 
 class RedisProcess:
-    """A throwaway redis-server on a loopback port, restartable on the same port."""
+    """A throwaway redis-server on a loopback port, restartable on the same port; with
+    ``password``, protected by ``requirepass`` as deployed."""
 
-    def __init__(self, workdir: Path, *extra: str) -> None:
+    def __init__(self, workdir: Path, *extra: str, password: str | None = None) -> None:
         self.port = free_port()
         self.workdir = workdir
         self.extra = extra
+        self.password = password
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -115,8 +117,10 @@ class RedisProcess:
     def start(self) -> None:
         command = [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1"]
         command += ["--save", "", "--appendonly", "no", "--dir", str(self.workdir), *self.extra]
+        if self.password is not None:
+            command += ["--requirepass", self.password]
         self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL)
-        client = redis.Redis(port=self.port)
+        client = self.client()
         deadline = time.monotonic() + 10
         while True:
             try:
@@ -134,4 +138,4 @@ class RedisProcess:
             self.process = None
 
     def client(self) -> redis.Redis:
-        return redis.Redis(port=self.port)
+        return redis.Redis(port=self.port, password=self.password)

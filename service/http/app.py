@@ -17,6 +17,7 @@ from fastapi.staticfiles import StaticFiles
 from service import __version__
 from service.http import health, masks, models, segment
 from service.http.admission import ByteAdmission
+from service.http.auth import OriginPolicy, require_configured_key
 from service.http.errors import install_error_handlers
 from service.http.middleware import RequestMetrics
 from service.http.state import Lifecycle, Services
@@ -35,6 +36,8 @@ def create_app(
 ) -> FastAPI:
     """Build the app; ``manager``/``store`` are made from ``settings`` unless given."""
     settings = settings or Settings()
+    require_configured_key(settings)
+    password = settings.mask_store_password
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -43,7 +46,10 @@ def create_app(
             manager=manager or ModelManager.from_settings(settings),
             store=store
             or create_store(
-                settings.mask_store, settings.mask_store_max_bytes, settings.mask_ttl_s
+                settings.mask_store,
+                settings.mask_store_max_bytes,
+                settings.mask_ttl_s,
+                password=password.get_secret_value() if password else None,
             ),
             pool=ThreadPoolExecutor(settings.worker_threads, thread_name_prefix="segserve-io"),
             lifecycle=Lifecycle(),
@@ -67,7 +73,8 @@ def create_app(
         lifespan=lifespan,
     )
     install_error_handlers(app)
-    app.add_middleware(RequestMetrics)
+    app.add_middleware(OriginPolicy, allowed_origins=settings.cors_origins)
+    app.add_middleware(RequestMetrics)  # outermost: refused origins are counted too
     for feature in (health, models, segment, masks):
         app.include_router(feature.router)
 

@@ -31,6 +31,7 @@ ERROR_STATUS: dict[type[errors.SegserveError], tuple[int, str]] = {
     errors.UnauthorizedError: (401, "unauthorized"),
     errors.RequestTimeoutError: (408, "request_timeout"),
     errors.ClientClosedError: (499, "client_closed_request"),
+    errors.OriginNotAllowedError: (403, "origin_not_allowed"),
 }
 
 # OpenAPI: every status a route may answer with an ErrorBody.

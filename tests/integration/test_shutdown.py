@@ -140,3 +140,69 @@ def test_sigterm_under_load_drains_and_exits_zero(
     assert all(
         o.status == 503 for o in outcomes if o.sent_at > sigterm_at + 0.1 and o.status is not None
     )
+
+
+def test_second_sigterm_stops_at_once_with_143(
+    model_repository: Path, tmp_path: Path, photos: dict[str, np.ndarray]
+) -> None:
+    """The first SIGTERM drains (up to a minute here); the second ends the process within a second
+    although a heavy request is still running (before: up to the drain timeout again)."""
+    server = SegserveServer(
+        model_repository,
+        tmp_path / "server.log",
+        drain_timeout_s=60,
+        max_batch_size=1,
+        worker_threads=1,
+    )
+    outcomes: list[Outcome] = []
+    body = png_bytes(np.tile(photos["astronaut"], (2, 2, 1)))
+    heavy = {**HEAVY, "scales": "1,2,3"}
+    try:
+        server.wait_ready()
+
+        def one_request() -> None:
+            with httpx.Client(base_url=server.url, timeout=120) as client:
+                sent = time.monotonic()
+                try:
+                    response = client.post("/segment", params=heavy, files={"image": body})
+                    outcomes.append(Outcome(sent, time.monotonic(), response.status_code))
+                except httpx.HTTPError as exc:
+                    outcomes.append(Outcome(sent, time.monotonic(), None, repr(exc)))
+
+        request = threading.Thread(target=one_request)
+        request.start()
+        time.sleep(1.0)
+        server.process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        while httpx.get(f"{server.url}/readyz", timeout=5).status_code != 503:
+            assert time.monotonic() < deadline, "the first SIGTERM did not start a drain"
+            time.sleep(0.05)
+        assert server.process.poll() is None and not outcomes  # draining, request in flight
+        second_at = time.monotonic()
+        server.process.send_signal(signal.SIGTERM)
+        status = server.process.wait(30)
+        stopped_after = time.monotonic() - second_at
+        request.join(30)
+    finally:
+        if server.process.poll() is None:
+            server.process.kill()
+        server.terminate()
+    assert status == 143, server.log()
+    assert stopped_after < 2
+    assert "second SIGTERM: stopping now" in server.log()
+    assert [o.status for o in outcomes] == [None]  # the abandoned request lost its connection
+
+
+def test_required_key_missing_refuses_to_start(model_repository: Path, tmp_path: Path) -> None:
+    server = SegserveServer(
+        model_repository, tmp_path / "server.log", require_api_key="true", api_key=""
+    )
+    try:
+        status = server.process.wait(30)
+    finally:
+        if server.process.poll() is None:
+            server.process.kill()
+        server.terminate()
+    assert status == 2
+    (line,) = [line for line in server.log().splitlines() if line.strip()]
+    assert line.startswith("segserve: refusing to start: SEGSERVE_REQUIRE_API_KEY is set but")

@@ -406,3 +406,26 @@ def test_redis_errors_name_the_server_but_not_its_password() -> None:
     with pytest.raises(ValueError) as refused:
         create_store("postgres://user:s3cret@db/x", 1000, 10)
     assert "s3cret" not in str(refused.value)
+
+
+def test_redis_password_from_the_setting(tmp_path: Path) -> None:
+    """A Redis with requirepass (as deployed): the password setting opens it, none is refused
+    with a 503 that does not show the password."""
+    server = RedisProcess(tmp_path, password="r3dis-s3cret")
+    server.start()
+    try:
+
+        async def scenario() -> None:
+            store = create_store(server.url, 10_000_000, 60, password="r3dis-s3cret")
+            mask_id = await store.put(mask_of(astronaut_labels()))
+            assert (await store.get(mask_id)).model == "segformer-b0"
+            await store.close()
+            anonymous = create_store(server.url, 10_000_000, 60)
+            with pytest.raises(StoreUnavailableError, match="refused the password") as refused:
+                await anonymous.check()
+            assert "s3cret" not in str(refused.value)
+            await anonymous.close()
+
+        asyncio.run(scenario())
+    finally:
+        server.stop()
