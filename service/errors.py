@@ -24,6 +24,10 @@ class UnknownModelError(SegserveError):
     """No loaded bundle has this name (404)."""
 
 
+class MalformedRequestError(SegserveError):
+    """A request body that does not parse: bad JSON, binary sizes that do not add up (400)."""
+
+
 class InvalidParameterError(SegserveError):
     """A request option out of range: zero stride, crop too large, bad scales (422)."""
 

@@ -15,7 +15,7 @@ from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 
 from service import __version__
-from service.http import health, masks, models, segment
+from service.http import health, masks, models, segment, v2
 from service.http.admission import ByteAdmission
 from service.http.auth import OriginPolicy, require_configured_key
 from service.http.errors import install_error_handlers
@@ -75,7 +75,7 @@ def create_app(
     install_error_handlers(app)
     app.add_middleware(OriginPolicy, allowed_origins=settings.cors_origins)
     app.add_middleware(RequestMetrics)  # outermost: refused origins are counted too
-    for feature in (health, models, segment, masks):
+    for feature in (health, models, segment, masks, v2):
         app.include_router(feature.router)
 
     @app.get("/", include_in_schema=False)

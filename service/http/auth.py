@@ -1,11 +1,13 @@
 """Who may call what: the API key and the browser origins.
 
 The key (``X-API-Key`` or ``Authorization: Bearer``, compared in constant time) guards every call
-that runs a model or reads what users sent: ``/segment``, ``/masks/*`` and the inference protocol
-routes. Open: the page and its static files, ``/models`` (the page lists models before a key is
-typed), ``/docs`` and ``/openapi.json``, and what probes and scrapers call without credentials:
-``/healthz``, ``/readyz``, ``/metrics`` (counts and latencies per model, nothing a user sent; keep
-it off a public ingress). With ``SEGSERVE_REQUIRE_API_KEY`` a missing key stops the server at
+that runs a model or reads what users sent: ``/segment``, ``/masks/*`` and the inference protocol's
+``/v2/models/{name}/infer``. Open: the page and its static files, ``/models`` (the page lists
+models before a key is typed) and the protocol's metadata (``/v2``, ``/v2/models/{name}``: the
+same facts), ``/docs`` and ``/openapi.json``, and what probes and scrapers call without
+credentials: ``/healthz``, ``/readyz``, ``/v2/health/*``, ``/v2/models/{name}/ready`` (KServe's
+probes), ``/metrics`` (counts and latencies per model, nothing a user sent; keep it off a public
+ingress). With ``SEGSERVE_REQUIRE_API_KEY`` a missing key stops the server at
 start-up rather than leaving all of this open.
 
 Browsers send ``Origin`` on cross-origin calls (and on same-origin POSTs): a request from another

@@ -21,6 +21,7 @@ log = logging.getLogger("segserve.http")
 ERROR_STATUS: dict[type[errors.SegserveError], tuple[int, str]] = {
     errors.UnsupportedMediaError: (415, "unsupported_media"),
     errors.InvalidImageError: (400, "invalid_image"),
+    errors.MalformedRequestError: (400, "malformed_request"),
     errors.PayloadTooLargeError: (413, "payload_too_large"),
     errors.UnknownModelError: (404, "unknown_model"),
     errors.InvalidParameterError: (422, "invalid_parameter"),
@@ -51,28 +52,34 @@ def status_of(exc: errors.SegserveError) -> tuple[int, str]:
     return next((v for cls, v in ERROR_STATUS.items() if isinstance(exc, cls)), (500, "internal"))
 
 
+def failure_headers(exc: errors.SegserveError) -> dict[str, str] | None:
+    """What a client needs beside the status: when to retry, how to authenticate."""
+    if isinstance(exc, errors.OverloadedError):
+        return {"Retry-After": str(max(1, math.ceil(exc.retry_after_s)))}
+    if isinstance(exc, errors.StoreUnavailableError):
+        return {"Retry-After": "1"}
+    if isinstance(exc, errors.UnauthorizedError):
+        return {"WWW-Authenticate": 'ApiKey header="X-API-Key"'}
+    return None
+
+
+def validation_message(exc: RequestValidationError) -> str:
+    return "; ".join(
+        f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg', '')}" for e in exc.errors()
+    )
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(errors.SegserveError)
     async def typed_failure(request: Request, exc: errors.SegserveError) -> Response:
         status, code = status_of(exc)
         if isinstance(exc, errors.ClientClosedError):  # nobody to answer: counted and logged
             log.info("%s %s: %s", request.method, request.url.path, exc)
-        headers = None
-        if isinstance(exc, errors.OverloadedError):
-            headers = {"Retry-After": str(max(1, math.ceil(exc.retry_after_s)))}
-        elif isinstance(exc, errors.StoreUnavailableError):
-            headers = {"Retry-After": "1"}
-        elif isinstance(exc, errors.UnauthorizedError):
-            headers = {"WWW-Authenticate": 'ApiKey header="X-API-Key"'}
-        return error_response(status, code, str(exc), headers)
+        return error_response(status, code, str(exc), failure_headers(exc))
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError) -> Response:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg', '')}"
-            for e in exc.errors()
-        )
-        return error_response(422, "invalid_parameter", problems)
+        return error_response(422, "invalid_parameter", validation_message(exc))
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:

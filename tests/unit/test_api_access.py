@@ -30,6 +30,11 @@ OPEN_ROUTES = {
     "/docs/oauth2-redirect",
     "/redoc",
     "/openapi.json",
+    "/v2",
+    "/v2/health/live",
+    "/v2/health/ready",
+    "/v2/models/{name}",
+    "/v2/models/{name}/ready",
 }
 ALLOWED = "https://app.example"
 
@@ -66,9 +71,18 @@ def test_every_route_but_the_open_ones_needs_the_key(keyed: TestClient) -> None:
         else:
             guarded.append(path)
             assert response.status_code == 401, (method, path, response.text)
-            assert response.json()["error"] == "unauthorized"
+            if path.startswith("/v2/"):  # the inference protocol's error body
+                assert "API key" in response.json()["error"]
+            else:
+                assert response.json()["error"] == "unauthorized"
             assert response.headers["www-authenticate"].startswith("ApiKey")
-    assert {"/segment", "/masks/{mask_id}.png", "/masks/{mask_id}/overlay.png"} <= set(guarded)
+    assert {
+        "/segment",
+        "/masks/{mask_id}.png",
+        "/masks/{mask_id}/overlay.png",
+        "/masks/{mask_id}/rle.json",
+        "/v2/models/{name}/infer",
+    } <= set(guarded)
     for path in ("/", "/static/app.js", "/docs", "/openapi.json"):  # not in the schema
         assert keyed.get(path).status_code == 200, path
 

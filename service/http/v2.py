@@ -1,0 +1,444 @@
+"""The Open Inference Protocol (KServe v2) over REST, with Triton's binary tensor data extension,
+so Triton and KServe clients (``tritonclient.http``, KServe's ``InferenceRESTClient``) call
+segserve unchanged.
+
+Same engine, batching, limits, API key and metrics as ``/segment``; failures keep the status of
+``service/http/errors.py``'s table but answer with the protocol's body, ``{"error": "..."}``.
+A model takes one input, ``image`` (the encoded file as a one-element BYTES tensor, sent as
+binary data) or ``pixels`` (UINT8 H x W x 3, RGB), and answers ``labels`` (UINT8, or UINT16 above
+256 classes, H x W) and, when asked for by name, ``probabilities`` (FP16, C x H x W, within the
+request memory budget). Request parameters ``mode``, ``scales``, ``flip``, ``crop`` and
+``stride`` mean what ``/segment``'s query parameters mean and go through the same planning.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import numpy as np
+from fastapi import APIRouter, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from fastapi.routing import APIRoute
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from service import __version__, errors
+from service.engine import Engine, SegmentResult
+from service.geometry import labels_dtype
+from service.http.auth import API_KEY
+from service.http.errors import failure_headers, status_of, validation_message
+from service.http.segment import parse_scales, parse_size
+from service.http.state import ServicesDep
+from service.http.uploads import read_body_capped, until_disconnect
+from service.imageio import decode_image
+from service.manager import ModelsState
+from service.metrics import STAGE_LATENCY
+from service.planning import SegmentOptions, peak_bytes
+
+log = logging.getLogger("segserve.http")
+HEADER_LENGTH = "Inference-Header-Content-Length"
+EXTENSIONS = ["binary_tensor_data"]
+PLATFORM = "segserve-bundle"  # the KServe model format this runtime serves (deploy/kserve/)
+ENCODED_INPUT, PIXELS_INPUT = "image", "pixels"
+LABELS_OUTPUT, PROBABILITIES_OUTPUT = "labels", "probabilities"
+# Request parameters: the /segment options, and the extension's default for binary outputs.
+OPTION_PARAMETERS = ("mode", "scales", "flip", "crop", "stride")
+BINARY_OUTPUT_PARAMETER = "binary_data_output"
+Parameters = dict[str, str | int | float | bool]
+
+
+class ProtocolError(BaseModel):
+    error: str
+
+
+class TensorMetadata(BaseModel):
+    name: str
+    datatype: str
+    shape: list[int] = Field(description="-1 for a size that varies per request")
+
+
+class ServerMetadata(BaseModel):
+    name: str
+    version: str
+    extensions: list[str]
+
+
+class ModelMetadata(BaseModel):
+    name: str
+    versions: list[str]
+    platform: str
+    inputs: list[TensorMetadata]
+    outputs: list[TensorMetadata]
+
+
+class Liveness(BaseModel):
+    live: bool
+
+
+class Readiness(BaseModel):
+    ready: bool
+
+
+class ModelReadiness(BaseModel):
+    name: str
+    ready: bool
+
+
+class RequestInput(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    shape: list[int]
+    datatype: str
+    parameters: Parameters | None = None
+    data: list[Any] | None = None
+
+
+class RequestOutput(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    parameters: Parameters | None = None
+
+
+class InferRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    id: str | None = None
+    parameters: Parameters | None = None
+    inputs: list[RequestInput]
+    outputs: list[RequestOutput] | None = None
+
+
+class ResponseOutput(BaseModel):
+    name: str
+    shape: list[int]
+    datatype: str
+    parameters: Parameters | None = None
+    data: list[int] | list[float] | None = None
+
+
+class InferResponse(BaseModel):
+    model_name: str
+    id: str | None = None
+    outputs: list[ResponseOutput]
+
+
+class ProtocolRoute(APIRoute):
+    """Answers failures with the protocol's error body (status and headers as elsewhere)."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def answer(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except errors.SegserveError as exc:
+                body = ProtocolError(error=str(exc)).model_dump()
+                return JSONResponse(body, status_of(exc)[0], failure_headers(exc))
+            except RequestValidationError as exc:
+                body = ProtocolError(error=validation_message(exc)).model_dump()
+                return JSONResponse(body, 422)
+            except Exception:
+                log.exception("unhandled error on %s %s", request.method, request.url.path)
+                message = "internal server error (see the server log)"
+                return JSONResponse(ProtocolError(error=message).model_dump(), 500)
+
+        return answer
+
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": ProtocolError} for status in (400, 401, 404, 413, 415, 422, 503, 504)
+}
+router = APIRouter(prefix="/v2", route_class=ProtocolRoute, tags=["Open Inference Protocol"])
+
+
+@router.get("", response_model=ServerMetadata)
+async def server_metadata() -> ServerMetadata:
+    return ServerMetadata(name="segserve", version=__version__, extensions=EXTENSIONS)
+
+
+@router.get("/health/live", response_model=Liveness)
+async def server_live() -> Liveness:
+    return Liveness(live=True)
+
+
+@router.get("/health/ready", response_model=Readiness, responses={503: {"model": Readiness}})
+async def server_ready(svc: ServicesDep) -> Response:
+    """Ready when every model is loaded and warm and the server is not draining (inference
+    needs no mask store, so the store's health is left to ``/readyz``)."""
+    ready = svc.manager.state is ModelsState.READY and not svc.lifecycle.draining
+    return JSONResponse(Readiness(ready=ready).model_dump(), 200 if ready else 503)
+
+
+@router.get("/models/{name}", response_model=ModelMetadata, responses=ERRORS)
+async def model_metadata(name: str, svc: ServicesDep) -> ModelMetadata:
+    svc.manager.require_ready()
+    engine = svc.manager.get(name)
+    num_classes = engine.bundle.metadata.num_classes
+    return ModelMetadata(
+        name=engine.name,
+        versions=["1"],
+        platform=PLATFORM,
+        inputs=[
+            TensorMetadata(name=ENCODED_INPUT, datatype="BYTES", shape=[1]),
+            TensorMetadata(name=PIXELS_INPUT, datatype="UINT8", shape=[-1, -1, 3]),
+        ],
+        outputs=[
+            TensorMetadata(name=LABELS_OUTPUT, datatype=_labels_datatype(engine), shape=[-1, -1]),
+            TensorMetadata(name=PROBABILITIES_OUTPUT, datatype="FP16", shape=[num_classes, -1, -1]),
+        ],
+    )
+
+
+@router.get(
+    "/models/{name}/ready",
+    response_model=ModelReadiness,
+    responses={**ERRORS, 503: {"model": ModelReadiness}},
+)
+async def model_ready(name: str, svc: ServicesDep) -> Response:
+    svc.manager.require_ready()
+    engine = svc.manager.get(name)
+    ready = engine.started and not svc.lifecycle.draining
+    body = ModelReadiness(name=engine.name, ready=ready).model_dump()
+    return JSONResponse(body, 200 if ready else 503)
+
+
+@router.post(
+    "/models/{name}/infer",
+    response_model=InferResponse,
+    responses={
+        **ERRORS,
+        200: {
+            "content": {"application/octet-stream": {}},
+            "description": "JSON, or JSON "
+            f"header of {HEADER_LENGTH} bytes followed by the binary outputs",
+        },
+    },
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "description": "an InferRequest as JSON; with the binary data extension, the JSON "
+            f"header ({HEADER_LENGTH} bytes) followed by the binary inputs",
+            "content": {
+                "application/json": {"schema": {"type": "object"}},
+                "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+            },
+        }
+    },
+    dependencies=[API_KEY],
+)
+async def infer(request: Request, name: str, svc: ServicesDep) -> Response:
+    """Segment one image given as a tensor; outputs as JSON data or binary."""
+    settings = svc.settings
+    with svc.lifecycle.track(), svc.admission.request() as holding:
+        svc.manager.require_ready()
+        engine = svc.manager.get(name)
+        request.state.model = engine.name
+        body = await read_body_capped(
+            request, settings.max_upload_bytes, holding, settings.body_timeout_s
+        )
+        inference, binary = _split_body(body, request.headers.get(HEADER_LENGTH))
+        del body
+        outputs = _requested_outputs(inference)
+        options = _segment_options(inference.parameters or {}, PROBABILITIES_OUTPUT in outputs)
+        received = time.perf_counter()
+
+        async def decode_and_run(
+            inputs: list[RequestInput], binary: bytes
+        ) -> tuple[SegmentResult, float]:
+            image = await svc.in_pool(_input_image, inputs, binary, settings.max_pixels)
+            del inputs, binary
+            holding.hold(image.nbytes, "the decoded image")
+            decoded = time.perf_counter()
+            STAGE_LATENCY.labels(engine.name, "decode").observe(decoded - received)
+            plan = engine.plan(options, *image.shape[:2])
+            meta = engine.bundle.metadata
+            holding.hold(peak_bytes(plan, meta.num_classes, meta.output.stride), "this request")
+            return await engine.run(image, plan), time.perf_counter()
+
+        work = decode_and_run(inference.inputs, binary)
+        del binary  # held by the coroutine until decoded
+        inference.inputs = []
+        result, finished = await until_disconnect(request, work)
+        binary_default = bool((inference.parameters or {}).get(BINARY_OUTPUT_PARAMETER, False))
+        header, blobs = await svc.in_pool(
+            _encode_outputs, engine, result, outputs, binary_default, inference.id
+        )
+        STAGE_LATENCY.labels(engine.name, "encode").observe(time.perf_counter() - finished)
+        if not blobs:
+            return Response(header, media_type="application/json")
+        return Response(
+            b"".join((header, *blobs)),
+            media_type="application/octet-stream",
+            headers={HEADER_LENGTH: str(len(header))},
+        )
+
+
+def _labels_datatype(engine: Engine) -> str:
+    return "UINT8" if labels_dtype(engine.bundle.metadata.num_classes) is np.uint8 else "UINT16"
+
+
+def _malformed(message: str) -> errors.MalformedRequestError:
+    return errors.MalformedRequestError(f"malformed inference request: {message}")
+
+
+def _split_body(body: bytes, header_length: str | None) -> tuple[InferRequest, bytes]:
+    """The JSON request and the binary tensor data after it (Triton's extension)."""
+    if header_length is None:
+        header, binary = body, b""
+    else:
+        if not header_length.isdigit() or int(header_length) > len(body):
+            raise _malformed(
+                f"{HEADER_LENGTH} is {header_length!r} for a body of {len(body)} bytes"
+            )
+        header, binary = body[: int(header_length)], body[int(header_length) :]
+    try:
+        return InferRequest.model_validate_json(header), binary
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in exc.errors()
+        )
+        raise _malformed(problems) from None
+
+
+def _requested_outputs(inference: InferRequest) -> dict[str, Parameters]:
+    """Output name -> its parameters; ``labels`` alone when the request names none."""
+    if not inference.outputs:
+        return {LABELS_OUTPUT: {}}
+    known = (LABELS_OUTPUT, PROBABILITIES_OUTPUT)
+    unknown = [o.name for o in inference.outputs if o.name not in known]
+    if unknown:
+        raise errors.InvalidParameterError(f"unknown outputs {unknown}; this model has {known}")
+    return {o.name: o.parameters or {} for o in inference.outputs}
+
+
+def _segment_options(parameters: Parameters, probabilities: bool) -> SegmentOptions:
+    """Request parameters -> the options ``/segment`` takes (checked by the same planning)."""
+    unknown = sorted(set(parameters) - {*OPTION_PARAMETERS, BINARY_OUTPUT_PARAMETER})
+    if unknown:
+        raise errors.InvalidParameterError(
+            f"unknown parameters {unknown}; known: {[*OPTION_PARAMETERS, BINARY_OUTPUT_PARAMETER]}"
+        )
+
+    def text(key: str) -> str | None:
+        value = parameters.get(key)
+        if value is None or isinstance(value, bool):
+            if value is not None:
+                raise errors.InvalidParameterError(f"parameter {key} must not be a boolean")
+            return None
+        return str(value)
+
+    mode = text("mode")
+    if mode not in (None, "whole", "slide"):
+        raise errors.InvalidParameterError(f"mode must be 'whole' or 'slide', got {mode!r}")
+    flip = parameters.get("flip", False)
+    if not isinstance(flip, bool):
+        raise errors.InvalidParameterError(f"parameter flip must be a boolean, got {flip!r}")
+    return SegmentOptions(
+        mode=mode,  # type: ignore[arg-type]
+        scales=parse_scales(text("scales")),
+        flip=flip,
+        crop=parse_size("crop", text("crop")),
+        stride=parse_size("stride", text("stride")),
+        return_probabilities=probabilities,
+    )
+
+
+def _input_image(inputs: list[RequestInput], binary: bytes, max_pixels: int) -> np.ndarray:
+    """The (H, W, 3) uint8 RGB image of the one input: decoded from ``image`` (BYTES), or
+    ``pixels`` (UINT8 H x W x 3) as sent."""
+    if len(inputs) != 1:
+        raise errors.InvalidParameterError(
+            f"send exactly one input ({ENCODED_INPUT!r} or {PIXELS_INPUT!r}), got {len(inputs)}"
+        )
+    tensor = inputs[0]
+    size = (tensor.parameters or {}).get("binary_data_size")
+    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 0):
+        raise _malformed(f"binary_data_size must be a byte count, got {size!r}")
+    if size is not None and size != len(binary):
+        raise _malformed(f"binary_data_size is {size} but {len(binary)} bytes follow the header")
+    if size is None and binary:
+        raise _malformed(f"{len(binary)} bytes follow the header but no input has binary data")
+    if tensor.name == ENCODED_INPUT:
+        if tensor.datatype != "BYTES" or math.prod(tensor.shape) != 1:
+            raise errors.InvalidParameterError(
+                f"input {ENCODED_INPUT!r} is one BYTES element (the encoded image), got "
+                f"{tensor.datatype} {tensor.shape}"
+            )
+        if size is None:
+            raise errors.InvalidParameterError(
+                f"send input {ENCODED_INPUT!r} as binary data (the binary tensor data extension)"
+            )
+        length = int.from_bytes(binary[:4], "little") if len(binary) >= 4 else -1
+        if length != len(binary) - 4:
+            raise _malformed(
+                "a BYTES element is a 4-byte little-endian length and that many bytes; "
+                f"{len(binary)} bytes do not hold one"
+            )
+        return decode_image(binary[4:], max_pixels)
+    if tensor.name != PIXELS_INPUT:
+        raise errors.InvalidParameterError(
+            f"unknown input {tensor.name!r}; this model takes {ENCODED_INPUT!r} or {PIXELS_INPUT!r}"
+        )
+    shape = tensor.shape
+    if tensor.datatype != "UINT8" or len(shape) != 3 or shape[2] != 3 or min(shape) < 1:
+        raise errors.InvalidParameterError(
+            f"input {PIXELS_INPUT!r} is UINT8 [height, width, 3] RGB, got {tensor.datatype} {shape}"
+        )
+    if shape[0] * shape[1] > max_pixels:
+        raise errors.PayloadTooLargeError(
+            f"image has {shape[0] * shape[1]} pixels, the limit is {max_pixels}"
+        )
+    if size is not None:
+        if size != math.prod(shape):
+            raise _malformed(f"{size} binary bytes for a UINT8 {shape} tensor")
+        return np.frombuffer(binary, np.uint8).reshape(shape)
+    values = np.asarray(tensor.data if tensor.data is not None else [])
+    if values.size != math.prod(shape) or not np.issubdtype(values.dtype, np.integer):
+        raise errors.InvalidParameterError(
+            f"input {PIXELS_INPUT!r} data must be {math.prod(shape)} integers"
+        )
+    if values.size and (values.min() < 0 or values.max() > 255):
+        raise errors.InvalidParameterError(f"input {PIXELS_INPUT!r} data must be in 0..255")
+    return values.astype(np.uint8).reshape(shape)
+
+
+def _encode_outputs(
+    engine: Engine,
+    result: SegmentResult,
+    outputs: dict[str, Parameters],
+    binary_default: bool,
+    request_id: str | None,
+) -> tuple[bytes, list[bytes]]:
+    """The response's JSON header and the binary blobs that follow it, in output order."""
+    tensors: list[tuple[str, str, np.ndarray]] = []
+    for name in outputs:
+        if name == LABELS_OUTPUT:
+            tensors.append((name, _labels_datatype(engine), result.labels))
+        else:
+            assert result.probabilities is not None
+            tensors.append((name, "FP16", result.probabilities.astype(np.float16)))
+    described = []
+    blobs = []
+    for name, datatype, values in tensors:
+        binary = outputs[name].get("binary_data", binary_default)
+        output = ResponseOutput(name=name, shape=list(values.shape), datatype=datatype)
+        if binary:  # the extension's tensors are little-endian, row-major
+            blob = values.astype(values.dtype.newbyteorder("<"), copy=False).tobytes()
+            output.parameters = {"binary_data_size": len(blob)}
+            blobs.append(blob)
+            described.append(output.model_dump(exclude_none=True))
+        else:
+            entry = output.model_dump(exclude_none=True)
+            entry["data"] = values.ravel().tolist()  # not validated: millions of numbers
+            described.append(entry)
+    response: dict[str, Any] = {"model_name": engine.name, "outputs": described}
+    if request_id is not None:
+        response["id"] = request_id
+    return json.dumps(response, separators=(",", ":")).encode(), blobs
