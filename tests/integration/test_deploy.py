@@ -6,6 +6,7 @@ and compose files at the top are shared with test_deploy_image.py and test_prome
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import json
 import re
@@ -13,18 +14,25 @@ import shlex
 import shutil
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import jsonschema
 import kubernetes_validate
+import numpy as np
 import pytest
 import yaml
 from prometheus_client import Counter, Gauge, Histogram
 
 from service import metrics
+from service.__main__ import BAKED_NUMBA_CACHE
+from service.errors import StoreUnavailableError
+from service.http import create_app
 from service.settings import Settings
+from service.store import StoredMask, create_store
+from tests.servers import REDIS_SERVER, free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILE = REPO_ROOT / "Dockerfile"
@@ -526,3 +534,184 @@ def test_kubernetes_lint_every_workload() -> None:
             assert security["capabilities"]["drop"] == ["ALL"], name
             if kind == "Deployment":
                 assert "readinessProbe" in container and "livenessProbe" in container, name
+
+
+# --------------------------------------------------------------------------- safe by default
+
+
+def interpolate(value: str, environment: dict[str, str]) -> str:
+    """Compose's ``${VAR:-default}`` / ``${VAR:?error}`` / ``${VAR}``, as ``docker compose`` does
+    (no Compose CLI here); an unset required variable raises."""
+
+    def one(match: re.Match[str]) -> str:
+        name, operator, argument = match.group(1), match.group(2), match.group(3)
+        given = environment.get(name, "")
+        if operator == ":?" and not given:
+            raise ValueError(f"required variable {name} is missing a value: {argument}")
+        if operator == ":-" and not given:
+            return argument or ""
+        return given
+
+    return re.sub(r"\$\{([A-Z_][A-Z0-9_]*)(?:(:[-?])([^}]*))?\}", one, value)
+
+
+def test_compose_exposes_only_segserve_and_fails_closed() -> None:
+    services = load_compose(COMPOSE)["services"]
+    published = {
+        name: port for name, service in services.items() for port in service.get("ports", [])
+    }
+    everywhere = {name: port for name, port in published.items() if not port.startswith("127.")}
+    assert everywhere == {"segserve": "8000:8000"}
+    assert published["prometheus"] == "127.0.0.1:9090:9090"
+    assert published["grafana"] == "127.0.0.1:3000:3000"
+    grafana = services["grafana"]["environment"]
+    assert grafana["GF_AUTH_ANONYMOUS_ENABLED"] == "false"
+    assert "GF_AUTH_ANONYMOUS_ORG_ROLE" not in grafana
+    with pytest.raises(ValueError, match="GRAFANA_ADMIN_PASSWORD"):
+        interpolate(grafana["GF_SECURITY_ADMIN_PASSWORD"], {})
+    chosen = {"GRAFANA_ADMIN_PASSWORD": "long-random"}
+    assert interpolate(grafana["GF_SECURITY_ADMIN_PASSWORD"], chosen) == "long-random"
+
+    # segserve's environment as compose resolves it: no key in .env -> the server refuses.
+    raw = services["segserve"]["environment"]
+    resolved = {k: interpolate(v, {}) for k, v in raw.items() if k.startswith("SEGSERVE_")}
+    settings_of = {k.removeprefix("SEGSERVE_").lower(): v for k, v in resolved.items()}
+    with pytest.raises(ValueError, match="SEGSERVE_REQUIRE_API_KEY is set"):
+        create_app(Settings(**settings_of))
+    keyed = {
+        **settings_of,
+        "api_key": interpolate(raw["SEGSERVE_API_KEY"], {"SEGSERVE_API_KEY": "k"}),
+    }
+    create_app(Settings(**keyed))
+    assert ".env" in (REPO_ROOT / ".gitignore").read_text().split()
+
+
+def secret_ref(container: dict[str, Any], variable: str) -> tuple[str, str]:
+    (entry,) = [e for e in container.get("env", []) if e["name"] == variable]
+    reference = entry["valueFrom"]["secretKeyRef"]
+    assert reference.get("optional", False) is False, f"{variable}: a Secret must be required"
+    return reference["name"], reference["key"]
+
+
+def test_kubernetes_secrets_are_required_and_the_key_is_enforced() -> None:
+    for path, document in manifests():
+        assert "optional: true" not in yaml.safe_dump(document), path
+    (segserve,) = by_kind("Deployment", "segserve")["spec"]["template"]["spec"]["containers"]
+    assert secret_ref(segserve, "SEGSERVE_API_KEY") == ("segserve-api-key", "api-key")
+    settings = by_kind("ConfigMap", "segserve-settings")["data"]
+    assert settings["SEGSERVE_REQUIRE_API_KEY"] == "true"
+    as_settings = {k.removeprefix("SEGSERVE_").lower(): v for k, v in settings.items()}
+    with pytest.raises(ValueError, match="SEGSERVE_REQUIRE_API_KEY is set"):
+        create_app(Settings(**as_settings))  # the Secret's key empty: the pod refuses to start
+
+
+def test_kubernetes_redis_requires_the_password_segserve_is_given(tmp_path: Path) -> None:
+    """Redis started with the manifest's own args ($(VAR) expanded as Kubernetes does) refuses
+    anonymous clients; the probe's redis-cli, with the manifest's env, and segserve's store, with
+    the password the Deployment passes it, get in."""
+    (segserve,) = by_kind("Deployment", "segserve")["spec"]["template"]["spec"]["containers"]
+    store_secret = secret_ref(segserve, "SEGSERVE_MASK_STORE_PASSWORD")
+    (redis,) = by_kind("Deployment", "segserve-redis")["spec"]["template"]["spec"]["containers"]
+    args = redis["args"]
+    variable = re.fullmatch(r"\$\((\w+)\)", args[args.index("--requirepass") + 1])
+    assert variable is not None
+    assert secret_ref(redis, variable.group(1)) == store_secret
+    probe = redis["readinessProbe"]["exec"]["command"]
+    assert probe[0] == "redis-cli" and variable.group(1) == "REDISCLI_AUTH"
+
+    password = "pw-from-the-secret"
+    expanded = [a.replace(variable.group(0), password) for a in args]
+    port = free_port()
+    server = subprocess.Popen(
+        [
+            REDIS_SERVER,
+            *expanded,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            str(tmp_path),
+        ],
+        stdout=subprocess.DEVNULL,
+    )
+    try:
+        cli = [shutil.which("redis-cli") or "redis-cli", "-p", str(port), *probe[1:]]
+        deadline = time.monotonic() + 10
+        while "PONG" not in (
+            answer := subprocess.run(
+                cli, env={"REDISCLI_AUTH": password}, capture_output=True, text=True
+            ).stdout
+        ):
+            assert time.monotonic() < deadline, answer
+            time.sleep(0.05)
+        anonymous = subprocess.run(cli, capture_output=True, text=True, env={})
+        assert "NOAUTH" in anonymous.stdout + anonymous.stderr
+
+        async def store_round_trip() -> None:
+            url = f"redis://127.0.0.1:{port}/0"
+            with_password = create_store(url, 1_000_000, 60, password=password)
+            mask = StoredMask("m", np.zeros((4, 4), np.uint8), "p", None)
+            assert (await with_password.get(await with_password.put(mask))).model == "m"
+            await with_password.close()
+            without = create_store(url, 1_000_000, 60)
+            with pytest.raises(StoreUnavailableError, match="refused the password"):
+                await without.put(mask)
+            await without.close()
+
+        asyncio.run(store_round_trip())
+    finally:
+        server.kill()
+        server.wait()
+
+
+def test_kubernetes_network_policies_cover_segserve_and_redis() -> None:
+    policies = {
+        d["metadata"]["name"]: d["spec"] for _, d in manifests() if d["kind"] == "NetworkPolicy"
+    }
+    pods = {
+        name: by_kind("Deployment", name)["spec"]["template"]
+        for name in ("segserve", "segserve-redis")
+    }
+    for name, template in pods.items():
+        selecting = [
+            p
+            for p in policies.values()
+            if p["podSelector"]["matchLabels"].items() <= template["metadata"]["labels"].items()
+        ]
+        assert len(selecting) == 1, name
+        assert set(selecting[0]["policyTypes"]) == {"Ingress", "Egress"}, name
+    segserve, redis = policies["segserve"], policies["segserve-redis"]
+    (http,) = pods["segserve"]["spec"]["containers"][0]["ports"]
+    (ingress,) = segserve["ingress"]
+    assert ingress["ports"] == [{"port": http["containerPort"], "protocol": "TCP"}]
+    redis_port = by_kind("Service", "segserve-redis")["spec"]["ports"][0]["port"]
+    to_redis, to_dns = segserve["egress"]
+    assert to_redis["to"][0]["podSelector"]["matchLabels"].items() <= (
+        pods["segserve-redis"]["metadata"]["labels"].items()
+    )
+    assert to_redis["ports"] == [{"port": redis_port, "protocol": "TCP"}]
+    assert to_dns["to"][0]["podSelector"]["matchLabels"] == {"k8s-app": "kube-dns"}
+    assert sorted(p["protocol"] for p in to_dns["ports"]) == ["TCP", "UDP"]
+    assert {p["port"] for p in to_dns["ports"]} == {53}
+    assert redis["egress"] == []
+
+
+def test_numba_cache_is_baked_where_the_server_seeds_it_from() -> None:
+    stages = dockerfile_stages()
+    (workdir,) = set(stage_instructions(stages, "serve", "WORKDIR"))
+    # The server seeds from numba-cache next to its service/ package: WORKDIR/numba-cache.
+    assert BAKED_NUMBA_CACHE == REPO_ROOT / "numba-cache"
+    assert any(
+        c.split()[-1].rstrip("/") == "service" for c in stage_instructions(stages, "serve", "COPY")
+    )
+    baked = Path(workdir) / BAKED_NUMBA_CACHE.name
+    for stage in ("serve", "serve-cpu"):
+        runs = stage_instructions(stages, stage, "RUN")
+        assert any(f"NUMBA_CACHE_DIR={baked} " in r and "labelmap.warm_up()" in r for r in runs)
+        runtime_cache = Path(stage_env(stages, stage)["NUMBA_CACHE_DIR"])
+        assert runtime_cache.parts[:2] == ("/", "tmp")  # writable under a read-only root
+    compose = load_compose(COMPOSE)["services"]["segserve"]
+    assert compose["read_only"] is True and "/tmp" in compose["tmpfs"]
+    (container,) = by_kind("Deployment", "segserve")["spec"]["template"]["spec"]["containers"]
+    assert "/tmp" in {m["mountPath"] for m in container["volumeMounts"]}
