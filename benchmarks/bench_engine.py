@@ -18,7 +18,12 @@ holding them is given; speed does not depend on the weights) it prints:
    squares on its own decoder features) to superpixels of that image. Labels-only slide
    requests skip classes that cannot win a tile (``service.labelmap``), so this step's cost
    depends on the weights: random ones make every class compete everywhere (a worst case),
-   the refitted ones give region-like masks as a trained model does.
+   the refitted ones give region-like masks as a trained model does;
+4. ``postprocess``: engine against PyTorch eager (``models/``, same precision, same device) in
+   images/s at each batch size, for whole mode on 512x512 images (ADE20K bundle) and slide mode
+   on 2048x1024 images (Cityscapes bundle: 1024x1024 crops, stride 768, three windows each; eager
+   runs mmseg's ``slide_inference`` with the windows of ``2 x batch`` images batched ``batch`` at
+   a time), with post-processing on the host and on the device (``--postprocess``).
 
 PyTorch gets the same number of threads as onnxruntime's intra-op pool. ``--device cuda`` runs the
 engine on onnxruntime's CUDA provider (no CPU fallback) and the eager baselines on the GPU;
@@ -57,7 +62,7 @@ PHOTOS = {
     "coffee": data.coffee,
     "rocket": data.rocket,
 }
-SECTIONS = ("latency", "throughput", "slide")
+SECTIONS = ("latency", "throughput", "slide", "postprocess")
 MODES = {
     "whole": SegmentOptions(),
     "slide": SegmentOptions(mode="slide", crop=(512, 512), stride=(341, 341)),
@@ -86,12 +91,16 @@ class Target:
     precision: Literal["fp32", "fp16"]
 
     def engine_config(
-        self, max_batch_size: int, max_queue_delay_ms: float = EngineConfig.max_queue_delay_ms
+        self,
+        max_batch_size: int,
+        max_queue_delay_ms: float = EngineConfig.max_queue_delay_ms,
+        postprocess: Literal["auto", "host", "device"] = EngineConfig.postprocess,
     ) -> EngineConfig:
         return EngineConfig(
             max_batch_size=max_batch_size,
             max_queue_delay_ms=max_queue_delay_ms,
             inference_timeout_s=3600.0,  # 2 x batch requests queue behind each other here
+            postprocess=postprocess,
             runtime=RuntimeSettings(providers=(self.device,), allow_cpu_fallback=False),
         )
 
@@ -104,18 +113,23 @@ class Target:
             torch.cuda.synchronize()
 
 
-def bundle_for(model: str, repository: Path | None, scratch: Path, target: Target) -> Bundle:
-    if repository is not None and (repository / model).is_dir():
-        return load_bundle(repository / model)
+def bundle_for(
+    model: str, repository: Path | None, scratch: Path, target: Target, dataset: str = "ade20k"
+) -> Bundle:
+    """``repository/<model>`` (ADE20K) or ``repository/<model>-<dataset>`` when there, else a
+    random-init export of it in ``target``'s precision."""
+    name = model if dataset == "ade20k" else f"{model}-{dataset}"
+    if repository is not None and (repository / name).is_dir():
+        return load_bundle(repository / name)
     from export import export_bundle
 
-    out = scratch / model
-    print(f"exporting {model} (random init, ADE20K, {target.precision}) ...", flush=True)
+    out = scratch / name
+    print(f"exporting {model} (random init, {dataset}, {target.precision}) ...", flush=True)
     export_bundle(
         model,
         out,
         random_init=True,
-        dataset="ade20k",
+        dataset=dataset,
         precision=target.precision,
         skip_verify=True,
     )
@@ -185,6 +199,103 @@ def eager_burst(
 
     run_all(work[:batch])  # warm-up: one batch of this size
     return lambda: len(work) / timed(lambda: run_all(work))
+
+
+def eager_slide_burst(
+    forward: Callable[[torch.Tensor], torch.Tensor],
+    images: list[np.ndarray],
+    batch: int,
+    target: Target,
+    crop: tuple[int, int],
+    stride: tuple[int, int],
+) -> Callable[[], float]:
+    """mmseg's ``slide_inference`` in PyTorch eager on ``2 x batch`` images: their windows run
+    ``batch`` at a time, each resized to its window and summed, divided by the count, argmax,
+    labels back to the host. Returns images/s."""
+    mean = torch.tensor([123.675, 116.28, 103.53], device=target.device).view(1, 3, 1, 1)
+    std = torch.tensor([58.395, 57.12, 57.375], device=target.device).view(1, 3, 1, 1)
+    work = [images[i % len(images)] for i in range(2 * batch)]
+    height, width = work[0].shape[:2]
+    windows = [
+        (y1, x1)
+        for y1 in sorted({min(r * stride[0], height - crop[0]) for r in range(height)})
+        for x1 in sorted({min(c * stride[1], width - crop[1]) for c in range(width)})
+    ]
+
+    @torch.inference_mode()
+    def run_all(chunk_of_work: list[np.ndarray]) -> None:
+        pixels = torch.from_numpy(np.stack(chunk_of_work).transpose(0, 3, 1, 2))
+        pixels = ((pixels.to(target.device).float() - mean) / std).to(target.torch_dtype)
+        jobs = [(i, y1, x1) for i in range(len(chunk_of_work)) for y1, x1 in windows]
+        sums: torch.Tensor | None = None
+        counts = torch.zeros((1, 1, height, width), device=target.device)
+        for y1, x1 in windows:
+            counts[:, :, y1 : y1 + crop[0], x1 : x1 + crop[1]] += 1
+        for start in range(0, len(jobs), batch):
+            part = jobs[start : start + batch]
+            crops = torch.stack(
+                [pixels[i, :, y1 : y1 + crop[0], x1 : x1 + crop[1]] for i, y1, x1 in part]
+            )
+            logits = F.interpolate(forward(crops).float(), size=crop, mode="bilinear")
+            if sums is None:
+                sums = torch.zeros(
+                    (len(chunk_of_work), logits.shape[1], height, width), device=target.device
+                )
+            for (i, y1, x1), window_logits in zip(part, logits, strict=True):
+                sums[i, :, y1 : y1 + crop[0], x1 : x1 + crop[1]] += window_logits
+        assert sums is not None
+        (sums / counts).argmax(dim=1).to(torch.uint8).cpu().numpy()
+        target.synchronize()
+
+    run_all(work[:batch])  # warm-up
+    return lambda: len(work) / timed(lambda: run_all(work))
+
+
+def postprocess_rows(
+    bundle: Bundle,
+    forward: Callable[[torch.Tensor], torch.Tensor],
+    mode: str,
+    images: list[np.ndarray],
+    batch: int,
+    postprocess: list[str],
+    rounds: int,
+    target: Target,
+) -> list[str]:
+    """Engine (one per post-processing setting) and eager images/s, best of ``rounds``
+    interleaved measurements: one row per setting."""
+    test_config = bundle.metadata.test_config
+    engines = {
+        where: Engine(
+            bundle,
+            target.engine_config(batch, max_queue_delay_ms=20.0, postprocess=where),  # type: ignore[arg-type]
+        )
+        for where in postprocess
+    }
+    for engine in engines.values():
+        engine.start()
+    try:
+        contenders = {where: engine_burst(e, images, batch) for where, e in engines.items()}
+        if mode == "slide":
+            assert test_config.crop is not None and test_config.stride is not None
+            contenders["eager"] = eager_slide_burst(
+                forward, images, batch, target, test_config.crop, test_config.stride
+            )
+        else:
+            contenders["eager"] = eager_burst(forward, images, batch, target)
+        best = dict.fromkeys(contenders, 0.0)
+        for _ in range(rounds):
+            for name, measure in contenders.items():
+                best[name] = max(best[name], measure())
+    finally:
+        for engine in engines.values():
+            engine.stop()
+    height, width = images[0].shape[:2]
+    eager = best.pop("eager")
+    return [
+        f"| {bundle.name} | {target.device} {target.precision} | {mode} {width}x{height} | "
+        f"{batch} | {where} | {rate:.2f} | {eager:.2f} | {rate / eager:.2f}x |"
+        for where, rate in best.items()
+    ]
 
 
 def throughput_row(
@@ -339,6 +450,13 @@ def main() -> None:
     )
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--precision", choices=("fp32", "fp16"), default="fp32")
+    parser.add_argument(
+        "--postprocess",
+        nargs="+",
+        choices=("host", "device"),
+        default=["host", "device"],
+        help="post-processing settings the postprocess section compares",
+    )
     args = parser.parse_args()
     if args.precision == "fp16" and args.device == "cpu":
         parser.error("fp16 is for --device cuda (PyTorch's CPU half precision is no baseline)")
@@ -349,13 +467,36 @@ def main() -> None:
     photos = {name: np.ascontiguousarray(load()) for name, load in PHOTOS.items()}
     squares = [resize_image(photo, 512, 512) for photo in photos.values()]
     wide = resize_image(photos["astronaut"], 2048, 1024)
+    wides = [resize_image(photo, 2048, 1024) for photo in photos.values()]
     print(f"# cpu: {os.cpu_count()} cores visible, onnxruntime intra-op {threads}, torch {threads}")
     if target.device == "cuda":
         print(f"# gpu: {torch.cuda.get_device_name()}, {target.precision}")
 
-    latency, throughput, overhead = [], [], []
+    latency, throughput, overhead, postprocess = [], [], [], []
     with tempfile.TemporaryDirectory() as scratch:
         for model in args.models:
+            if "postprocess" in args.sections:
+                for mode, dataset, images in (
+                    ("whole", "ade20k", squares),
+                    ("slide", "cityscapes", wides),
+                ):
+                    bundle = bundle_for(model, args.repository, Path(scratch), target, dataset)
+                    eager = torch_models(model, bundle.metadata.num_classes, target)
+                    for batch in args.batch_sizes:
+                        rows = postprocess_rows(
+                            bundle,
+                            eager["models/ eager"],
+                            mode,
+                            images,
+                            batch,
+                            args.postprocess,
+                            args.repeats,
+                            target,
+                        )
+                        postprocess += rows
+                        print("\n".join(rows), flush=True)
+            if not set(args.sections) & {"latency", "throughput", "slide"}:
+                continue
             bundle = bundle_for(model, args.repository, Path(scratch), target)
             weights = {"random init": bundle}
             if "slide" in args.sections:
@@ -387,6 +528,15 @@ def main() -> None:
                 throughput.append(row)
                 print(row, flush=True)
 
+    if postprocess:
+        print(f"\n## Engine against PyTorch eager (images/s), {target.device} {target.precision}")
+        print(
+            "| bundle | device | mode, image | batch | post-processing | engine | eager | ratio |\n"
+            "| --- | --- | --- | --- | --- | --- | --- | --- |"
+        )
+        print("\n".join(postprocess))
+    if not set(args.sections) & {"latency", "throughput", "slide"}:
+        return
     print(f"\n## Latency (ms), engine, {target.device} {target.precision}")
     print("| model | mode | runs | inputs (astronaut) | median | p95 |")
     print("| --- | --- | --- | --- | --- | --- |")

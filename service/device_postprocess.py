@@ -409,11 +409,12 @@ class DevicePostprocess:
 
     def warm_up(self, logits_dtype: np.dtype) -> None:
         """Build every session requests use (and run each once), so that none is built or run
-        for the first time inside a request: a two-window and a one-window pass, with and
-        without probabilities, and a two-pass TTA."""
+        for the first time inside a request: unpadding, a two-window and a one-window pass,
+        with and without probabilities, and a two-pass TTA."""
         logits = np.zeros((2, self.num_classes, 4, 4), logits_dtype)
         batch = DeviceBatch(ort.OrtValue.ortvalue_from_numpy(logits, self.device, 0))
         grid = (Window(0, 16, 0, 16), Window(0, 16, 8, 24))
+        self.unpad(batch[0], (16, 16), (13, 15))
         for plan in (PassPlan(16, 24, False, grid), PassPlan(16, 16, True, grid[:1])):
             merge = self.new_pass(plan)
             for index in range(len(plan.windows)):

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from service.bundle import Bundle, TestConfig
-from service.config import EngineConfig
+from service.config import EngineConfig, RuntimeSettings
 from service.device_postprocess import DeviceBatch, DevicePostprocess
 from service.engine import Engine, SegmentResult
 from service.geometry import Window, labels_dtype, window_grid
@@ -191,6 +191,22 @@ def test_engine_on_the_device_matches_reference_and_host(
     assert result.timings["postprocess"] > 0
 
 
+def test_warm_up_builds_every_session_requests_use(
+    engines: dict[str, Engine], photos: dict[str, np.ndarray]
+) -> None:
+    """No session is built (a graph checked and optimised) inside a request: every case, and an
+    input under the graph's minimum side (padded, its logits unpadded on the device)."""
+    for kind in ("whole", "slide"):
+        engine = engines[f"{kind}-device"]
+        assert engine._device_post is not None
+        built = set(engine._device_post._sessions)
+        for case_kind, options in CASES.values():
+            if case_kind == kind:
+                segment(engine, sized(photos, "rocket", 70, 50), options)
+        segment(engine, sized(photos, "rocket", 12, 200), SegmentOptions(scales=(1.0,)))
+        assert set(engine._device_post._sessions) == built
+
+
 def test_fp16_logits_are_cast_on_the_device(tmp_path: Path, photos: dict[str, np.ndarray]) -> None:
     bundle = write_tiny_bundle(
         tmp_path / "half",
@@ -222,3 +238,38 @@ def test_postprocess_setting(monkeypatch: pytest.MonkeyPatch, tiny_bundle: Bundl
     monkeypatch.setenv("SEGSERVE_POSTPROCESS", "gpu")
     with pytest.raises(ValueError, match="postprocess"):
         Settings()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(
+    "CUDAExecutionProvider" not in ort.get_available_providers(),
+    reason="needs onnxruntime's CUDAExecutionProvider and a GPU",
+)
+def test_under_cuda_auto_is_device_and_matches_the_cpu(
+    tiny_float_bundle: Bundle, engines: dict[str, Engine], photos: dict[str, np.ndarray]
+) -> None:
+    """On CUDA ``auto`` post-processes on the device (graphs on the CUDA provider, logits never
+    copied back); every case agrees with the CPU engine's host path."""
+    runtime = RuntimeSettings(providers=("cuda",), allow_cpu_fallback=False)
+    for bundle_kind, bundle in (
+        ("slide", tiny_float_bundle),
+        ("whole", engines["whole-host"].bundle),
+    ):
+        gpu = Engine(bundle, EngineConfig(runtime=runtime))
+        gpu.start()
+        try:
+            assert gpu.postprocess == "device"
+            image = sized(photos, "chelsea", 150, 225)
+            for kind, options in CASES.values():
+                if kind != bundle_kind:
+                    continue
+                on_gpu = segment(gpu, image, options)
+                on_cpu = segment(engines[f"{kind}-host"], image, options)
+                assert (on_gpu.labels == on_cpu.labels).mean() >= 0.999
+                if options.return_probabilities:
+                    assert on_gpu.probabilities is not None and on_cpu.probabilities is not None
+                    np.testing.assert_allclose(
+                        on_gpu.probabilities, on_cpu.probabilities, atol=1e-3
+                    )
+        finally:
+            gpu.stop()
