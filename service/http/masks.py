@@ -16,6 +16,7 @@ from service.http.errors import ERROR_RESPONSES
 from service.http.state import Services, ServicesDep
 from service.imageio import decode_image
 from service.render import (
+    OVERLAY_OPACITY,
     palette_array,
     palette_version,
     render_color_png,
@@ -65,13 +66,19 @@ async def mask_labels(request: Request, mask_id: str, svc: ServicesDep) -> Respo
 
 
 @router.get("/masks/{mask_id}/overlay.png")
-async def mask_overlay(request: Request, mask_id: str, svc: ServicesDep) -> Response:
-    """The mask blended over the photo it was made from."""
+async def mask_overlay(
+    request: Request,
+    mask_id: str,
+    svc: ServicesDep,
+    opacity: Annotated[float, Query(ge=0, le=1)] = OVERLAY_OPACITY,
+) -> Response:
+    """The mask blended over the photo it was made from, ``opacity`` of the mask's colour."""
     mask, palette = await mask_for(request, svc, mask_id)
     if mask.image_jpeg is None:
         raise errors.MaskNotFoundError(f"mask {mask_id} was stored without its photo")
     photo = await svc.in_pool(decode_image, mask.image_jpeg, svc.settings.max_pixels)
-    return cached(svc, await svc.in_pool(render_overlay_png, mask.labels, photo, palette))
+    overlay = await svc.in_pool(render_overlay_png, mask.labels, photo, palette, opacity)
+    return cached(svc, overlay)
 
 
 @router.get("/masks/{mask_id}/rle.json")

@@ -204,3 +204,75 @@ def test_api_key_field(
     assert page.is_hidden("#error")
     np.testing.assert_array_equal(shown_image(page, "#overlay").shape, photo.shape)
     page.close()
+
+
+def test_hover_opacity_and_downloads(
+    page: Page,
+    server: SegserveServer,
+    photos: dict[str, np.ndarray],
+    model_repository: Path,
+    tmp_path: Path,
+) -> None:
+    """The class under the cursor is the stored label there; the slider re-blends the overlay;
+    every download link saves what the API serves for the mask (probabilities: a fresh .npy)."""
+    photo = photos["astronaut"][::4, ::4].copy()  # 128x128
+    page.set_input_files("#file", png_file(photo, tmp_path / "astronaut.png"))
+    page.click("#run")
+    page.wait_for_selector("#results", state="visible", timeout=30_000)
+    mask = mask_id(page)
+    labels = cv2.imdecode(
+        np.frombuffer(httpx.get(f"{server.url}/masks/{mask}/labels.png").content, np.uint8),
+        cv2.IMREAD_UNCHANGED,
+    )
+    meta = load_bundle(model_repository / "tiny").metadata
+
+    scale = page.eval_on_selector("#overlay", "e => e.naturalWidth / e.clientWidth")
+    rng = np.random.default_rng(5)
+    for row, column in rng.integers(0, 128, (6, 2)).tolist():
+        # The centre of pixel (row, column) in CSS pixels of the shown image.
+        page.hover("#overlay", position={"x": (column + 0.5) / scale, "y": (row + 0.5) / scale})
+        expected = int(labels[row, column])
+        page.wait_for_function(
+            "(id) => document.querySelector('#hover').dataset.classId === String(id)", arg=expected
+        )
+        assert (page.text_content("#hover") or "").startswith(f"{meta.classes[expected]} ")
+        hovered = page.query_selector("#legend tr.hovered")
+        assert hovered is not None and hovered.get_attribute("data-class-id") == str(expected)
+
+    before = page.get_attribute("#overlay", "src")
+    page.eval_on_selector(
+        "#opacity", "e => { e.value = 20; e.dispatchEvent(new Event('change')); }"
+    )
+    page.wait_for_function("(old) => document.querySelector('#overlay').src !== old", arg=before)
+    page.wait_for_function("document.querySelector('#overlay').complete")
+    shown = shown_image(page, "#overlay")
+    served = httpx.get(f"{server.url}/masks/{mask}/overlay.png?opacity=0.2").content
+    served_rgb = cv2.cvtColor(cv2.imdecode(np.frombuffer(served, np.uint8), 1), cv2.COLOR_BGR2RGB)
+    np.testing.assert_array_equal(shown, served_rgb)
+    colours = np.asarray(meta.palette, np.uint8)[labels]
+
+    def distance(opacity: float) -> float:  # to the blend of the uploaded (not JPEG'd) photo
+        blend = cv2.addWeighted(photo, 1 - opacity, colours, opacity, 0)
+        return float(np.abs(shown.astype(int) - blend.astype(int)).mean())
+
+    assert distance(0.2) < 5 and distance(0.2) < distance(0.5) / 2
+
+    urls = {
+        "png": f"/masks/{mask}.png",
+        "labels": f"/masks/{mask}/labels.png",
+        "overlay": f"/masks/{mask}/overlay.png?opacity=0.2",
+        "rle": f"/masks/{mask}/rle.json",
+        "polygons": f"/masks/{mask}/polygons.geojson",
+    }
+    for encoding in [*urls, "probabilities"]:
+        with page.expect_download() as started:
+            page.click(f"#downloads a[data-encoding={encoding}]")
+        download = started.value
+        assert download.suggested_filename.startswith(f"{mask}-{encoding}.")
+        content = Path(download.path()).read_bytes()
+        if encoding in urls:
+            assert content == httpx.get(server.url + urls[encoding]).content, encoding
+        else:
+            probabilities = np.load(io.BytesIO(content))
+            assert probabilities.shape == (len(meta.classes), *labels.shape)
+            assert (probabilities.argmax(axis=0) == labels).mean() >= 0.999

@@ -88,6 +88,10 @@ def test_stored_mask_offers_the_same_encodings(client: TestClient, photo: np.nda
     simplified = client.get(stored["urls"]["polygons"], params={"tolerance": 2})
     assert len(simplified.content) < len(client.get(stored["urls"]["polygons"]).content)
     assert client.get(stored["urls"]["polygons"], params={"tolerance": -1}).status_code == 422
+    overlay = stored["urls"]["overlay"]
+    assert client.get(overlay, params={"opacity": 0.5}).content == client.get(overlay).content
+    assert client.get(overlay, params={"opacity": 0}).content != client.get(overlay).content
+    assert client.get(overlay, params={"opacity": 1.5}).status_code == 422
 
 
 def test_probabilities_are_the_reference_tta_softmax(
