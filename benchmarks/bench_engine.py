@@ -27,7 +27,8 @@ holding them is given; speed does not depend on the weights) it prints:
 
 PyTorch gets the same number of threads as onnxruntime's intra-op pool. ``--device cuda`` runs the
 engine on onnxruntime's CUDA provider (no CPU fallback) and the eager baselines on the GPU;
-``--precision fp16`` exports fp16 bundles and runs the eager baselines in half precision too.
+``--precision fp16`` exports fp16 bundles and runs the eager baselines in half precision too;
+``--cuda-graphs`` runs the engine with captured CUDA graphs (``service/cuda_graphs.py``).
 """
 
 from __future__ import annotations
@@ -89,6 +90,7 @@ class Target:
 
     device: str  # "cpu" or "cuda"
     precision: Literal["fp32", "fp16"]
+    cuda_graphs: bool = False  # the engine's RuntimeSettings.cuda_graphs
 
     def engine_config(
         self,
@@ -101,7 +103,9 @@ class Target:
             max_queue_delay_ms=max_queue_delay_ms,
             inference_timeout_s=3600.0,  # 2 x batch requests queue behind each other here
             postprocess=postprocess,
-            runtime=RuntimeSettings(providers=(self.device,), allow_cpu_fallback=False),
+            runtime=RuntimeSettings(
+                providers=(self.device,), allow_cpu_fallback=False, cuda_graphs=self.cuda_graphs
+            ),
         )
 
     @property
@@ -293,7 +297,8 @@ def postprocess_rows(
     eager = best.pop("eager")
     return [
         f"| {bundle.name} | {target.device} {target.precision} | {mode} {width}x{height} | "
-        f"{batch} | {where} | {rate:.2f} | {eager:.2f} | {rate / eager:.2f}x |"
+        f"{batch} | {where}{' + CUDA graphs' if target.cuda_graphs else ''} | "
+        f"{rate:.2f} | {eager:.2f} | {rate / eager:.2f}x |"
         for where, rate in best.items()
     ]
 
@@ -457,10 +462,13 @@ def main() -> None:
         default=["host", "device"],
         help="post-processing settings the postprocess section compares",
     )
+    parser.add_argument(
+        "--cuda-graphs", action="store_true", help="engine with captured CUDA graphs"
+    )
     args = parser.parse_args()
     if args.precision == "fp16" and args.device == "cpu":
         parser.error("fp16 is for --device cuda (PyTorch's CPU half precision is no baseline)")
-    target = Target(args.device, args.precision)
+    target = Target(args.device, args.precision, args.cuda_graphs)
 
     threads = default_intra_op_threads()
     torch.set_num_threads(threads)

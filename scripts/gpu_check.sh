@@ -6,6 +6,8 @@
 #   bash scripts/gpu_check.sh receive     there, once per piece but the last (carry that piece)
 #   bash scripts/gpu_check.sh run         there, carrying the last piece: unpack, install,
 #                                         pytest -m gpu, the benchmark, one table in $OUT
+#   bash scripts/gpu_check.sh graphs      there, right after run (machine still warm): fp16 again
+#                                         with CUDA graphs, rows added to the table
 #   bash scripts/gpu_check.sh rehearse    here: receive + run on the CPU with a short benchmark,
 #                                         the cp312 wheels installed for the GPU's Python as a test
 #
@@ -69,6 +71,27 @@ export_bundle('$MODEL', Path('$out'), random_init=True, dataset='$dataset',
   echo "      timeout_s=600)"
 }
 
+gpu_environment() {
+  export PYTHONPATH=$STORE/site:$PWD PYTHONUNBUFFERED=1
+  # CUDA 13 and cuDNN 9 from the image's nvidia-* wheels, for onnxruntime's CUDA provider.
+  local nvidia
+  nvidia=$(python3 -c 'import site; print(site.getsitepackages()[0])')/nvidia
+  LD_LIBRARY_PATH=$(ls -d "$nvidia"/*/lib 2>/dev/null | paste -sd:)${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+  export LD_LIBRARY_PATH
+}
+
+graphs() {  # after run, on the same warm machine: fp16 with captured CUDA graphs
+  local out=${OUT:-$STORE/out}
+  mkdir -p "$out"
+  gpu_environment
+  set -o pipefail
+  python3 benchmarks/bench_engine.py --device cuda --precision fp16 --cuda-graphs \
+    --models "$MODEL" --sections postprocess --repository "$STORE/payload/bundles/fp16" \
+    --batch-sizes 1 8 32 --repeats 3 2>&1 | tee "$out/bench-fp16-graphs.txt"
+  sed -n '/^## Engine against/,$p' "$out/bench-fp16-graphs.txt" | grep "^| $MODEL" \
+    | tee "$out/gpu_check-graphs.md"
+}
+
 receive() {
   mkdir -p "$STORE"
   cp "$CARRY"/piece-* "$STORE"/
@@ -88,12 +111,7 @@ run() {  # run [cpu]: "cpu" is the rehearsal (no CUDA, short benchmark)
     python=python3
     $python -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" \
       "$payload"/wheels/*.whl
-    export PYTHONPATH=$site:$PWD
-    # CUDA 13 and cuDNN 9 from the image's nvidia-* wheels, for onnxruntime's CUDA provider.
-    local nvidia
-    nvidia=$($python -c 'import site; print(site.getsitepackages()[0])')/nvidia
-    LD_LIBRARY_PATH=$(ls -d "$nvidia"/*/lib 2>/dev/null | paste -sd:)${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
-    export LD_LIBRARY_PATH
+    gpu_environment
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/gpu.txt"
   else
     python=.venv/bin/python
@@ -140,10 +158,11 @@ case "${1:-}" in
   prepare) prepare ;;
   receive) receive ;;
   run) run cuda ;;
+  graphs) graphs ;;
   rehearse)
     STORE=$(mktemp -d)
     OUT=$STORE/out run cpu
     rm -rf "$STORE"/piece-* "$STORE"/payload* "$STORE"/site
     echo "rehearsal passed; its files are in $STORE/out" ;;
-  *) echo "usage: $0 prepare|receive|run|rehearse" >&2; exit 2 ;;
+  *) echo "usage: $0 prepare|receive|run|graphs|rehearse" >&2; exit 2 ;;
 esac
