@@ -49,6 +49,9 @@ LABELS_OUTPUT, PROBABILITIES_OUTPUT = "labels", "probabilities"
 # Request parameters: the /segment options, and the extension's default for binary outputs.
 OPTION_PARAMETERS = ("mode", "scales", "flip", "crop", "stride")
 BINARY_OUTPUT_PARAMETER = "binary_data_output"
+# Most numbers one answer may carry as JSON data (as Python objects while written, then text:
+# about 130 MB for FP16); larger outputs must be asked for as binary data.
+MAX_JSON_ELEMENTS = 4_000_000
 Parameters = dict[str, str | int | float | bool]
 
 
@@ -247,6 +250,7 @@ async def infer(request: Request, name: str, svc: ServicesDep) -> Response:
         del body
         outputs = _requested_outputs(inference)
         options = _segment_options(inference.parameters or {}, PROBABILITIES_OUTPUT in outputs)
+        binary_default = bool((inference.parameters or {}).get(BINARY_OUTPUT_PARAMETER, False))
         received = time.perf_counter()
 
         async def decode_and_run(
@@ -259,6 +263,7 @@ async def infer(request: Request, name: str, svc: ServicesDep) -> Response:
             STAGE_LATENCY.labels(engine.name, "decode").observe(decoded - received)
             plan = engine.plan(options, *image.shape[:2])
             meta = engine.bundle.metadata
+            _check_json_size(outputs, binary_default, meta.num_classes, plan.height * plan.width)
             holding.hold(peak_bytes(plan, meta.num_classes, meta.output.stride), "this request")
             return await engine.run(image, plan), time.perf_counter()
 
@@ -266,7 +271,6 @@ async def infer(request: Request, name: str, svc: ServicesDep) -> Response:
         del binary  # held by the coroutine until decoded
         inference.inputs = []
         result, finished = await until_disconnect(request, work)
-        binary_default = bool((inference.parameters or {}).get(BINARY_OUTPUT_PARAMETER, False))
         header, blobs = await svc.in_pool(
             _encode_outputs, engine, result, outputs, binary_default, inference.id
         )
@@ -407,6 +411,19 @@ def _input_image(inputs: list[RequestInput], binary: bytes, max_pixels: int) -> 
     if values.size and (values.min() < 0 or values.max() > 255):
         raise errors.InvalidParameterError(f"input {PIXELS_INPUT!r} data must be in 0..255")
     return values.astype(np.uint8).reshape(shape)
+
+
+def _check_json_size(
+    outputs: dict[str, Parameters], binary_default: bool, num_classes: int, pixels: int
+) -> None:
+    """Refuse, before inference, outputs too large to send as JSON numbers."""
+    for name, parameters in outputs.items():
+        elements = pixels * (num_classes if name == PROBABILITIES_OUTPUT else 1)
+        if not parameters.get("binary_data", binary_default) and elements > MAX_JSON_ELEMENTS:
+            raise errors.PayloadTooLargeError(
+                f"output {name!r} has {elements} elements, more than {MAX_JSON_ELEMENTS} as JSON: "
+                "ask for it as binary data (output parameter binary_data: true)"
+            )
 
 
 def _encode_outputs(

@@ -221,3 +221,26 @@ def test_infer_is_counted_like_segment(
     with pytest.raises(InferenceServerException):
         client.infer("tiny", [encoded_input(photo)], parameters={"scales": "9"}, headers=dict(KEY))
     assert (count("200"), count("422")) == (before + 1, refused + 1)
+
+
+def test_large_json_outputs_are_refused_before_inference(
+    client: triton.InferenceServerClient,
+) -> None:
+    """5 classes x 1000 x 900 probabilities are 4.5 M numbers: too many as JSON, fine binary."""
+    blank = np.zeros((1000, 900, 3), np.uint8)
+    with pytest.raises(InferenceServerException) as failure:
+        client.infer(
+            "tiny",
+            [encoded_input(blank)],
+            outputs=[triton.InferRequestedOutput("probabilities", binary_data=False)],
+            headers=dict(KEY),
+        )
+    assert failure.value.status() == "413"
+    assert "binary data" in (failure.value.message() or "")
+    labels = client.infer(
+        "tiny",
+        [encoded_input(blank)],
+        outputs=[triton.InferRequestedOutput("labels", binary_data=False)],
+        headers=dict(KEY),
+    ).as_numpy("labels")
+    assert labels.shape == (1000, 900)
