@@ -23,6 +23,7 @@ def model_info(svc: Services, name: str) -> ModelInfo:
         dataset=meta.dataset,
         trained=meta.trained,
         provider=engine.provider,
+        postprocess=engine.postprocess,
         precision=meta.precision,
         num_classes=meta.num_classes,
         classes=list(meta.classes),

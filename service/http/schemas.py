@@ -70,6 +70,7 @@ class ModelInfo(BaseModel):
     dataset: str | None
     trained: bool
     provider: str
+    postprocess: str = Field(description="host or device: where resize / merge / argmax run")
     precision: str
     num_classes: int
     classes: list[str]

@@ -196,6 +196,7 @@ def test_slide_matches_the_reference(
     client: TestClient = request.getfixturevalue(
         "client" if postprocess == "host" else "device_client"
     )
+    assert client.get("/models/tiny-float").json()["postprocess"] == postprocess
     params = {"model": "tiny-float", "mode": "slide", "crop": "128", "stride": "96x80"}
     if scales is not None:
         params |= {"scales": ",".join(str(ratio) for ratio in scales), "flip": str(flip).lower()}
@@ -224,6 +225,7 @@ def test_models_listing(client: TestClient, model_repository: Path) -> None:
     tiny = client.get("/models/tiny").json()
     meta = load_bundle(model_repository / "tiny").metadata
     assert tiny["default"] is True and tiny["provider"] == "CPUExecutionProvider"
+    assert tiny["postprocess"] == "host"  # auto on the CPU provider
     assert tiny["classes"] == list(meta.classes) and tiny["num_classes"] == 5
     assert tiny["test_config"]["mode"] == "whole" and tiny["trained"] is False
     assert client.get("/models/tiny-float").json()["test_config"]["crop"] == [96, 96]
