@@ -212,9 +212,10 @@ def polygons_geojson(
             f"the label map is too fragmented for polygons ({corners} corners, the limit is "
             f"{MAX_POLYGON_CORNERS}): ask for output=rle instead"
         )
-    ids, counts = np.unique(labels, return_counts=True)
+    counts = np.bincount(labels.ravel())
+    ids = np.flatnonzero(counts)
     features = []
-    for class_id, pixels in zip(ids.tolist(), counts.tolist(), strict=True):
+    for class_id, pixels in zip(ids.tolist(), counts[ids].tolist(), strict=True):
         features.append(
             {
                 "type": "Feature",
