@@ -252,3 +252,30 @@ def test_redis_killed_and_restarted_under_load(
             labels = client.get(f"/masks/{p.mask_id}/labels.png")
             assert labels.status_code == 200, labels.text
             np.testing.assert_array_equal(decode_png(labels.content), expected[p.photo])
+
+
+def test_redis_at_maxmemory_keeps_accepting_masks_over_http(
+    replicas: tuple[httpx.Client, httpx.Client],
+    redis_server: RedisProcess,
+    photos: dict[str, np.ndarray],
+) -> None:
+    """The issue's measurement, through both servers: Redis' maxmemory (noeviction) far below the
+    store's byte budget. Before, every JSON /segment answered 503 once Redis was full; now every
+    one succeeds, the newest masks render, the oldest are gone, and Redis stays under its limit."""
+    client = redis_server.client()
+    client.flushall()
+    image = photos["astronaut"][::2, ::2].copy()
+    for replica in replicas:  # connections and the script's one-time memory, before measuring
+        warm = segment_json(replica, image)
+    mask_bytes = client.strlen(f"segserve:mask:{warm['mask_id']}")  # about 40 KB with its photo
+    client.config_set("maxmemory-policy", "noeviction")
+    limit = client.info("memory")["used_memory"] + 8 * mask_bytes
+    client.config_set("maxmemory", str(limit))
+    try:
+        ids = [str(segment_json(replicas[i % 2], image)["mask_id"]) for i in range(30)]
+        statuses = [replicas[0].get(f"/masks/{mask_id}/labels.png").status_code for mask_id in ids]
+        assert statuses[-3:] == [200, 200, 200] and statuses[0] == 404, statuses
+        assert statuses == sorted(statuses, reverse=True)  # oldest evicted first
+        assert client.info("memory")["used_memory"] <= limit
+    finally:
+        client.config_set("maxmemory", "0")
