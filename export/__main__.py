@@ -40,7 +40,7 @@ def _parser() -> argparse.ArgumentParser:
     classes = parser.add_mutually_exclusive_group()
     classes.add_argument("--dataset", help="ade20k | cityscapes | pascal-context | coco-stuff")
     classes.add_argument("--classes", type=Path, help="file with one class name per line")
-    parser.add_argument("--precision", choices=("fp32", "fp16"), default="fp32")
+    parser.add_argument("--precision", choices=("fp32", "fp16", "int8"), default="fp32")
     parser.add_argument("--opset", type=int, default=23)
     parser.add_argument(
         "--attention",

@@ -2,8 +2,9 @@
 
 ``export_bundle`` is the whole build pipeline: resolve the model and its classes, export the
 graph (``onnx_export``), write ``1/model.onnx``, ``config.pbtxt`` and ``segserve.json`` into a
-hidden staging directory next to ``out``, verify the written graph against PyTorch, and only then
-rename the staging directory into place. Any failure removes the staging directory, so a bundle
+hidden staging directory next to ``out``, verify the written graph against PyTorch (for int8, the
+fp32 graph it is quantized from, then the quantized graph's label agreement, ``quantize``), and only
+then rename the staging directory into place. Any failure removes the staging directory, so a bundle
 path either holds a complete, verified bundle or whatever it held before.
 """
 
@@ -38,6 +39,14 @@ from export.onnx_export import (
     export_onnx,
     graph_io,
 )
+from export.quantize import (
+    CALIBRATION_PHOTOS,
+    INT8_TARGET_LABEL_AGREEMENT,
+    METHOD,
+    measure_agreement,
+    photos,
+    quantize_int8,
+)
 from export.triton import triton_config
 from export.verify import DEFAULT_SIZES, VerificationReport, verify
 from models import datasets
@@ -52,6 +61,7 @@ from service.bundle import (
     BundleMetadata,
     InputContract,
     OutputContract,
+    Quantization,
     SourceCheckpoint,
     TestConfig,
     load_bundle,
@@ -67,6 +77,9 @@ DEFAULT_ATTENTION: AttentionForm = "ort-contrib"
 DEFAULT_DATASET = "ade20k"  # random-init bundles with no classes given
 # Used when only a class file is given: the whole image at its own size.
 NO_DATASET_TEST_CONFIG = TestConfig(mode="whole", resize_scale=None)
+
+
+BundlePrecision = Literal["fp32", "fp16", "int8"]
 
 
 class ExportError(ValueError):
@@ -85,7 +98,8 @@ class ExportReport:
     dataset: str | None
     classes_source: str
     num_classes: int
-    precision: Precision
+    precision: BundlePrecision
+    quantization: Quantization | None
     opset: int
     attention: AttentionForm
     census: AttentionCensus
@@ -104,6 +118,7 @@ class ExportReport:
             f"exported {self.model_name} ({self.arch}, {weights}) -> {self.out}",
             f"  classes      {self.num_classes} (from {self.classes_source})",
             f"  precision    {self.precision}, opset {self.opset}",
+            *_quantization_lines(self.quantization),
             f"  input        {_io(self.input)}",
             f"  output       {_io(self.output)}  (stride {self.output_stride})",
             f"  attention    {self.census.fused(self.attention)} fused {self.attention!r} nodes "
@@ -118,6 +133,18 @@ class ExportReport:
         steps = ", ".join(f"{step} {seconds:.1f}s" for step, seconds in self.timings.items())
         lines.append(f"  time         {self.seconds:.1f}s ({steps})")
         return "\n".join(lines)
+
+
+def _quantization_lines(quantization: Quantization | None) -> list[str]:
+    if quantization is None:
+        return []
+    return [
+        f"  int8         {quantization.method}; calibrated on "
+        f"{', '.join(quantization.calibration_photos)}",
+        f"  agreement    {quantization.label_agreement:.2%} of pixels labelled as fp32 "
+        f"({quantization.agreement_weights} weights; {', '.join(quantization.agreement_photos)}; "
+        f"target {INT8_TARGET_LABEL_AGREEMENT:.1%})",
+    ]
 
 
 def _io(described: tuple[str, str, list[int | str]]) -> str:
@@ -147,7 +174,7 @@ def export_bundle(
     random_init: bool = False,
     dataset: str | None = None,
     classes_file: Path | None = None,
-    precision: Literal["fp32", "fp16"] = "fp32",
+    precision: BundlePrecision = "fp32",
     opset: int = 23,
     attention: str | None = None,
     force: bool = False,
@@ -161,8 +188,9 @@ def export_bundle(
     timings: dict[str, float] = {}
     out = Path(out)
     form = _attention_form(attention)
-    if precision not in ("fp32", "fp16"):
-        raise ExportError(f"precision must be fp32 or fp16, got {precision!r}")
+    if precision not in ("fp32", "fp16", "int8"):
+        raise ExportError(f"precision must be fp32, fp16 or int8, got {precision!r}")
+    graph_precision: Precision = "fp16" if precision == "fp16" else "fp32"
     if checkpoint is None and not random_init:
         raise ExportError("give --checkpoint PATH, or --random-init for an untrained model")
     if checkpoint is not None and random_init:
@@ -186,7 +214,7 @@ def export_bundle(
                 resolved.model,
                 mean=mean,
                 std=std,
-                precision=precision,
+                precision=graph_precision,
                 opset=opset,
                 attention=form,
                 expected_attention=expected,
@@ -198,8 +226,40 @@ def export_bundle(
 
         model_path = staging / MODEL_FILE
         model_path.parent.mkdir()
-        onnx.save(graph.model, str(model_path))
+        # An int8 bundle is verified as the fp32 graph it is quantized from, kept aside.
+        graph_path = model_path if precision != "int8" else staging / ".fp32" / "model.onnx"
+        graph_path.parent.mkdir(exist_ok=True)
+        onnx.save(graph.model, str(graph_path))
         io = graph_io(graph.model)
+
+        report: VerificationReport | None = None
+        if not skip_verify:
+            step = time.perf_counter()
+            try:
+                report = verify(
+                    graph_path,
+                    resolved.model,
+                    mean=mean,
+                    std=std,
+                    precision=graph_precision,
+                    sizes=verify_sizes,
+                    progress=say,
+                )
+            except Exception as exc:  # onnxruntime's and torch's errors share no useful base
+                raise ExportError(f"verification could not run: {exc}") from exc
+            timings["verify"] = time.perf_counter() - step
+            if not report.passed:
+                failed = [case.describe() for case in report.cases if not case.passed]
+                raise ExportError(
+                    f"verification failed ({report.criterion}): " + " | ".join(failed)
+                )
+        quantization = None
+        if precision == "int8":
+            step = time.perf_counter()
+            quantization = _quantize(graph_path, model_path, resolved, say)
+            shutil.rmtree(graph_path.parent)
+            timings["quantize"] = time.perf_counter() - step
+
         metadata = BundleMetadata(
             arch=resolved.arch,
             variant=resolved.model_name,
@@ -214,6 +274,7 @@ def export_bundle(
             output=OutputContract(name=OUTPUT_NAME, dtype="float32", stride=resolved.output_stride),
             test_config=resolved.test_config,
             precision=precision,
+            quantization=quantization,
             opset=opset,
             attention=form,
             exporter_version=EXPORTER_VERSION,
@@ -234,28 +295,6 @@ def export_bundle(
             load_bundle(staging)
         except BundleError as exc:
             raise ExportError(f"written bundle does not validate: {exc}") from exc
-
-        report: VerificationReport | None = None
-        if not skip_verify:
-            step = time.perf_counter()
-            try:
-                report = verify(
-                    model_path,
-                    resolved.model,
-                    mean=mean,
-                    std=std,
-                    precision=precision,
-                    sizes=verify_sizes,
-                    progress=say,
-                )
-            except Exception as exc:  # onnxruntime's and torch's errors share no useful base
-                raise ExportError(f"verification could not run: {exc}") from exc
-            timings["verify"] = time.perf_counter() - step
-            if not report.passed:
-                failed = [case.describe() for case in report.cases if not case.passed]
-                raise ExportError(
-                    f"verification failed ({report.criterion}): " + " | ".join(failed)
-                )
     files = tuple(out / name for name in (TRITON_CONFIG_FILE, MODEL_FILE, METADATA_FILE))
     return ExportReport(
         out=out,
@@ -267,6 +306,7 @@ def export_bundle(
         classes_source=resolved.classes_source,
         num_classes=len(resolved.classes),
         precision=precision,
+        quantization=quantization,
         opset=opset,
         attention=form,
         census=graph.census,
@@ -278,6 +318,35 @@ def export_bundle(
         files=files,
         seconds=time.perf_counter() - started,
         timings=timings,
+    )
+
+
+def _quantize(
+    fp32_path: Path, int8_path: Path, resolved: _ResolvedModel, say: Callable[[str], None]
+) -> Quantization:
+    """Quantize the verified fp32 graph into the bundle and measure its label agreement."""
+    say(f"int8 quantization, calibrated on {', '.join(CALIBRATION_PHOTOS)}")
+    calibration = photos(CALIBRATION_PHOTOS)
+    try:
+        quantize_int8(fp32_path, int8_path, calibration)
+        say("int8 label agreement with fp32")
+        agreement = measure_agreement(
+            fp32_path,
+            int8_path,
+            calibration,
+            trained=resolved.source is not None,
+            num_classes=len(resolved.classes),
+            stride=resolved.output_stride,
+            work=fp32_path.parent,
+        )
+    except Exception as exc:  # onnxruntime's quantizer raises plain exceptions of every kind
+        raise ExportError(f"int8 quantization failed: {exc}") from exc
+    return Quantization(
+        method=METHOD,
+        calibration_photos=CALIBRATION_PHOTOS,
+        label_agreement=agreement.label_agreement,
+        agreement_photos=agreement.photos,
+        agreement_weights=agreement.weights,  # type: ignore[arg-type]
     )
 
 

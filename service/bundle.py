@@ -93,6 +93,16 @@ class SourceCheckpoint(_Strict):
     format: str
 
 
+class Quantization(_Strict):
+    """How an int8 bundle was made from its fp32 graph, and what that cost in labels."""
+
+    method: str
+    calibration_photos: tuple[str, ...] = Field(min_length=1)
+    label_agreement: float = Field(ge=0.0, le=1.0, description="share of pixels labelled as fp32")
+    agreement_photos: tuple[str, ...] = Field(min_length=1)
+    agreement_weights: Literal["trained", "refitted classifier"]
+
+
 class BundleMetadata(_Strict):
     schema_version: Literal[1] = SCHEMA_VERSION
     arch: Literal["segformer", "setr"]
@@ -105,7 +115,8 @@ class BundleMetadata(_Strict):
     input: InputContract
     output: OutputContract
     test_config: TestConfig
-    precision: Literal["fp32", "fp16"]
+    precision: Literal["fp32", "fp16", "int8"]
+    quantization: Quantization | None = None  # int8 bundles only
     opset: int
     attention: Literal["onnx", "ort-contrib"]
     exporter_version: str
@@ -121,6 +132,8 @@ class BundleMetadata(_Strict):
                 raise ValueError(f"palette colour {colour} outside 0..255")
         if self.trained != (self.source_checkpoint is not None):
             raise ValueError("trained bundles name their source checkpoint; untrained ones do not")
+        if (self.precision == "int8") != (self.quantization is not None):
+            raise ValueError("int8 bundles, and only they, record their quantization")
         return self
 
     @property

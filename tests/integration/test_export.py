@@ -354,7 +354,7 @@ def test_existing_bundle_is_refused(tmp_path: Path) -> None:
         ({"random_init": True, "dataset": "kitti"}, "unknown dataset 'kitti'"),
         ({"random_init": True, "attention": "flash"}, "--attention must be one of"),
         ({"random_init": True, "opset": 18}, "opset 18 has no fused Attention operator"),
-        ({"random_init": True, "precision": "int8"}, "precision must be fp32 or fp16"),
+        ({"random_init": True, "precision": "int4"}, "precision must be fp32, fp16 or int8"),
         ({"checkpoint": Path("/nonexistent/ckpt.pth")}, "cannot load /nonexistent/ckpt.pth"),
         ({"checkpoint": Path("/x.pth"), "random_init": True}, "exclude each other"),
     ],
@@ -442,3 +442,23 @@ def test_failed_verification_leaves_no_bundle(
         export_bundle("segformer-b0", out, random_init=True, verify_sizes=((32, 32),))
     assert written == ["1", "config.pbtxt", "segserve.json"]
     assert list(tmp_path.iterdir()) == []
+
+
+def test_int8_export_through_the_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """B0 quantized end to end (~2 min on the 2-vCPU VM): the report and segserve.json carry the
+    agreement, the bundle loads, the graph is QDQ around the kept fused attention, and nothing
+    of the fp32 graph or the refitted twin is left behind."""
+    out = tmp_path / "b0-int8"
+    argv = ["--model", "segformer-b0", "--random-init", "--precision", "int8", "--out", str(out)]
+    assert main([*argv, "--skip-verify"]) == 0
+    report = capsys.readouterr().out
+    assert "precision    int8" in report and "refitted classifier weights" in report
+    quantization = load_bundle(out).metadata.quantization
+    assert quantization is not None and quantization.agreement_weights == "refitted classifier"
+    assert f"agreement    {quantization.label_agreement:.2%}" in report
+    assert 0.85 < quantization.label_agreement < 1.0  # measured 94.6 %
+    ops = [node.op_type for node in onnx.load(str(out / "1" / "model.onnx")).graph.node]
+    assert ops.count("MultiHeadAttention") == 8 and ops.count("QuantizeLinear") > 100
+    files = sorted(p.name for p in out.rglob("*"))
+    assert files == ["1", "config.pbtxt", "model.onnx", "segserve.json"]
+    assert _leftovers(tmp_path) == []

@@ -1,0 +1,216 @@
+"""int8 bundles: onnxruntime static quantization of the fp32 graph, and its label agreement.
+
+The fp32 graph (verified against PyTorch first) is quantized with onnxruntime's own tools: QDQ
+format, int8 weights per output channel, uint8 activations with MinMax ranges calibrated on
+photographs shipped with scikit-image (or the caller's). onnxruntime's CPU provider fuses each
+DequantizeLinear -> op -> QuantizeLinear group into its integer kernel when the session is made;
+ops without one (the fused ``MultiHeadAttention``, LayerNormalization, Gelu, Resize) stay in
+float between a DequantizeLinear and a QuantizeLinear.
+
+What an int8 bundle is worth is measured, not assumed: the share of pixels whose label (argmax of
+the logits resized bilinearly to the input, as mmseg does) is the same as the fp32 graph's, on
+photographs not used for calibration. Random-init weights make that figure meaningless (their
+logits are near ties everywhere), so for them it is measured on a twin whose 1x1 classifier is
+refitted to superpixels of the photographs (``refit_classifier``): region-like masks, as a trained
+model gives, through the same quantized backbone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from onnx import numpy_helper
+from onnxruntime.quantization import (
+    CalibrationDataReader,
+    CalibrationMethod,
+    QuantFormat,
+    QuantType,
+    quantize_static,
+)
+from PIL import Image
+from skimage import data as skimage_data
+from skimage import segmentation
+
+CALIBRATION_PHOTOS = ("astronaut", "rocket", "camera", "coins")
+AGREEMENT_PHOTOS = ("chelsea", "coffee")  # not calibrated on
+PHOTO_SIZE = (512, 512)  # height, width: the ADE20K test scale of a square photo
+INT8_TARGET_LABEL_AGREEMENT = 0.985  # reported against, not enforced: see docs/export.md
+METHOD = (
+    "onnxruntime static quantization, QDQ: int8 weights per output channel, uint8 activations, "
+    "MinMax calibration"
+)
+
+
+@dataclass(frozen=True)
+class Agreement:
+    """Label agreement of an int8 graph with its fp32 source."""
+
+    label_agreement: float
+    photos: tuple[str, ...]
+    weights: str  # "trained" | "refitted classifier"
+
+
+def photos(names: Sequence[str], size: tuple[int, int] = PHOTO_SIZE) -> list[np.ndarray]:
+    """scikit-image photographs by name as (1, 3, H, W) uint8 RGB (grey ones repeated)."""
+    height, width = size
+    batches = []
+    for name in names:
+        image = np.asarray(getattr(skimage_data, name)())
+        rgb = np.repeat(image[..., None], 3, axis=2) if image.ndim == 2 else image[..., :3]
+        resized = Image.fromarray(rgb).resize((width, height), Image.Resampling.BILINEAR)
+        batches.append(np.asarray(resized).transpose(2, 0, 1)[None].copy())
+    return batches
+
+
+class _Photos(CalibrationDataReader):
+    def __init__(self, input_name: str, batches: Sequence[np.ndarray]) -> None:
+        self._feeds: Iterator[dict[str, np.ndarray]] = iter(
+            [{input_name: batch} for batch in batches]
+        )
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self._feeds, None)
+
+
+def quantize_int8(fp32_path: Path, int8_path: Path, calibration: Sequence[np.ndarray]) -> None:
+    """Write the int8 (QDQ) version of the graph at ``fp32_path`` to ``int8_path``."""
+    input_name = onnx.load(str(fp32_path), load_external_data=False).graph.input[0].name
+    quantize_static(
+        str(fp32_path),
+        str(int8_path),
+        _Photos(input_name, calibration),
+        quant_format=QuantFormat.QDQ,
+        per_channel=True,
+        weight_type=QuantType.QInt8,
+        activation_type=QuantType.QUInt8,
+        calibrate_method=CalibrationMethod.MinMax,
+    )
+
+
+def cpu_session(model: Path | bytes) -> ort.InferenceSession:
+    return ort.InferenceSession(
+        model if isinstance(model, bytes) else str(model), providers=["CPUExecutionProvider"]
+    )
+
+
+def labels(session: ort.InferenceSession, batch: np.ndarray) -> np.ndarray:
+    """(N, H, W) labels: logits resized bilinearly to the input (align_corners False), argmax."""
+    (logits,) = session.run(None, {session.get_inputs()[0].name: batch})
+    resized = torch.nn.functional.interpolate(
+        torch.from_numpy(np.asarray(logits, np.float32)),
+        size=batch.shape[2:],
+        mode="bilinear",
+        align_corners=False,
+    )
+    return resized.argmax(dim=1).numpy()
+
+
+def label_agreement(fp32: Path | bytes, int8: Path | bytes, batches: Sequence[np.ndarray]) -> float:
+    """Share of pixels labelled alike by the two graphs over ``batches``."""
+    reference, quantized = cpu_session(fp32), cpu_session(int8)
+    same = total = 0
+    for batch in batches:
+        expected = labels(reference, batch)
+        same += int((labels(quantized, batch) == expected).sum())
+        total += expected.size
+    return same / total
+
+
+def refit_classifier(
+    model: onnx.ModelProto,
+    inputs: Sequence[np.ndarray],
+    targets: Sequence[np.ndarray],
+    stride: int,
+) -> onnx.ModelProto:
+    """A copy of ``model`` whose final 1x1 classifier (the Conv making the output) is refitted
+    by ridge regression on the graph's own features, so that it labels each input (1, 3, H, W)
+    as its ``targets`` (H, W) class map: region-like masks from any backbone. For measurements
+    only; not a model of anything."""
+    refitted = onnx.ModelProto()
+    refitted.CopyFrom(model)
+    classifier = _classifier(refitted.graph)
+    initializers = {tensor.name: tensor for tensor in refitted.graph.initializer}
+    if classifier.op_type != "Conv" or classifier.input[1] not in initializers:
+        raise ValueError(f"the output is made by {classifier.op_type}, not a 1x1 Conv")
+    features, weight_name = classifier.input[:2]
+    classes = initializers[weight_name].dims[0]
+    if len(classifier.input) < 3:  # a classifier exported without bias gets one
+        classifier.input.append(f"{weight_name}.refitted_bias")
+    bias_name = classifier.input[2]
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    probe.graph.output.append(
+        onnx.helper.make_tensor_value_info(features, onnx.TensorProto.FLOAT, None)
+    )
+    session = cpu_session(probe.SerializeToString())
+    rows, wanted = [], []
+    for batch, target in zip(inputs, targets, strict=True):
+        found = session.run([features], {session.get_inputs()[0].name: batch})[0]
+        rows.append(found[0].reshape(found.shape[1], -1).T)
+        centres = target[stride // 2 :: stride, stride // 2 :: stride]
+        wanted.append(centres[: found.shape[2], : found.shape[3]].ravel())
+    design = np.hstack([np.concatenate(rows), np.ones((sum(len(r) for r in rows), 1))])
+    design = design.astype(np.float64)
+    classes_wanted = np.concatenate(wanted)
+    goal = np.full((len(classes_wanted), classes), -4.0)
+    goal[np.arange(len(classes_wanted)), classes_wanted] = 4.0
+    gram = design.T @ design + 1e-2 * np.eye(design.shape[1])
+    solution = np.linalg.solve(gram, design.T @ goal)
+    weight = solution[:-1].T.astype(np.float32).reshape(classes, -1, 1, 1)
+    initializers[weight_name].CopyFrom(numpy_helper.from_array(weight, weight_name))
+    bias = numpy_helper.from_array(solution[-1].astype(np.float32), bias_name)
+    if bias_name in initializers:
+        initializers[bias_name].CopyFrom(bias)
+    else:
+        refitted.graph.initializer.append(bias)
+    return refitted
+
+
+def _classifier(graph: onnx.GraphProto) -> onnx.NodeProto:
+    """The node computing the output, looking through trailing Casts and Identities."""
+    producers = {output: node for node in graph.node for output in node.output}
+    node = producers[graph.output[0].name]
+    while node.op_type in ("Cast", "Identity"):
+        node = producers[node.input[0]]
+    return node
+
+
+def superpixel_classes(batch: np.ndarray, classes: int, seed: int = 0) -> np.ndarray:
+    """(H, W) class map of a (1, 3, H, W) photo: SLIC superpixels, one random class each."""
+    regions = segmentation.slic(
+        batch[0].transpose(1, 2, 0), n_segments=40, compactness=20, start_label=0
+    )
+    lookup = np.random.default_rng(seed).integers(0, classes, regions.max() + 1)
+    return lookup[regions]
+
+
+def measure_agreement(
+    fp32_path: Path,
+    int8_path: Path,
+    calibration: Sequence[np.ndarray],
+    *,
+    trained: bool,
+    num_classes: int,
+    stride: int,
+    work: Path,
+) -> Agreement:
+    """The int8 graph's label agreement with ``fp32_path`` on the agreement photographs; for
+    untrained weights, that of the same quantization applied to a region-like twin."""
+    batches = photos(AGREEMENT_PHOTOS)
+    if trained:
+        agreement = label_agreement(fp32_path, int8_path, batches)
+        return Agreement(agreement, AGREEMENT_PHOTOS, "trained")
+    model = onnx.load(str(fp32_path))
+    fit_inputs = [*calibration, *batches]
+    targets = [superpixel_classes(b, num_classes, seed) for seed, b in enumerate(fit_inputs)]
+    twin_fp32, twin_int8 = work / "refitted-fp32.onnx", work / "refitted-int8.onnx"
+    onnx.save(refit_classifier(model, fit_inputs, targets, stride), str(twin_fp32))
+    quantize_int8(twin_fp32, twin_int8, calibration)
+    agreement = label_agreement(twin_fp32, twin_int8, batches)
+    return Agreement(agreement, AGREEMENT_PHOTOS, "refitted classifier")
