@@ -5,8 +5,9 @@ list of windows), its inputs are streamed through the model's ``Batcher`` with a
 flight, and every output is merged into its pass's buffer as it arrives (``service/merging.py``),
 so memory follows the image size, not the number of windows. One pass: argmax of its logits (for
 labels only computed tile by tile by ``labelmap.pass_labels``, without full-size class planes).
-Several: argmax of the mean of their softmax (``SegTTAModel``). Scale ratios apply to the image as
-loaded (mmseg 1.x), not to the dataset's test scale.
+Several: argmax of the mean of their softmax (``SegTTAModel``), computed tile by tile by
+``ttamap.mean_softmax`` from each pass's logits at its own resolution, probabilities included.
+Scale ratios apply to the image as loaded (mmseg 1.x), not to the dataset's test scale.
 
 Compute runs in a small thread pool and the batch thread; the event loop only awaits.
 """
@@ -24,7 +25,7 @@ from typing import TypeVar
 
 import numpy as np
 
-from service import labelmap, metrics
+from service import labelmap, metrics, ttamap
 from service.batcher import Batcher, BatchStats
 from service.bundle import Bundle, BundleError
 from service.config import EngineConfig
@@ -32,19 +33,12 @@ from service.cuda_graphs import capture_batch_sizes
 from service.device_postprocess import DeviceBatch, DevicePassMerge, DevicePostprocess
 from service.errors import InferenceTimeoutError, InvalidParameterError, OverloadedError
 from service.geometry import (
-    Window,
-    argmax_planes,
     labels_dtype,
     rescale_size,
     resize_image,
     unpad_logits,
 )
-from service.merging import (
-    PassMerge,
-    accumulate_probabilities,
-    keep_windows,
-    single_pass_probabilities,
-)
+from service.merging import PassMerge, keep_windows, single_pass_probabilities
 from service.planning import PassPlan, Plan, SegmentOptions, plan_request
 from service.runtime import CUDA, Runtime, default_intra_op_threads
 
@@ -151,6 +145,7 @@ class Engine:
                 [(size, *warm_input.shape) for size in capture_batch_sizes(config.max_batch_size)]
             )
         labelmap.warm_up()
+        ttamap.warm_up()
         device_post = self._device_postprocess(runtime)
         self._runtime = runtime
         self._device_post = device_post
@@ -290,9 +285,9 @@ class Engine:
         if self._device_post is not None:
             return await self._device_labels(image, plan, request, self._device_post)
         original = image.shape[:2]
+        dtype = labels_dtype(self._num_classes)
         if len(plan.passes) == 1:
             pass_plan = plan.passes[0]
-            scaled = (pass_plan.height, pass_plan.width)
             tile_wise = not plan.probabilities and not pass_plan.flip
             merge = await self._run_pass(
                 image,
@@ -304,45 +299,29 @@ class Engine:
                 return await self._compute(
                     request, partial(single_pass_probabilities, logits, pass_plan, original)
                 )
-            if merge.keep_windows:
-                windows, logits = pass_plan.windows, merge.window_logits()
-            else:  # merged at the resized size: one window covering the resized image
-                windows = (Window(0, scaled[0], 0, scaled[1]),)
-                logits = (await self._compute(request, merge.logits))[None]
+            one = await self._compute(request, merge.pass_logits)
             labelled = await self._compute(
                 request,
-                partial(
-                    labelmap.pass_labels,
-                    windows,
-                    logits,
-                    scaled,
-                    original,
-                    labels_dtype(self._num_classes),
-                ),
+                partial(labelmap.pass_labels, one.windows, one.logits, one.scaled, original, dtype),
             )
             return labelled.labels, None
-        total: np.ndarray | None = None
         # A pass and its flipped twin share shapes, so they run together and share batches.
         groups: dict[tuple[int, int], list[PassPlan]] = {}
         for pass_plan in plan.passes:
             groups.setdefault((pass_plan.height, pass_plan.width), []).append(pass_plan)
+        passes: list[ttamap.PassLogits] = []
         for group in groups.values():
             merges = await _all_or_none(
-                self._run_pass(image, PassMerge(p, False), request) for p in group
+                self._run_pass(image, PassMerge(p, keep_windows(p, self._output_stride)), request)
+                for p in group
             )
-            for pass_plan, merge in zip(group, merges, strict=True):
-                logits = await self._compute(request, merge.logits)
-                total = await self._compute(
-                    request, partial(accumulate_probabilities, total, logits, pass_plan, original)
-                )
-        assert total is not None
-
-        def finish(total: np.ndarray = total) -> tuple[np.ndarray, np.ndarray | None]:
-            total /= len(plan.passes)
-            labels = argmax_planes(total, labels_dtype(self._num_classes))
-            return labels, total if plan.probabilities else None
-
-        return await self._compute(request, finish)
+            for merge in merges:
+                passes.append(await self._compute(request, merge.pass_logits))
+        mean = await self._compute(
+            request,
+            partial(ttamap.mean_softmax, passes, original, dtype, plan.probabilities),
+        )
+        return mean.labels, mean.probabilities
 
     async def _device_labels(
         self, image: np.ndarray, plan: Plan, request: _Request, device_post: DevicePostprocess

@@ -111,7 +111,7 @@ def pass_labels(
     # More pieces than threads, so a band full of contested tiles does not hold the others up.
     cuts = np.linspace(0, bands, 2 * threads + 1).round().astype(int)
     pieces = [(int(a), int(b)) for a, b in itertools.pairwise(cuts) if b > a]
-    pool = _executor()
+    pool = executor()
     exact = sum(pool.map(lambda piece: _label_bands(*arguments, *piece), pieces))
     return PassLabels(labels, exact)
 
@@ -124,7 +124,7 @@ def warm_up() -> None:
         pass_labels(windows, logits, (8, 12), (10, 15), dtype, tile=4, band=8)
 
 
-def _executor() -> ThreadPoolExecutor:
+def executor() -> ThreadPoolExecutor:
     """The kernel releases the GIL, so plain threads run bands in parallel. A pool of its own:
     the engine's pool runs this function, and waiting on one's own pool can deadlock."""
     global _pool

@@ -1,9 +1,9 @@
-"""Merging a pass's window outputs into logits, and passes into probabilities (pure NumPy).
+"""Merging a pass's window outputs into logits, and a single pass into probabilities (NumPy).
 
 Per pass, exactly as mmseg: the window logits are resized bilinearly (align_corners False) to the
 window size (``decode_head.predict``), summed and divided by the per-pixel window count
 (``slide_inference``), flipped back, resized to the original size (``postprocess_result``).
-Several passes: the mean of their softmax (``SegTTAModel``).
+Several passes are merged tile by tile by ``ttamap``.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from service.geometry import (
+    Window,
     argmax_planes,
     labels_dtype,
     planes_to_original,
@@ -22,11 +23,12 @@ from service.geometry import (
     window_counts,
 )
 from service.planning import PassPlan
+from service.ttamap import PassLogits
 
 
 def keep_windows(pass_plan: PassPlan, output_stride: int) -> bool:
-    """Whether a labels-only pass keeps its window logits for ``labelmap.pass_labels``: when they
-    take no more memory than the merged buffer would (windows at most ``stride`` apart; always
+    """Whether a pass merged tile by tile (``labelmap``, ``ttamap``) keeps its window logits: when
+    they take no more memory than the merged buffer would (windows at most ``stride`` apart; always
     for a single window, which is kept as it is)."""
     window_pixels = sum(w.height * w.width for w in pass_plan.windows)
     return window_pixels <= pass_plan.height * pass_plan.width * output_stride**2
@@ -37,8 +39,8 @@ class PassMerge:
 
     A single window (whole mode, or an image within one crop) keeps the raw model output: its
     resize to the image happens in the final step. Several windows are either kept as they are
-    (``keep_windows``), for ``labelmap.pass_labels`` to merge only where and for the classes it
-    needs, or resized to their windows and summed at the resized image size, then divided by the
+    (``keep_windows``), for ``labelmap`` / ``ttamap`` to merge only where and for the classes they
+    need, or resized to their windows and summed at the resized image size, then divided by the
     per-pixel count.
     """
 
@@ -78,6 +80,15 @@ class PassMerge:
             for channel, plane in enumerate(logits):
                 region[channel] += resize_plane(plane, window.height, window.width)
 
+    def pass_logits(self) -> PassLogits:
+        """This pass as the tile-wise kernels (``labelmap``, ``ttamap``) read it: its kept
+        windows, or its merged logits as one window covering the resized image."""
+        scaled = (self.plan.height, self.plan.width)
+        if self.keep_windows:
+            return PassLogits(self.plan.windows, self.window_logits(), scaled, self.plan.flip)
+        whole = (Window(0, scaled[0], 0, scaled[1]),)
+        return PassLogits(whole, self.logits()[None], scaled, self.plan.flip)
+
     def logits(self) -> np.ndarray:
         """(C, h, w) for a single window, else the count-normalised sum at the resized size."""
         assert self._sum is not None, "no window merged"
@@ -101,17 +112,3 @@ def single_pass_probabilities(
     planes = planes_to_original(logits, scaled, pass_plan.flip, original)
     scores = _stack(planes, logits.shape[0], original)
     return argmax_planes(scores, labels_dtype(logits.shape[0])), softmax(scores)
-
-
-def accumulate_probabilities(
-    total: np.ndarray | None, logits: np.ndarray, pass_plan: PassPlan, original: tuple[int, int]
-) -> np.ndarray:
-    """Add one pass's softmax at the original size to the running TTA sum."""
-    planes = planes_to_original(
-        logits, (pass_plan.height, pass_plan.width), pass_plan.flip, original
-    )
-    probabilities = softmax(_stack(planes, logits.shape[0], original))
-    if total is None:
-        return probabilities
-    total += probabilities
-    return total

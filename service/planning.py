@@ -199,8 +199,9 @@ def _pass_logits_bytes(
     pass_plan: PassPlan, num_classes: int, output_stride: int, may_keep: bool
 ) -> int:
     """One pass's logits as ``PassMerge`` holds them: a single window's raw output, else the
-    summed planes at the resized size plus the window counts (merged), or for a labels-only
-    single pass the smaller of that and the windows' outputs (``keep_windows``)."""
+    summed planes at the resized size plus the window counts (merged), or for a pass merged tile
+    by tile (a labels-only single pass, any of several passes) the smaller of that and the
+    windows' outputs (``keep_windows``)."""
     windows = pass_plan.windows
     if len(windows) == 1:
         window = windows[0]
@@ -213,12 +214,13 @@ def _pass_logits_bytes(
 
 def peak_bytes(plan: Plan, num_classes: int, output_stride: int) -> int:
     """Estimated peak memory of running ``plan``: the decoded image and its label map, the
-    largest resized image, and the class planes the engine's merge path holds at once.
+    largest resized image, and the class scores the engine's merge path holds at once.
 
-    One labels-only pass needs only its logits (``labelmap`` works tile by tile). A flipped or
-    probabilities pass also takes (C, H, W) float32 planes at the original size; several passes
-    hold a pass group's logits (a scale and its flip run together), the running TTA sum and one
-    pass's planes. Kept in step with ``Engine._labels``; the small per-window inputs in flight
+    One labels-only pass needs only its logits (``labelmap`` works tile by tile); a flipped or
+    probabilities pass also takes (C, H, W) float32 planes at the original size. Several passes
+    (``ttamap``, tile by tile too) hold every pass's logits, kept as windows where that is smaller,
+    and the (C, H, W) probabilities only when they are asked for. Kept in step with
+    ``Engine._labels``; the small per-window inputs in flight and the kernels' per-tile scratch
     are left out.
     """
     original = plan.height * plan.width
@@ -230,9 +232,7 @@ def peak_bytes(plan: Plan, num_classes: int, output_stride: int) -> int:
         labels_only = not (plan.probabilities or only.flip)
         logits = _pass_logits_bytes(only, num_classes, output_stride, may_keep=labels_only)
         return fixed + logits + (0 if labels_only else planes)
-    groups: dict[tuple[int, int], int] = {}
-    for pass_plan in plan.passes:
-        key = (pass_plan.height, pass_plan.width)
-        size = _pass_logits_bytes(pass_plan, num_classes, output_stride, may_keep=False)
-        groups[key] = groups.get(key, 0) + size
-    return fixed + max(groups.values()) + 2 * planes
+    logits = sum(
+        _pass_logits_bytes(p, num_classes, output_stride, may_keep=True) for p in plan.passes
+    )
+    return fixed + logits + (planes if plan.probabilities else 0)

@@ -21,9 +21,10 @@ from service.config import EngineConfig, RuntimeSettings
 from service.device_postprocess import DeviceBatch, DevicePostprocess
 from service.engine import Engine, SegmentResult
 from service.geometry import Window, labels_dtype, window_grid
-from service.merging import PassMerge, accumulate_probabilities, single_pass_probabilities
+from service.merging import PassMerge, single_pass_probabilities
 from service.planning import PassPlan, SegmentOptions
 from service.settings import Settings
+from service.ttamap import mean_softmax
 from tests.conftest import write_tiny_bundle
 from tests.reference import onnx_forward, reference_segment
 from tests.unit.test_engine import assert_matches_reference, reference_config, sized
@@ -105,7 +106,8 @@ def test_tta_mean_and_uint16_labels_equal_the_host() -> None:
     classes, original = 300, (33, 47)
     device_post = postprocess(classes)
     rng = np.random.default_rng(5)
-    total, host_total = None, None
+    total = None
+    host_passes = []
     plans = [
         PassPlan(20, 30, False, (Window(0, 20, 0, 30),)),
         PassPlan(20, 30, True, (Window(0, 20, 0, 30),)),
@@ -118,11 +120,12 @@ def test_tta_mean_and_uint16_labels_equal_the_host() -> None:
         for index in range(len(plan.windows)):
             host.add(index, logits[index])
             device.add(index, batch[index])
-        host_total = accumulate_probabilities(host_total, host.logits(), plan, original)
+        host_passes.append(host.pass_logits())
         total = device_post.add_softmax(total, device, original)
-    assert total is not None and host_total is not None
+    assert total is not None
     labels, mean = device_post.mean_result(total, len(plans), True)
-    host_total /= len(plans)
+    host_total = mean_softmax(host_passes, original, np.uint16, probabilities=True).probabilities
+    assert host_total is not None
     assert labels.dtype == np.uint16 and mean is not None
     np.testing.assert_allclose(mean, host_total, atol=SCORE_ATOL)
     # 300 classes: probabilities near 1/300, so float noise is ~1e-7

@@ -159,27 +159,45 @@ def test_slide_mode_on_uint8_bundle(whole_engine: Engine, photos: dict[str, np.n
 
 
 @pytest.mark.parametrize(
-    ("engine_name", "scales", "flip"),
+    ("engine_name", "size", "scales", "flip", "stride"),
     [
-        ("whole_engine", (0.5, 0.75, 1.0, 1.25, 1.5, 1.75), True),
-        ("whole_engine", None, True),
-        ("slide_engine", (0.5, 1.0, 1.25), True),
-        ("slide_engine", (0.75,), False),
+        ("whole_engine", (150, 225), (0.5, 0.75, 1.0, 1.25, 1.5, 1.75), True, None),
+        ("whole_engine", (150, 225), None, True, None),
+        ("whole_engine", (173, 91), (0.6, 1.37), True, None),  # portrait, odd ratios
+        ("slide_engine", (150, 225), (0.5, 1.0, 1.25), True, None),
+        ("slide_engine", (151, 97), (0.83, 1.9), True, None),  # several windows per pass
+        ("slide_engine", (60, 80), (1.0,), True, (4, 4)),  # 32x32 crops: merged buffers
+        ("slide_engine", (150, 225), (0.75,), False, None),
     ],
 )
+@pytest.mark.parametrize("probabilities", [True, False], ids=["probabilities", "labels-only"])
 def test_multi_scale_and_flip_match_reference(
     request: pytest.FixtureRequest,
     photos: dict[str, np.ndarray],
     engine_name: str,
+    size: tuple[int, int],
     scales: tuple[float, ...] | None,
     flip: bool,
+    stride: tuple[int, int] | None,
+    probabilities: bool,
 ) -> None:
+    """Several passes take ``service.ttamap`` (tile-wise mean softmax from each pass's logits at
+    its own resolution), with kept windows or, for tiny strides, merged buffers."""
     engine: Engine = request.getfixturevalue(engine_name)
-    image = sized(photos, "chelsea", 150, 225)
-    options = SegmentOptions(scales=scales, flip=flip, return_probabilities=True)
+    image = sized(photos, "chelsea", *size)
+    options = SegmentOptions(
+        scales=scales,
+        flip=flip,
+        crop=None if stride is None else (32, 32),
+        stride=stride,
+        return_probabilities=probabilities,
+    )
     result = assert_matches_reference(engine, image, options)
-    passes = len(scales or (1.0,)) * (2 if flip else 1)
-    assert result.num_inputs >= passes
+    plan = engine.plan(options, *size)
+    assert result.num_inputs == plan.num_inputs >= len(plan.passes)
+    assert len(plan.passes) == len(scales or (1.0,)) * (2 if flip else 1)
+    if stride is not None:
+        assert not keep_windows(plan.passes[0], engine.bundle.metadata.output.stride)
 
 
 def test_flip_changes_the_result_for_an_asymmetric_model(
