@@ -125,7 +125,8 @@ CASES = [
     Case("stride-over-crop", _png(96, 128), "mode=slide&crop=64&stride=65", size=None),
     Case("scale-over-max", _png(96, 128), "scales=4.5", size=None),
     Case("large-photo", _large_photo, size=(2048, 3072)),
-    Case("large-photo-flip", _large_photo, "flip=true", size=None),  # over the budget: 413
+    Case("large-photo-flip", _large_photo, "flip=true", size=(2048, 3072)),  # tile by tile
+    Case("large-flip-probabilities", _large_photo, "flip=true&output=probabilities", size=None),
     Case("large-photo-probabilities", _large_photo, "output=probabilities", size=None),
 ]
 
@@ -177,7 +178,7 @@ def test_every_request_gets_an_answer_within_the_budget(server: SegserveServer) 
     status = Path(f"/proc/{server.process.pid}/status").read_text()
     peak = 1024 * int(next(ln.split()[1] for ln in status.splitlines() if ln.startswith("VmHWM:")))
     assert peak - rss_before < BUDGET, f"peak RSS {peak >> 20} MiB, before {rss_before >> 20} MiB"
-    assert answers["large-photo-flip"] == 413 and answers["20000x2"] == 422
+    assert answers["large-flip-probabilities"] == 413 and answers["20000x2"] == 422
     statuses = _statuses(server)
     assert not any(status.startswith("5") for status in statuses), statuses
     assert sum(statuses.values()) >= len(CASES)

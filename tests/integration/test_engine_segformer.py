@@ -33,7 +33,15 @@ def engine(segformer_b0_bundle: Bundle) -> Iterator[Engine]:
         # Labels only: the tile-wise path (service.labelmap) on one window.
         ("astronaut", None, SegmentOptions()),
         ("coffee", (200, 300), SegmentOptions(mode="slide", crop=(256, 256), stride=(171, 171))),
+        # Several passes: the tile-wise mean softmax (service.ttamap), whole and slide.
         ("rocket", (160, 240), SegmentOptions(scales=(0.5, 1.25), flip=True)),
+        (
+            "coffee",
+            (230, 170),
+            SegmentOptions(
+                mode="slide", crop=(128, 128), stride=(85, 85), scales=(0.7, 1.15), flip=True
+            ),
+        ),
     ],
 )
 def test_segformer_matches_reference(
