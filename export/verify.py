@@ -1,11 +1,16 @@
 """Numerical proof that the ONNX graph computes what the PyTorch model computes.
 
-The reference is the float32 PyTorch model fed pixels normalised here in NumPy (float64 maths),
-so the check covers the in-graph normalisation, the precision cast and every graph rewrite. Each
-case is a batch of two: random bytes, and two real photographs shipped with scikit-image, resized
-to the case's size. fp32 bundles must match within ``FP32_RELATIVE_TOLERANCE`` of the logits'
-scale (their largest magnitude); fp16 bundles must pick the same class at
-``FP16_MIN_ARGMAX_AGREEMENT`` of the pixels.
+The reference is the PyTorch model run in float64 on pixels normalised here in NumPy, so the
+check covers the in-graph normalisation, the precision cast and every graph rewrite. Each case is
+a batch of two: random bytes, and two real photographs shipped with scikit-image, resized to the
+case's size.
+
+A fixed tolerance cannot serve every model: float32 itself is about 1e-4 of the logits' scale
+away from float64 on a random-init mmseg SegFormer-B0, and far closer on a small head. So the
+tolerance is measured per case: the same PyTorch model in float32 gives the noise float32
+arithmetic makes, and an fp32 bundle may be at most ``FP32_NOISE_MULTIPLE`` times as far from
+float64 as that, and must pick the float64 class at ``FP32_MIN_ARGMAX_AGREEMENT`` of the pixels.
+fp16 bundles must pick the same class at ``FP16_MIN_ARGMAX_AGREEMENT`` of the pixels.
 """
 
 from __future__ import annotations
@@ -21,7 +26,8 @@ from PIL import Image
 from skimage import data as skimage_data
 from torch import nn
 
-FP32_RELATIVE_TOLERANCE = 1e-4
+FP32_NOISE_MULTIPLE = 4.0
+FP32_MIN_ARGMAX_AGREEMENT = 0.999
 FP16_MIN_ARGMAX_AGREEMENT = 0.995
 DEFAULT_SIZES: tuple[tuple[int, int], ...] = ((512, 512), (384, 640))
 BATCH = 2
@@ -33,23 +39,34 @@ class CaseResult:
 
     inputs: str  # "random" | "photos"
     shape: tuple[int, int, int, int]
-    max_abs_diff: float
+    max_abs_diff: float  # ONNX vs the float64 reference
+    float32_diff: float  # PyTorch float32 vs the float64 reference: the arithmetic's own noise
     logit_scale: float
-    argmax_agreement: float
+    argmax_agreement: float  # ONNX vs the float64 reference
     passed: bool
 
     @property
     def relative_diff(self) -> float:
         return self.max_abs_diff / self.logit_scale
 
+    @property
+    def noise_ratio(self) -> float:
+        """ONNX error over float32's own (floored at one float32 ulp of the logits' scale)."""
+        return self.max_abs_diff / _noise_floor(self.float32_diff, self.logit_scale)
+
     def describe(self) -> str:
         verdict = "ok" if self.passed else "FAILED"
         shape = "x".join(map(str, self.shape))
         return (
-            f"{self.inputs:<6} {shape:<14} max|Δ| {self.max_abs_diff:.3g} "
-            f"(scale {self.logit_scale:.3g}, rel {self.relative_diff:.2e}) "
+            f"{self.inputs:<6} {shape:<14} max|Δ| onnx {self.max_abs_diff:.3g}, "
+            f"torch-fp32 {self.float32_diff:.3g} (ratio {self.noise_ratio:.2f}; "
+            f"scale {self.logit_scale:.3g}, rel {self.relative_diff:.2e}) "
             f"argmax agree {self.argmax_agreement:.4%}  {verdict}"
         )
+
+
+def _noise_floor(float32_diff: float, logit_scale: float) -> float:
+    return max(float32_diff, float(np.finfo(np.float32).eps) * logit_scale)
 
 
 @dataclass(frozen=True)
@@ -82,13 +99,21 @@ def reference_logits(
     pixels: np.ndarray,
     mean: Sequence[float],
     std: Sequence[float],
-) -> np.ndarray:
-    """The float32 PyTorch model on pixels normalised outside any graph."""
+) -> tuple[np.ndarray, np.ndarray]:
+    """The PyTorch model in float32 and in float64 on pixels normalised outside any graph.
+
+    The model is cast to float64 and back in place: float32 -> float64 -> float32 is exact."""
     mean_array = np.asarray(mean, dtype=np.float64).reshape(1, 3, 1, 1)
     std_array = np.asarray(std, dtype=np.float64).reshape(1, 3, 1, 1)
-    normalised = ((pixels.astype(np.float64) - mean_array) / std_array).astype(np.float32)
+    normalised = (pixels.astype(np.float64) - mean_array) / std_array
+    model.eval()
     with torch.no_grad():
-        return model.eval()(torch.from_numpy(normalised)).numpy()
+        float32 = model(torch.from_numpy(normalised.astype(np.float32))).numpy()
+        try:
+            float64 = model.double()(torch.from_numpy(normalised)).numpy()
+        finally:
+            model.float()
+    return float32, float64
 
 
 def verify(
@@ -113,13 +138,16 @@ def verify(
                 else photo_batch(height, width)
             )
             progress(f"verifying {kind} batch {'x'.join(map(str, pixels.shape))}")
-            expected = reference_logits(model, pixels, mean, std)
+            float32, float64 = reference_logits(model, pixels, mean, std)
             (actual,) = session.run(None, {input_name: pixels})
-            cases.append(compare(kind, pixels.shape, np.asarray(actual), expected, precision))
+            cases.append(
+                compare(kind, pixels.shape, np.asarray(actual), float32, float64, precision)
+            )
     criterion = (
-        f"max|Δ| ≤ {FP32_RELATIVE_TOLERANCE:g} × max|logit|"
+        f"against PyTorch float64: max|Δ| ≤ {FP32_NOISE_MULTIPLE:g} × PyTorch float32's own, "
+        f"argmax agreement ≥ {FP32_MIN_ARGMAX_AGREEMENT:.1%}"
         if precision == "fp32"
-        else f"argmax agreement ≥ {FP16_MIN_ARGMAX_AGREEMENT:.1%}"
+        else f"argmax agreement with PyTorch float64 ≥ {FP16_MIN_ARGMAX_AGREEMENT:.1%}"
     )
     return VerificationReport(precision=precision, criterion=criterion, cases=tuple(cases))
 
@@ -128,17 +156,23 @@ def compare(
     inputs: str,
     shape: tuple[int, ...],
     actual: np.ndarray,
-    expected: np.ndarray,
+    float32: np.ndarray,
+    float64: np.ndarray,
     precision: str,
 ) -> CaseResult:
-    if actual.shape != expected.shape:
-        raise ValueError(f"ONNX logits {actual.shape} but PyTorch logits {expected.shape}")
-    actual = actual.astype(np.float32)
-    max_abs_diff = float(np.abs(actual - expected).max())
-    logit_scale = max(float(np.abs(expected).max()), float(np.finfo(np.float32).tiny))
-    agreement = float((actual.argmax(axis=1) == expected.argmax(axis=1)).mean())
+    """ONNX logits against the float64 reference, float32's own error setting the tolerance."""
+    if not actual.shape == float32.shape == float64.shape:
+        raise ValueError(f"ONNX logits {actual.shape} but PyTorch logits {float64.shape}")
+    actual = actual.astype(np.float64)
+    max_abs_diff = float(np.abs(actual - float64).max())
+    float32_diff = float(np.abs(float32.astype(np.float64) - float64).max())
+    logit_scale = max(float(np.abs(float64).max()), float(np.finfo(np.float32).tiny))
+    agreement = float((actual.argmax(axis=1) == float64.argmax(axis=1)).mean())
     if precision == "fp32":
-        passed = max_abs_diff <= FP32_RELATIVE_TOLERANCE * logit_scale
+        passed = (
+            max_abs_diff <= FP32_NOISE_MULTIPLE * _noise_floor(float32_diff, logit_scale)
+            and agreement >= FP32_MIN_ARGMAX_AGREEMENT
+        )
     else:
         passed = agreement >= FP16_MIN_ARGMAX_AGREEMENT
     batch, channels, height, width = shape
@@ -146,6 +180,7 @@ def compare(
         inputs=inputs,
         shape=(batch, channels, height, width),
         max_abs_diff=max_abs_diff,
+        float32_diff=float32_diff,
         logit_scale=logit_scale,
         argmax_agreement=agreement,
         passed=bool(passed and np.isfinite(actual).all()),

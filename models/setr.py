@@ -28,7 +28,7 @@ from models.registry import register_model
 
 Decoder = Literal["naive", "pup", "mla"]
 
-LN_EPS = 1e-6  # backbone_norm_cfg and the heads' input norms: dict(type='LN', eps=1e-6)
+HEAD_LN_EPS = 1e-6  # SETRUPHead's and MLANeck's input norms: norm_layer=dict(type='LN', eps=1e-6)
 
 
 @dataclass(frozen=True)
@@ -45,6 +45,13 @@ class SETRSpec:
     patch_size: int = 16
     mlp_ratio: int = 4
     interpolate_mode: str = "bilinear"
+    # mmseg VisionTransformer options; the published SETR configs keep mmseg's defaults.
+    patch_bias: bool = False
+    patch_norm: bool = False
+    pre_norm: bool = False
+    final_norm: bool = False
+    qkv_bias: bool = True
+    norm_eps: float = 1e-6  # backbone_norm_cfg = dict(type='LN', eps=1e-6)
     align_corners: bool = False
     channels: int = 256  # SETRUPHead.channels; unused by MLA
     num_convs: int = 1  # SETRUPHead
@@ -119,20 +126,25 @@ def resize_pos_embed(
 
 
 class PatchEmbed(nn.Module):
-    """16×16 patchify convolution; the input is zero-padded bottom/right to a multiple of the
-    patch size first (mmseg's ``AdaptivePadding(padding='corner')``)."""
+    """16×16 patchify convolution (with or without bias, optionally followed by LayerNorm); the
+    input is zero-padded bottom/right to a multiple of the patch size first (mmseg's
+    ``AdaptivePadding(padding='corner')``)."""
 
-    def __init__(self, embed_dims: int, patch_size: int) -> None:
+    def __init__(self, spec: SETRSpec) -> None:
         super().__init__()
-        self.patch_size = patch_size
-        self.projection = nn.Conv2d(3, embed_dims, patch_size, stride=patch_size)
+        self.patch_size = spec.patch_size
+        self.projection = nn.Conv2d(
+            3, spec.embed_dims, spec.patch_size, stride=spec.patch_size, bias=spec.patch_bias
+        )
+        self.norm = nn.LayerNorm(spec.embed_dims, eps=spec.norm_eps) if spec.patch_norm else None
 
     def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         height, width = pixels.shape[2], pixels.shape[3]
         pixels = F.pad(pixels, (0, -width % self.patch_size, 0, -height % self.patch_size))
         features = self.projection(pixels)
         grid = (features.shape[2], features.shape[3])
-        return features.flatten(2).transpose(1, 2), grid
+        tokens = features.flatten(2).transpose(1, 2)
+        return (tokens if self.norm is None else self.norm(tokens)), grid
 
 
 class SelfAttention(nn.Module):
@@ -142,10 +154,10 @@ class SelfAttention(nn.Module):
     ``MultiheadAttention`` wraps (``attn.attn.in_proj_weight`` etc.); only its parameters are used.
     """
 
-    def __init__(self, embed_dims: int, num_heads: int) -> None:
+    def __init__(self, embed_dims: int, num_heads: int, bias: bool) -> None:
         super().__init__()
         self.num_heads = num_heads
-        self.attn = nn.MultiheadAttention(embed_dims, num_heads, batch_first=True)
+        self.attn = nn.MultiheadAttention(embed_dims, num_heads, bias=bias, batch_first=True)
 
     def forward(self, tokens: torch.Tensor, identity: torch.Tensor) -> torch.Tensor:
         batch, length, dims = tokens.shape
@@ -175,12 +187,13 @@ class FFN(nn.Module):
 class TransformerEncoderLayer(nn.Module):
     """Pre-norm ViT block."""
 
-    def __init__(self, embed_dims: int, num_heads: int, mlp_ratio: int) -> None:
+    def __init__(self, spec: SETRSpec) -> None:
         super().__init__()
-        self.ln1 = nn.LayerNorm(embed_dims, eps=LN_EPS)
-        self.attn = SelfAttention(embed_dims, num_heads)
-        self.ln2 = nn.LayerNorm(embed_dims, eps=LN_EPS)
-        self.ffn = FFN(embed_dims, mlp_ratio * embed_dims)
+        dims = spec.embed_dims
+        self.ln1 = nn.LayerNorm(dims, eps=spec.norm_eps)
+        self.attn = SelfAttention(dims, spec.num_heads, spec.qkv_bias)
+        self.ln2 = nn.LayerNorm(dims, eps=spec.norm_eps)
+        self.ffn = FFN(dims, spec.mlp_ratio * dims)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         tokens = self.attn(self.ln1(tokens), identity=tokens)
@@ -188,9 +201,10 @@ class TransformerEncoderLayer(nn.Module):
 
 
 class VisionTransformer(nn.Module):
-    """mmseg's ViT backbone as SETR configures it: class token, learned position embeddings on
-    the training grid (resized to each input's grid), no final norm; returns the NCHW feature
-    maps of the ``out_indices`` layers, class token removed."""
+    """mmseg's ViT backbone: class token, learned position embeddings on the training grid
+    (resized to each input's grid), optional norms after the position embeddings (``pre_ln``) and
+    after the last layer (``ln1``); returns the NCHW feature maps of the ``out_indices`` layers,
+    class token removed."""
 
     def __init__(self, spec: SETRSpec) -> None:
         super().__init__()
@@ -199,15 +213,14 @@ class VisionTransformer(nn.Module):
         self.with_cls_token = spec.with_cls_token
         self.out_indices = spec.out_indices
         dims = spec.embed_dims
-        self.patch_embed = PatchEmbed(dims, spec.patch_size)
+        self.patch_embed = PatchEmbed(spec)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dims))
         self.pos_embed = nn.Parameter(torch.zeros(1, spec.pos_grid[0] * spec.pos_grid[1] + 1, dims))
         nn.init.trunc_normal_(self.cls_token, std=0.02)
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
-        self.layers = nn.ModuleList(
-            TransformerEncoderLayer(dims, spec.num_heads, spec.mlp_ratio)
-            for _ in range(spec.num_layers)
-        )
+        self.pre_ln = nn.LayerNorm(dims, eps=spec.norm_eps) if spec.pre_norm else None
+        self.layers = nn.ModuleList(TransformerEncoderLayer(spec) for _ in range(spec.num_layers))
+        self.ln1 = nn.LayerNorm(dims, eps=spec.norm_eps) if spec.final_norm else None
 
     def forward(self, pixels: torch.Tensor) -> list[torch.Tensor]:
         tokens, grid = self.patch_embed(pixels)
@@ -221,9 +234,13 @@ class VisionTransformer(nn.Module):
         )
         if not self.with_cls_token:
             tokens = tokens[:, 1:]
+        if self.pre_ln is not None:
+            tokens = self.pre_ln(tokens)
         outputs = []
         for index, layer in enumerate(self.layers):
             tokens = layer(tokens)
+            if index == len(self.layers) - 1 and self.ln1 is not None:
+                tokens = self.ln1(tokens)
             if index in self.out_indices:
                 patches = tokens[:, 1:] if self.with_cls_token else tokens
                 batch, _, dims = patches.shape
@@ -261,7 +278,7 @@ class SETRUPHead(nn.Module):
     def __init__(self, spec: SETRSpec, num_classes: int) -> None:
         super().__init__()
         self.in_index = spec.in_index
-        self.norm = nn.LayerNorm(spec.embed_dims, eps=LN_EPS)
+        self.norm = nn.LayerNorm(spec.embed_dims, eps=HEAD_LN_EPS)
         self.up_convs = nn.ModuleList(
             nn.Sequential(
                 ConvModule(
@@ -304,7 +321,7 @@ class MLANeck(nn.Module):
 
     def __init__(self, in_dims: int, out_dims: int, levels: int) -> None:
         super().__init__()
-        self.norm = nn.ModuleList(nn.LayerNorm(in_dims, eps=LN_EPS) for _ in range(levels))
+        self.norm = nn.ModuleList(nn.LayerNorm(in_dims, eps=HEAD_LN_EPS) for _ in range(levels))
         self.mla = MLAModule(in_dims, out_dims, levels)
 
     def forward(self, features: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -4,6 +4,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/system_packages.sh
 bash scripts/setup_env.sh test
+bash scripts/setup_mmseg_env.sh
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
 .venv/bin/mypy service export models

@@ -1,26 +1,45 @@
 """Bytes on disk -> (state dict, metadata), running no code from the file.
 
-``.safetensors`` needs no unpickling at all; ``.pth``/``.bin`` go through ``torch.load`` with a
-restricted unpickler that materialises only tensors, storages, dtypes and plain containers.
-Objects from known framework namespaces (mmengine's message hub and history buffers, numpy arrays
-in training metadata) become inert ``OpaqueObject`` placeholders: their classes are never imported
-and nothing of theirs runs. Any other global (``os.system``, ``builtins.exec``...) refuses the
-whole file.
+``.safetensors`` needs no unpickling at all. ``.pth``/``.bin`` go through ``torch.load`` with
+``RestrictedUnpickler`` as its pickle module, after ``_check_archive`` has looked at the file:
+
+* A TorchScript archive (a zip holding ``constants.pkl``) is refused before ``torch.load`` sees
+  it: ``torch.load`` would hand it to ``torch.jit.load``, which ignores the pickle module and runs
+  the archive's ``__setstate__`` code. Compressed zip entries (``torch.save`` writes none) and
+  damaged or truncated archives are refused too, so nothing is inflated or half-read.
+* The unpickler resolves only tensor rebuilders, storages, dtypes, plain containers and numpy's
+  array reconstruction. Classes from mmengine, mmcv, mmseg and mmdet (message hub, history
+  buffers, config dicts) become inert ``OpaqueObject`` stand-ins: never imported, nothing of
+  theirs runs. Any other global (``os.system``, ``builtins.exec``...) refuses the whole file.
+* No allocation the pickle asks for may exceed the file's size: storages, ``bytearray(n)``,
+  ``bytes(n)`` and numpy arrays are checked before they are made, so a 30-byte pickle cannot ask
+  for 64 GiB.
+
+Why not ``torch.load(weights_only=True)`` with an allow-list: its unpickler accepts
+``bytearray(n)`` for any ``n`` and offers no hook to bound allocations, and its stand-ins must be
+named class by class in advance, where mmengine checkpoints carry whatever classes the training
+run put in ``meta`` and ``message_hub``.
 """
 
 from __future__ import annotations
 
 import _compat_pickle
+import codecs
+import contextvars
 import hashlib
 import importlib
 import io
 import json
+import math
 import pickle
 import types
+import zipfile
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 
@@ -28,7 +47,9 @@ from models.checkpoints.errors import CheckpointError
 
 HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 # Objects from these top-level packages are tolerated as inert placeholders (never imported).
-TOLERATED_NAMESPACES = frozenset({"mmengine", "mmcv", "mmseg", "mmdet", "numpy"})
+TOLERATED_NAMESPACES = frozenset({"mmengine", "mmcv", "mmseg", "mmdet"})
+# The largest single allocation a file may ask for: its own size (what real data can fill).
+_ALLOCATION_BUDGET: contextvars.ContextVar[int] = contextvars.ContextVar("allocation_budget")
 
 
 class OpaqueObject:
@@ -48,10 +69,63 @@ class OpaqueObject:
         return f"<opaque {self.qualified_name}>"
 
 
+def _opaque_type(qualified_name: str) -> type[OpaqueObject]:
+    name = qualified_name.rsplit(".", 1)[-1]
+    return type(name, (OpaqueObject,), {"qualified_name": qualified_name})
+
+
 class _UnsafeGlobal(pickle.UnpicklingError):
     def __init__(self, qualified_name: str) -> None:
         super().__init__(qualified_name)
         self.qualified_name = qualified_name
+
+
+class _OverBudget(pickle.UnpicklingError):
+    """An allocation larger than the file could fill."""
+
+
+def _check_allocation(nbytes: int, what: str) -> None:
+    budget = _ALLOCATION_BUDGET.get()
+    if nbytes > budget:
+        raise _OverBudget(f"{what} of {nbytes} bytes from a {budget}-byte file")
+
+
+def _bounded_bytearray(*args: Any) -> bytearray:
+    if args and isinstance(args[0], int):
+        _check_allocation(args[0], "bytearray")
+    return bytearray(*args)
+
+
+def _bounded_bytes(*args: Any) -> bytes:
+    if args and isinstance(args[0], int):
+        _check_allocation(args[0], "bytes")
+    return bytes(*args)
+
+
+class _NDArrayType:
+    """Stands in for ``numpy.ndarray`` where a pickle names it: usable only as the subtype
+    argument of ``_reconstruct``, so the pickle cannot call ``ndarray(shape)`` itself."""
+
+
+def _bounded_reconstruct(subtype: object, shape: Any, dtype: Any) -> np.ndarray:
+    """numpy's ``_reconstruct`` (an empty array that ``__setstate__`` then fills from the
+    pickle's own bytes), refusing shapes larger than the file."""
+    if subtype is not _NDArrayType or not isinstance(dtype, bytes | str):
+        raise _UnsafeGlobal("numpy._core.multiarray._reconstruct with a non-array subtype")
+    code = dtype.decode("latin-1") if isinstance(dtype, bytes) else dtype
+    count = math.prod(int(side) for side in np.atleast_1d(shape))
+    _check_allocation(count * np.dtype(code).itemsize, "numpy array")
+    return np.ndarray(shape, dtype=code)
+
+
+def _inert_getattr(owner: object, name: str) -> object:
+    """``getattr`` as pickles spell a method reference (``HistoryBuffer.min``): allowed only on a
+    stand-in, and answered with another stand-in."""
+    if isinstance(owner, OpaqueObject) or (
+        isinstance(owner, type) and issubclass(owner, OpaqueObject)
+    ):
+        return _opaque_type(f"{owner.qualified_name}.{name}")
+    raise _UnsafeGlobal(f"builtins.getattr on {type(owner).__name__}")
 
 
 _SAFE_TORCH_FUNCTIONS = frozenset(
@@ -68,30 +142,47 @@ _SAFE_TORCH_FUNCTIONS = frozenset(
         "torch.storage.TypedStorage",
     }
 )
-_SAFE_BUILTINS: dict[str, object] = {
+_SAFE_GLOBALS: dict[str, object] = {
     "collections.OrderedDict": OrderedDict,
     "builtins.set": set,
     "builtins.frozenset": frozenset,
     "builtins.slice": slice,
     "builtins.complex": complex,
-    "builtins.bytearray": bytearray,
-    "_codecs.encode": __import__("codecs").encode,  # protocol-2 pickles spell bytes this way
+    "builtins.bytearray": _bounded_bytearray,
+    "builtins.bytes": _bounded_bytes,  # protocol 2 spells b"" as bytes()
+    "builtins.getattr": _inert_getattr,
+    "_codecs.encode": codecs.encode,  # protocol-2 pickles spell bytes this way
+    # numpy arrays (mmengine's history buffers): numpy 2 and numpy 1 module names
+    "numpy._core.multiarray._reconstruct": _bounded_reconstruct,
+    "numpy.core.multiarray._reconstruct": _bounded_reconstruct,
+    "numpy.ndarray": _NDArrayType,
+    "numpy.dtype": np.dtype,
+    "numpy._core.multiarray.scalar": np._core.multiarray.scalar,  # type: ignore[attr-defined]
+    "numpy.core.multiarray.scalar": np._core.multiarray.scalar,  # type: ignore[attr-defined]
 }
 
 
 def _resolve_safe_global(module: str, name: str) -> object:
     qualified = f"{module}.{name}"
-    if qualified in _SAFE_BUILTINS:
-        return _SAFE_BUILTINS[qualified]
+    if qualified in _SAFE_GLOBALS:
+        return _SAFE_GLOBALS[qualified]
     if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
         return getattr(torch, name)
     if module == "torch" and name.endswith("Storage") and hasattr(torch, name):
         return getattr(torch, name)
     if qualified in _SAFE_TORCH_FUNCTIONS:
         return getattr(importlib.import_module(module), name)
+    if module == "numpy.dtypes" and name.endswith("DType"):  # numpy 2's dtype classes
+        return np.dtype
     if module.split(".")[0] in TOLERATED_NAMESPACES:
-        return type(name, (OpaqueObject,), {"qualified_name": qualified})
+        return _opaque_type(qualified)
     raise _UnsafeGlobal(qualified)
+
+
+def _storage_bytes(storage_type: object, numel: object) -> int:
+    dtype = getattr(storage_type, "dtype", torch.uint8)
+    itemsize = torch.empty((), dtype=dtype).element_size() if isinstance(dtype, torch.dtype) else 1
+    return int(numel) * itemsize if isinstance(numel, int) else 0
 
 
 class RestrictedUnpickler(pickle.Unpickler):
@@ -102,6 +193,22 @@ class RestrictedUnpickler(pickle.Unpickler):
         module, name = _compat_pickle.NAME_MAPPING.get((module, name), (module, name))
         module = _compat_pickle.IMPORT_MAPPING.get(module, module)
         return _resolve_safe_global(module, name)
+
+    # torch.load installs its storage loader as ``persistent_load``; this wraps it so every
+    # storage's declared size is checked before torch allocates it.
+    @property
+    def persistent_load(self) -> Callable[[Any], Any]:
+        return self._persistent_load
+
+    @persistent_load.setter
+    def persistent_load(self, load: Callable[[Any], Any]) -> None:
+        def bounded(pid: Any) -> Any:
+            if isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage":
+                _check_allocation(_storage_bytes(pid[1], pid[4]), "tensor storage")
+            return load(pid)
+
+        self._persistent_load = bounded
+        pickle.Unpickler.persistent_load.__set__(self, bounded)  # type: ignore[attr-defined]
 
 
 def _restricted_load(file: io.IOBase, **kwargs: Any) -> Any:
@@ -135,7 +242,35 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, An
     return tensors, {"safetensors_metadata": dict(metadata)}
 
 
+def _check_archive(path: Path, size: int) -> None:
+    """Refuse what ``torch.load`` must never see: TorchScript, compressed or damaged zips."""
+    with path.open("rb") as handle:
+        magic = handle.read(4)
+    if magic != b"PK\x03\x04":
+        return  # torch's legacy (pre-1.6) format: a plain pickle stream
+    try:
+        with zipfile.ZipFile(path) as archive:
+            entries = archive.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: a damaged or truncated zip archive ({exc})") from exc
+    for entry in entries:
+        if entry.filename.endswith("constants.pkl") or "/code/" in entry.filename:
+            raise CheckpointError(
+                f"{path}: refused, a TorchScript archive (torch.jit.save), not a checkpoint: "
+                "torch.load would run its code through torch.jit.load"
+            )
+        if entry.compress_type != zipfile.ZIP_STORED or entry.file_size > size:
+            raise CheckpointError(
+                f"{path}: refused, zip entry {entry.filename} is compressed "
+                f"({entry.compress_size} -> {entry.file_size} bytes); torch.save stores entries "
+                "uncompressed, and inflating it could exhaust memory"
+            )
+
+
 def _read_pickle(path: Path) -> object:
+    size = path.stat().st_size
+    _check_archive(path, size)
+    budget = _ALLOCATION_BUDGET.set(size)
     try:
         return torch.load(
             path, map_location="cpu", pickle_module=_restricted_pickle, weights_only=False
@@ -145,10 +280,14 @@ def _read_pickle(path: Path) -> object:
             f"{path}: refused, the pickle references {exc.qualified_name!r}, which could run "
             "code; only tensors, plain containers and inert framework metadata are accepted"
         ) from exc
+    except _OverBudget as exc:
+        raise CheckpointError(f"{path}: refused, the pickle asks for a {exc}") from exc
     except Exception as exc:  # a malformed pickle can fail in any way; all mean "unreadable"
         raise CheckpointError(
             f"{path}: not a readable PyTorch checkpoint ({type(exc).__name__}: {exc})"
         ) from exc
+    finally:
+        _ALLOCATION_BUDGET.reset(budget)
 
 
 def _plain_meta(meta: object) -> dict[str, Any]:

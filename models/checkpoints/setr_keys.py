@@ -123,6 +123,14 @@ def infer_setr_spec(
         mlp_ratio=int(state_dict["backbone.layers.0.ffn.layers.0.0.weight"].shape[0]) // embed_dims,
         interpolate_mode=pick(backbone_cfg, "interpolate_mode", str, "bilinear"),
         align_corners=pick(head_cfg, "align_corners", bool, False),
+        # Layers whose presence the keys show (mmseg's patch_bias, patch_norm, pre_norm,
+        # final_norm, qkv_bias options); the epsilon only the config text can tell.
+        patch_bias="backbone.patch_embed.projection.bias" in state_dict,
+        patch_norm="backbone.patch_embed.norm.weight" in state_dict,
+        pre_norm="backbone.pre_ln.weight" in state_dict,
+        final_norm="backbone.ln1.weight" in state_dict,
+        qkv_bias="backbone.layers.0.attn.attn.in_proj_bias" in state_dict,
+        norm_eps=pick(section(backbone_cfg, "norm_cfg"), "eps", float, 1e-6),
         **DECODER_DEFAULTS[decoder],
     )
     if decoder == "mla":

@@ -16,9 +16,11 @@ import os
 import re
 import sys
 import types
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -446,7 +448,8 @@ def test_truncated_file(tmp_path: Path, reference: nn.Module, suffix: str) -> No
         save_file(state, str(path))
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
-    with pytest.raises(CheckpointError, match=r"cut\.\w+: not a readable"):
+    message = "a damaged or truncated zip archive" if suffix == ".pth" else "not a readable"
+    with pytest.raises(CheckpointError, match=rf"cut\.\w+: {message}"):
         load_checkpoint(path)
 
 
@@ -575,3 +578,94 @@ def test_reference_batch_norm_statistics_are_not_trivial(reference: nn.Module) -
     """Guards the fixtures: a loader that skipped BatchNorm buffers could not pass the others."""
     bn = reference.decode_head.batch_norm
     assert bn.running_var.sub(1).abs().max() > 0.05 and bn.running_mean.abs().max() > 0.05
+
+
+# --------------------------------------------------------------------------- crafted files
+
+
+class _Stateful(nn.Module):
+    """A TorchScript module whose ``__setstate__`` has a visible side effect (a print)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(2))
+
+    @torch.jit.export
+    def __getstate__(self) -> tuple[torch.Tensor, bool]:
+        return (self.weight, self.training)
+
+    @torch.jit.export
+    def __setstate__(self, state: tuple[torch.Tensor, bool]) -> None:
+        print("__setstate__ ran")
+        self.weight = state[0]
+        self.training = state[1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.weight
+
+
+def test_torchscript_archive_is_refused_before_torch_load(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "model.pth"
+    torch.jit.save(torch.jit.script(_Stateful()), str(path))
+    torch.load(path, weights_only=False)  # why: torch.load hands it to torch.jit.load
+    assert "__setstate__ ran" in capfd.readouterr().out
+    with pytest.raises(CheckpointError, match=r"model\.pth: refused, a TorchScript archive"):
+        load_checkpoint(path)
+    assert "__setstate__ ran" not in capfd.readouterr().out
+
+
+class _Allocates:
+    def __init__(self, factory: object, *args: object) -> None:
+        self.factory, self.args = factory, args
+
+    def __reduce__(self) -> tuple[object, tuple[object, ...]]:
+        return self.factory, self.args
+
+
+@pytest.mark.parametrize(
+    ("factory", "args", "what"),
+    [
+        (bytearray, (2**36,), "bytearray of 68719476736 bytes"),
+        (bytes, (2**36,), "bytes of 68719476736 bytes"),
+        (np._core.multiarray._reconstruct, (np.ndarray, (2**34,), b"d"), "numpy array of 1374"),
+    ],
+    ids=["bytearray", "bytes", "numpy"],
+)
+def test_allocations_beyond_the_file_size_are_refused(
+    tmp_path: Path, reference: nn.Module, factory: object, args: tuple[object, ...], what: str
+) -> None:
+    path = tmp_path / "huge.pth"
+    state = to_nvlabs(hf_state(reference))
+    torch.save({"state_dict": state, "meta": {"note": _Allocates(factory, *args)}}, path)
+    assert path.stat().st_size < 2**25
+    with pytest.raises(CheckpointError, match=rf"huge\.pth: refused, the pickle asks for a {what}"):
+        load_checkpoint(path)
+
+
+def test_numpy_arrays_in_metadata_are_rebuilt(tmp_path: Path, reference: nn.Module) -> None:
+    """As mmengine's history buffers hold them; sized within the file, so allowed."""
+    path = tmp_path / "numpy.pth"
+    history = np.array([0.5, 0.25, 0.125])
+    state = to_nvlabs(hf_state(reference))
+    torch.save({"state_dict": state, "meta": {"history": history, "empty": b""}}, path)
+    _, meta = read_checkpoint(path)
+    np.testing.assert_array_equal(meta["history"], history)
+    assert meta["empty"] == b""
+
+
+def test_zip_bomb_is_refused(tmp_path: Path, reference: nn.Module) -> None:
+    """A checkpoint whose pickle is stored deflated: 64 MiB from a file of ~64 KiB."""
+    genuine = tmp_path / "genuine.pth"
+    torch.save({"state_dict": to_nvlabs(hf_state(reference))}, genuine)
+    bomb = tmp_path / "bomb.pth"
+    with zipfile.ZipFile(genuine) as source, zipfile.ZipFile(bomb, "w") as target:
+        for entry in source.infolist():
+            data = source.read(entry)
+            if entry.filename.endswith("data.pkl"):
+                data += b"\0" * (64 << 20)
+            target.writestr(entry.filename, data, compress_type=zipfile.ZIP_DEFLATED)
+    assert bomb.stat().st_size < genuine.stat().st_size
+    with pytest.raises(CheckpointError, match=r"bomb\.pth: refused, zip entry .*data\.pkl is comp"):
+        load_checkpoint(bomb)

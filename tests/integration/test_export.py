@@ -23,7 +23,7 @@ from google.protobuf import text_format
 from export import ExportError, ExportReport, export_bundle
 from export.__main__ import main
 from export.attention import attention_census
-from export.verify import FP16_MIN_ARGMAX_AGREEMENT, FP32_RELATIVE_TOLERANCE, photo_batch
+from export.verify import FP16_MIN_ARGMAX_AGREEMENT, FP32_NOISE_MULTIPLE, photo_batch
 from models.datasets import IMAGENET_MEAN, IMAGENET_STD, get_dataset
 from models.registry import create_model
 from service.bundle import Bundle, TestConfig, load_bundle
@@ -34,6 +34,8 @@ VERIFY_SIZES = ((64, 64), (48, 80))
 DYNAMIC_SIZES = ((64, 48), (32, 96), (45, 83))
 DYNAMIC_BATCHES = (1, 3)
 SEED = 20261125
+# Dynamic-shape runs against eager float32 on our seeded models (these stay well inside it).
+LOGIT_RELATIVE_TOLERANCE = 1e-4
 
 
 def _export_seeded(model_name: str, out: Path, **kwargs: object) -> ExportReport:
@@ -77,7 +79,7 @@ def _check_dynamic_shapes(bundle: Bundle, model: torch.nn.Module, stride: int) -
             if stride > 1:  # SegFormer: ceil(size / 4)
                 assert actual.shape[2:] == (math.ceil(height / stride), math.ceil(width / stride))
             diff = np.abs(actual - expected).max()
-            assert diff <= FP32_RELATIVE_TOLERANCE * np.abs(expected).max(), (height, width, batch)
+            assert diff <= LOGIT_RELATIVE_TOLERANCE * np.abs(expected).max(), (height, width, batch)
 
 
 # --------------------------------------------------------------------------- SegFormer-B0 fp32
@@ -106,8 +108,8 @@ def test_b0_report(b0: tuple[ExportReport, list[str]]) -> None:
         (kind, (2, 3, h, w)) for kind in ("random", "photos") for h, w in VERIFY_SIZES
     )
     for case in cases:
-        assert case.logit_scale > 0.01
-        assert case.max_abs_diff <= FP32_RELATIVE_TOLERANCE * case.logit_scale
+        assert case.logit_scale > 0.01 and case.float32_diff > 0
+        assert case.max_abs_diff <= FP32_NOISE_MULTIPLE * case.float32_diff
         assert case.argmax_agreement > 0.99
     text = report.format()
     assert "8 fused 'ort-contrib' nodes (expected 8), 0 Softmax" in text

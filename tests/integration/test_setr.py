@@ -127,9 +127,10 @@ def test_resize_pos_embed_identity_at_training_grid() -> None:
     assert torch.equal(resize_pos_embed(pos_embed, (32, 32), (32, 32), "bilinear"), pos_embed)
 
 
-def test_attention_matches_torch_multihead_attention() -> None:
+@pytest.mark.parametrize("bias", [True, False], ids=["qkv_bias", "no_bias"])
+def test_attention_matches_torch_multihead_attention(bias: bool) -> None:
     torch.manual_seed(4)
-    attention = SelfAttention(embed_dims=64, num_heads=4).eval()
+    attention = SelfAttention(embed_dims=64, num_heads=4, bias=bias).eval()
     tokens = torch.randn(2, 37, 64)
     reference, _ = attention.attn(tokens, tokens, tokens, need_weights=False)
     torch.testing.assert_close(attention(tokens, identity=tokens), tokens + reference)
@@ -157,7 +158,8 @@ def _transformers_vit_from(backbone: nn.Module, image_size: int) -> nn.Module:
         "embeddings.cls_token": ours["cls_token"],
         "embeddings.position_embeddings": ours["pos_embed"],
         "embeddings.patch_embeddings.projection.weight": ours["patch_embed.projection.weight"],
-        "embeddings.patch_embeddings.projection.bias": ours["patch_embed.projection.bias"],
+        # mmseg's VisionTransformer defaults to patch_bias=False; HF's ViT always has one.
+        "embeddings.patch_embeddings.projection.bias": torch.zeros(dims),
         "layernorm.weight": torch.ones(dims),
         "layernorm.bias": torch.zeros(dims),
     }
@@ -292,7 +294,6 @@ def _mmseg_backbone(dims: int, layers: int, grid: int) -> Layout:
         "backbone.cls_token": (1, 1, dims),
         "backbone.pos_embed": (1, grid * grid + 1, dims),
         "backbone.patch_embed.projection.weight": (dims, 3, 16, 16),
-        "backbone.patch_embed.projection.bias": (dims,),
     }
     for i in range(layers):
         p = f"backbone.layers.{i}."
@@ -566,8 +567,10 @@ def test_vit_large_parameter_count(name: str) -> None:
             image_size=512,
         )
         reference = ViTModel(config, add_pooling_layer=False)
-    assert _count(at_384.backbone) + VIT_L_FINAL_NORM_AND_HEAD == VIT_L16_384_PARAMS
-    assert _count(model.backbone) == _count(reference) - 2 * 1024  # SETR has no final norm
+    patch_bias = 1024  # timm's and HF's ViT have one; mmseg's (patch_bias=False) does not
+    assert _count(at_384.backbone) + VIT_L_FINAL_NORM_AND_HEAD + patch_bias == VIT_L16_384_PARAMS
+    # SETR has no final norm either
+    assert _count(model.backbone) == _count(reference) - 2 * 1024 - patch_bias
     layout = mmseg_setr_layout(decoder, 1024, 24, 32, NUM_CLASSES)
     heads = _count(model) - _count(model.backbone)
     assert heads == _count_layout(layout, "decode_head.") + _count_layout(layout, "neck.")
