@@ -236,7 +236,17 @@ def test_nvlabs_round_trip(tmp_path: Path, reference: nn.Module) -> None:
     classes = [f"c{i}" for i in range(NUM_CLASSES)]
     palette = [[i, 2 * i, 3 * i] for i in range(NUM_CLASSES)]
     path = tmp_path / "segformer.b0.1024x1024.city.160k.pth"
-    torch.save({"state_dict": state, "meta": {"CLASSES": classes, "PALETTE": palette}}, path)
+    # What an mmcv 1.x runner (mmseg 0.x, NVlabs' training) writes: config text, mmcv version,
+    # classes and palette in meta, optimizer state beside the weights.
+    meta = {
+        "mmcv_version": "1.2.7",
+        "config": "norm_cfg = dict(type='SyncBN', requires_grad=True)\n"
+        "model = dict(type='EncoderDecoder', backbone=dict(type='mit_b0', style='pytorch'))\n",
+        "CLASSES": classes,
+        "PALETTE": palette,
+    }
+    optimizer = {"state": {0: {"exp_avg": torch.zeros(3)}}, "param_groups": [{"lr": 6e-5}]}
+    torch.save({"meta": meta, "state_dict": state, "optimizer": optimizer}, path)
 
     loaded = load_checkpoint(path, model_name="segformer-b0")
     assert (loaded.format, loaded.model_name, loaded.source_name) == (
@@ -382,6 +392,14 @@ def test_code_in_a_pickle_is_refused_and_never_runs(
     with pytest.raises(CheckpointError, match="refused"):
         read_checkpoint(path)
     assert not target.exists()
+
+
+def test_bare_state_dict_loads(tmp_path: Path, reference: nn.Module) -> None:
+    """``torch.save(model.state_dict())``: no wrapper, no metadata; the keys tell the format."""
+    path = tmp_path / "bare.pth"
+    torch.save(to_nvlabs(hf_state(reference)), path)
+    loaded = load_checkpoint(path)
+    assert (loaded.format, loaded.model_name, loaded.classes) == ("nvlabs", "segformer-b0", None)
 
 
 def test_legacy_torch_format_loads(tmp_path: Path, reference: nn.Module) -> None:
