@@ -109,8 +109,9 @@ def alternate(
     return {name: Row(name, 1, latencies[name], walls[name]) for name in calls}
 
 
-def build_models(work: Path) -> tuple[Path, Path]:
-    """Random-init HF SegFormer-B0 saved to ``work/hf``, exported to ``work/repo/segformer-b0``."""
+def build_models(work: Path, precision: str) -> tuple[Path, Path]:
+    """Random-init HF SegFormer-B0 saved to ``work/hf``, exported at ``precision`` to
+    ``work/repo[-PRECISION]/segformer-b0`` (the pipeline always runs the fp32 weights)."""
     import torch
     from transformers import (
         SegformerConfig,
@@ -118,7 +119,8 @@ def build_models(work: Path) -> tuple[Path, Path]:
         SegformerImageProcessorPil,
     )
 
-    hf_dir, repository = work / "hf", work / "repo"
+    hf_dir = work / "hf"
+    repository = work / ("repo" if precision == "fp32" else f"repo-{precision}")
     if not (hf_dir / "config.json").is_file():
         torch.manual_seed(0)
         config = SegformerConfig(
@@ -132,7 +134,8 @@ def build_models(work: Path) -> tuple[Path, Path]:
     if not (bundle / "segserve.json").is_file():
         subprocess.run(
             [sys.executable, "-m", "export", "--model", "segformer-b0", "--checkpoint", str(hf_dir),
-             "--dataset", "ade20k", "--out", str(bundle), "--verify-size", "512x512"],
+             "--dataset", "ade20k", "--out", str(bundle), "--verify-size", "512x512",
+             "--precision", precision],
             check=True,
         )  # fmt: skip
     return hf_dir, repository
@@ -213,10 +216,13 @@ def main() -> None:
         "--batch", type=int, default=1, help="SEGSERVE_MAX_BATCH_SIZE (1: CPU pipelines better)"
     )
     parser.add_argument("--skip-pipeline", action="store_true", help="segserve rows only")
+    parser.add_argument(
+        "--precision", choices=("fp32", "int8"), default="fp32", help="the bundle segserve serves"
+    )
     args = parser.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="segserve-bench-"))
     work.mkdir(parents=True, exist_ok=True)
-    hf_dir, repository = build_models(work)
+    hf_dir, repository = build_models(work, args.precision)
 
     buffer = io.BytesIO()
     Image.fromarray(data.astronaut()).save(buffer, format="JPEG", quality=90)
@@ -226,7 +232,7 @@ def main() -> None:
     theirs = [] if args.skip_pipeline else bench_pipeline(hf_dir, photo, args.requests)
     machine = f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}"
     print(f"\nmachine: {machine}; {args.requests} requests per row, 512x512 JPEG, SegFormer-B0, "
-          f"SEGSERVE_MAX_BATCH_SIZE={args.batch}")  # fmt: skip
+          f"{args.precision} bundle, SEGSERVE_MAX_BATCH_SIZE={args.batch}")  # fmt: skip
     print("| system | concurrency | median ms | p95 ms | images/s |")
     print("| --- | --- | --- | --- | --- |")
     for row in ours + theirs:
