@@ -45,7 +45,7 @@ class SegFormerSpec:
 
     embed_dims: tuple[int, int, int, int]
     depths: tuple[int, int, int, int]
-    decoder_dim: int
+    decoder_dim: int  # the default; mmseg's B2-B5 configs use 256 and checkpoints say which
 
 
 VARIANTS: dict[str, SegFormerSpec] = {
@@ -254,6 +254,7 @@ class SegFormer(nn.Module):
         num_classes: int,
         decoder: DecoderFlavour = "hf",
         norm_eps: LayerNormEps | None = None,
+        decoder_dim: int | None = None,
     ) -> None:
         super().__init__()
         if variant not in VARIANTS:
@@ -267,7 +268,7 @@ class SegFormer(nn.Module):
         self.norm_eps = norm_eps or DEFAULT_NORM_EPS[decoder]
         self.encoder = MixTransformer(spec, self.norm_eps)
         head_type = AllMLPHead if decoder == "hf" else MMSegHead
-        self.decode_head = head_type(spec.embed_dims, spec.decoder_dim, num_classes)
+        self.decode_head = head_type(spec.embed_dims, decoder_dim or spec.decoder_dim, num_classes)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.decode_head(self.encoder(pixels))
@@ -279,8 +280,11 @@ def _factory(variant: str) -> None:
         num_classes: int,
         decoder: DecoderFlavour = "hf",
         norm_eps: LayerNormEps | None = None,
+        decoder_dim: int | None = None,
     ) -> SegFormer:
-        return SegFormer(variant, num_classes, decoder=decoder, norm_eps=norm_eps)
+        return SegFormer(
+            variant, num_classes, decoder=decoder, norm_eps=norm_eps, decoder_dim=decoder_dim
+        )
 
 
 for _variant in VARIANTS:

@@ -63,6 +63,18 @@ CASES = (
 )
 
 
+# Published configs whose state-dict layout (keys, shapes, config text) the oracle writes to
+# OUT/layouts/, for the loader to fit exactly; value: the registry name they must load as.
+LAYOUT_CONFIGS = {
+    f"segformer/segformer_mit-b{i}_8xb2-160k_ade20k-512x512.py": f"segformer-b{i}"
+    for i in range(1, 6)
+} | {
+    "setr/setr_vit-l_naive_8xb2-160k_ade20k-512x512.py": "setr-naive",
+    "setr/setr_vit-l_pup_8xb2-160k_ade20k-512x512.py": "setr-pup",
+    "setr/setr_vit-l_mla_8xb2-160k_ade20k-512x512.py": "setr-mla",
+}
+
+
 def _stub_compiled_ops() -> None:
     """mmcv-lite has no compiled ``mmcv.ops``; mmseg imports names from it at import time (for
     heads SegFormer and SETR do not use). Any use of one raises."""
@@ -203,6 +215,25 @@ def _run_case(case: Case, configs: Path, photos: dict[str, Any], out: Path) -> N
             np.save(out / f"{name}_{mode}.npy", labels)
 
 
+def _write_layouts(configs: Path, out: Path) -> None:
+    """Keys and shapes of each published model as mmseg builds it (weights are not needed)."""
+    import json
+
+    from mmengine.config import Config
+    from mmseg.registry import MODELS
+
+    out.mkdir(parents=True, exist_ok=True)
+    for config in LAYOUT_CONFIGS:
+        cfg = Config.fromfile(str(configs / config))
+        cfg.model.pretrained = None
+        cfg.model.backbone.init_cfg = None
+        shapes = {
+            key: list(value.shape) for key, value in MODELS.build(cfg.model).state_dict().items()
+        }
+        layout = {"cfg": cfg.pretty_text, "shapes": shapes}
+        (out / f"{Path(config).stem}.json").write_text(json.dumps(layout))
+
+
 def main(out: Path, photo_dir: Path) -> None:
     import numpy as np
 
@@ -216,6 +247,7 @@ def main(out: Path, photo_dir: Path) -> None:
     for case in CASES:
         sized = {name: photos[f"{name}_{case.model_name}"] for name in case.photos}
         _run_case(case, configs, sized, out / case.model_name)
+    _write_layouts(configs, out / "layouts")
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -47,7 +48,7 @@ class LoadedCheckpoint:
     source_name: str
 
 
-def detect_format(state_dict: dict[str, object], meta: dict[str, object]) -> str:
+def detect_format(state_dict: Mapping[str, object], meta: Mapping[str, object]) -> str:
     """Name the layout from tell-tale keys; raise when none matches."""
     for arch in ARCHITECTURES:
         fmt = arch.detect(state_dict, meta)
@@ -70,7 +71,7 @@ def load_checkpoint(
     if format != "auto" and format not in FORMATS:
         raise CheckpointError(f"{where}: unknown format {format!r}; known: {', '.join(FORMATS)}")
     state_dict, meta = read_checkpoint(path)
-    fmt = detect_format(dict(state_dict), meta) if format == "auto" else format
+    fmt = detect_format(state_dict, meta) if format == "auto" else format
     model = _architecture(fmt).load(state_dict, meta, fmt, model_name, where)
     num_classes = model.num_classes
     assert isinstance(num_classes, int), "our models expose num_classes: int"

@@ -10,6 +10,7 @@ photographs. About 3 minutes on 2 cores, most of it exporting and verifying.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import subprocess
@@ -22,12 +23,15 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from models.checkpoints import load_checkpoint, read_checkpoint
+from models.checkpoints import detect_format, load_checkpoint, read_checkpoint, segformer_keys
+from models.checkpoints.setr_keys import load_mmseg_setr
+from models.segformer import SegFormer
+from models.setr import SETR
 from service.bundle import Bundle, load_bundle
 from service.config import EngineConfig, RuntimeSettings
 from service.engine import Engine
 from service.planning import SegmentOptions
-from tests.mmseg_oracle import CASES, Case
+from tests.mmseg_oracle import CASES, LAYOUT_CONFIGS, Case
 
 ROOT = Path(__file__).resolve().parents[2]
 MMSEG_PYTHON = ROOT / ".venv-mmseg" / "bin" / "python"
@@ -149,3 +153,20 @@ def test_labels_match_mmseg(
             assert agreement >= MIN_AGREEMENT[mode]
     finally:
         engine.stop()
+
+
+@pytest.mark.parametrize("config", list(LAYOUT_CONFIGS))
+def test_published_layouts_load_exactly(oracle: Path, config: str) -> None:
+    """SegFormer B1-B5 and SETR Naive/PUP/MLA (ViT-L) as mmseg builds them from its configs,
+    auxiliary heads included: recognised, named and filled key for key, shape for shape."""
+    layout = json.loads((oracle / "out" / "layouts" / f"{Path(config).stem}.json").read_text())
+    state = {key: torch.empty(shape) for key, shape in layout["shapes"].items()}
+    meta = {"cfg": layout["cfg"]}
+    fmt = detect_format(state, meta)
+    model: SETR | SegFormer = (
+        load_mmseg_setr(state, meta)
+        if fmt == "mmseg-setr"
+        else segformer_keys.load(state, meta, fmt, None, config)
+    )
+    assert model.variant == LAYOUT_CONFIGS[config]
+    assert model.num_classes == 150
