@@ -4,7 +4,8 @@
 tests/mmseg_oracle.py runs in .venv-mmseg (scripts/setup_mmseg_env.sh): it builds SegFormer-B0
 and SETR-PUP (ViT-B) from mmseg's configs, saves them with mmengine's checkpoint code (with and
 without training state) and runs mmseg's whole, slide and multi-scale + flip inference on real
-photographs. About 3 minutes on 2 cores, most of it exporting and verifying.
+photographs; it also writes the key layouts mmseg builds from the published SegFormer B1-B5 and
+SETR ViT-L configs. About 5 minutes on 2 shared cores, most of it building and exporting SETR.
 """
 
 from __future__ import annotations
