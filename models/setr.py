@@ -202,7 +202,7 @@ class TransformerEncoderLayer(nn.Module):
 
 class VisionTransformer(nn.Module):
     """mmseg's ViT backbone: class token, learned position embeddings on the training grid
-    (resized to each input's grid), optional norms after the position embeddings (``pre_ln``) and
+    (resized to each input's grid), optional norms after the position embeddings (``ln_pre``) and
     after the last layer (``ln1``); returns the NCHW feature maps of the ``out_indices`` layers,
     class token removed."""
 
@@ -218,7 +218,7 @@ class VisionTransformer(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, spec.pos_grid[0] * spec.pos_grid[1] + 1, dims))
         nn.init.trunc_normal_(self.cls_token, std=0.02)
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
-        self.pre_ln = nn.LayerNorm(dims, eps=spec.norm_eps) if spec.pre_norm else None
+        self.ln_pre = nn.LayerNorm(dims, eps=spec.norm_eps) if spec.pre_norm else None
         self.layers = nn.ModuleList(TransformerEncoderLayer(spec) for _ in range(spec.num_layers))
         self.ln1 = nn.LayerNorm(dims, eps=spec.norm_eps) if spec.final_norm else None
 
@@ -234,8 +234,8 @@ class VisionTransformer(nn.Module):
         )
         if not self.with_cls_token:
             tokens = tokens[:, 1:]
-        if self.pre_ln is not None:
-            tokens = self.pre_ln(tokens)
+        if self.ln_pre is not None:
+            tokens = self.ln_pre(tokens)
         outputs = []
         for index, layer in enumerate(self.layers):
             tokens = layer(tokens)

@@ -75,6 +75,27 @@ LAYOUT_CONFIGS = {
 }
 
 
+# mmseg VisionTransformer options the published SETR configs leave at their defaults, all turned
+# the other way (and a non-default LayerNorm eps and interpolation), on a ViT-B SETR-Naive.
+OPTIONS_MODEL = "setr-naive-base"
+OPTIONS_OVERRIDES: dict[str, Any] = {
+    "backbone": {
+        **_VIT_B,
+        "img_size": (64, 64),
+        "patch_bias": True,
+        "patch_norm": True,
+        "pre_norm": True,
+        "final_norm": True,
+        "qkv_bias": False,
+        "interpolate_mode": "bicubic",
+        "norm_cfg": {"type": "LN", "eps": 1e-5, "requires_grad": True},
+    },
+    "decode_head": {"in_channels": 768},
+    "auxiliary_head": [{"in_channels": 768}] * 3,
+}
+OPTIONS_PHOTO = "chelsea_setr-pup-base"
+
+
 def _stub_compiled_ops() -> None:
     """mmcv-lite has no compiled ``mmcv.ops``; mmseg imports names from it at import time (for
     heads SegFormer and SETR do not use). Any use of one raises."""
@@ -215,6 +236,36 @@ def _run_case(case: Case, configs: Path, photos: dict[str, Any], out: Path) -> N
             np.save(out / f"{name}_{mode}.npy", labels)
 
 
+def _write_options_case(configs: Path, photo: Any, out: Path) -> None:
+    """A checkpoint of ``OPTIONS_OVERRIDES`` and mmseg's decode-head logits on ``photo``."""
+    import numpy as np
+    import torch
+    from mmengine.config import Config
+    from mmengine.dataset import Compose, pseudo_collate
+    from mmengine.runner.checkpoint import save_checkpoint, weights_to_cpu
+    from mmseg.registry import MODELS
+
+    torch.manual_seed(SEED)
+    cfg = Config.fromfile(str(configs / "setr/setr_vit-l_naive_8xb2-160k_ade20k-512x512.py"))
+    _merge(cfg.model, OPTIONS_OVERRIDES)
+    cfg.model.pretrained = None
+    cfg.model.backbone.init_cfg = None
+    model = MODELS.build(cfg.model)
+    model.init_weights()
+    _randomise_like_training(model, torch)
+    model.eval()
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {"cfg": cfg.pretty_text}
+    save_checkpoint(
+        {"meta": meta, "state_dict": weights_to_cpu(model.state_dict())}, str(out / "weights.pth")
+    )
+    pipeline = Compose([{"type": "LoadImageFromNDArray"}, {"type": "PackSegInputs"}])
+    batch = pseudo_collate([pipeline({"img": np.ascontiguousarray(photo[:, :, ::-1])})])
+    with torch.no_grad():
+        logits = model._forward(model.data_preprocessor(batch, False)["inputs"])
+    np.save(out / "logits.npy", logits.numpy())
+
+
 def _write_layouts(configs: Path, out: Path) -> None:
     """Keys and shapes of each published model as mmseg builds it (weights are not needed)."""
     import json
@@ -248,6 +299,7 @@ def main(out: Path, photo_dir: Path) -> None:
         sized = {name: photos[f"{name}_{case.model_name}"] for name in case.photos}
         _run_case(case, configs, sized, out / case.model_name)
     _write_layouts(configs, out / "layouts")
+    _write_options_case(configs, photos[OPTIONS_PHOTO], out / "options")
 
 
 if __name__ == "__main__":

@@ -127,7 +127,7 @@ def infer_setr_spec(
         # final_norm, qkv_bias options); the epsilon only the config text can tell.
         patch_bias="backbone.patch_embed.projection.bias" in state_dict,
         patch_norm="backbone.patch_embed.norm.weight" in state_dict,
-        pre_norm="backbone.pre_ln.weight" in state_dict,
+        pre_norm="backbone.ln_pre.weight" in state_dict,
         final_norm="backbone.ln1.weight" in state_dict,
         qkv_bias="backbone.layers.0.attn.attn.in_proj_bias" in state_dict,
         norm_eps=pick(section(backbone_cfg, "norm_cfg"), "eps", float, 1e-6),

@@ -26,13 +26,14 @@ import torch
 
 from models.checkpoints import detect_format, load_checkpoint, read_checkpoint, segformer_keys
 from models.checkpoints.setr_keys import load_mmseg_setr
+from models.datasets import IMAGENET_MEAN, IMAGENET_STD
 from models.segformer import SegFormer
 from models.setr import SETR
 from service.bundle import Bundle, load_bundle
 from service.config import EngineConfig, RuntimeSettings
 from service.engine import Engine
 from service.planning import SegmentOptions
-from tests.mmseg_oracle import CASES, LAYOUT_CONFIGS, Case
+from tests.mmseg_oracle import CASES, LAYOUT_CONFIGS, OPTIONS_MODEL, OPTIONS_PHOTO, Case
 
 ROOT = Path(__file__).resolve().parents[2]
 MMSEG_PYTHON = ROOT / ".venv-mmseg" / "bin" / "python"
@@ -171,3 +172,23 @@ def test_published_layouts_load_exactly(oracle: Path, config: str) -> None:
     )
     assert model.variant == LAYOUT_CONFIGS[config]
     assert model.num_classes == 150
+
+
+def test_setr_options_read_from_the_checkpoint(oracle: Path) -> None:
+    """Patch bias and norm, pre- and final norm, no qkv bias, LN eps 1e-5 and bicubic position
+    embeddings, as mmseg builds them: read from keys and config text, logits as mmseg's."""
+    loaded = load_checkpoint(oracle / "out" / "options" / "weights.pth", model_name=OPTIONS_MODEL)
+    model = loaded.model
+    assert isinstance(model, SETR)
+    spec = model.spec
+    assert (spec.patch_bias, spec.patch_norm, spec.pre_norm, spec.final_norm) == (True,) * 4
+    assert (spec.qkv_bias, spec.norm_eps, spec.interpolate_mode) == (False, 1e-5, "bicubic")
+    assert spec.pos_grid == (4, 4)
+    photo = np.load(oracle / "photos" / f"{OPTIONS_PHOTO}.npy").astype(np.float64)
+    pixels = ((photo - IMAGENET_MEAN) / IMAGENET_STD).transpose(2, 0, 1)[None]
+    with torch.no_grad():
+        actual = model(torch.from_numpy(pixels.astype(np.float32))).numpy()
+    expected = np.load(oracle / "out" / "options" / "logits.npy")
+    relative = np.abs(actual - expected).max() / np.abs(expected).max()
+    print(f"SETR options logits: max|Δ|/max|logit| {relative:.2e}")
+    assert relative <= 1e-5
