@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import builtins
 import hashlib
+import io
 import json
 import os
 import re
+import struct
 import sys
 import types
 import zipfile
@@ -687,3 +689,19 @@ def test_zip_bomb_is_refused(tmp_path: Path, reference: nn.Module) -> None:
     assert bomb.stat().st_size < genuine.stat().st_size
     with pytest.raises(CheckpointError, match=r"bomb\.pth: refused, zip entry .*data\.pkl is comp"):
         load_checkpoint(bomb)
+
+
+def test_storage_larger_than_the_file_is_refused(tmp_path: Path) -> None:
+    """A legacy-format file whose storage claims 2**36 floats: refused before torch allocates."""
+    buffer = io.BytesIO()
+    checkpoint = {"state_dict": {"w": torch.zeros(12345)}}
+    torch.save(checkpoint, buffer, _use_new_zipfile_serialization=False)
+    data = buffer.getvalue()
+    numel = b"M" + struct.pack("<H", 12345)  # BININT2: first the storage's size, then the shape
+    start = data.index(numel)
+    path = tmp_path / "claims.pth"
+    path.write_bytes(data[:start] + b"\x8a\x05" + (2**36).to_bytes(5, "little") + data[start + 3 :])
+    with pytest.raises(
+        CheckpointError, match=r"claims\.pth: refused, .* tensor storage of 274877906944 bytes"
+    ):
+        load_checkpoint(path)
