@@ -23,7 +23,12 @@ holding them is given; speed does not depend on the weights) it prints:
    images/s at each batch size, for whole mode on 512x512 images (ADE20K bundle) and slide mode
    on 2048x1024 images (Cityscapes bundle: 1024x1024 crops, stride 768, three windows each; eager
    runs mmseg's ``slide_inference`` with the windows of ``2 x batch`` images batched ``batch`` at
-   a time), with post-processing on the host and on the device (``--postprocess``).
+   a time), with post-processing on the host and on the device (``--postprocess``);
+5. ``tta``: multi-pass requests (``service/ttamap.py``) against the same passes run one by one
+   as single-pass label requests, with the peak RSS above idle, the share of output tiles the
+   pruning leaves to exact arithmetic and the label step with and without pruning: three ratios
+   + flip on a 2048x1024 photo (ADE20K bundle, random-init and refitted weights), the seed's set
+   (six ratios + flip, slide, Cityscapes bundle refitted) and flip on a 12 MP photo.
 
 PyTorch gets the same number of threads as onnxruntime's intra-op pool. ``--device cuda`` runs the
 engine on onnxruntime's CUDA provider (no CPU fallback) and the eager baselines on the GPU;
@@ -41,15 +46,16 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from skimage import data
 
+from service import ttamap
 from service.bundle import Bundle, load_bundle
 from service.config import EngineConfig, RuntimeSettings
 from service.engine import Engine
@@ -63,7 +69,7 @@ PHOTOS = {
     "coffee": data.coffee,
     "rocket": data.rocket,
 }
-SECTIONS = ("latency", "throughput", "slide", "postprocess")
+SECTIONS = ("latency", "throughput", "slide", "postprocess", "tta")
 MODES = {
     "whole": SegmentOptions(),
     "slide": SegmentOptions(mode="slide", crop=(512, 512), stride=(341, 341)),
@@ -380,6 +386,90 @@ def slide_overhead(engine: Engine, image: np.ndarray, repeats: int, weights: str
     )
 
 
+def memory_kib(field: str) -> int:
+    """A field of /proc/self/status in KiB: VmRSS now, VmHWM the peak since the last reset."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
+@dataclass
+class LabelStep:
+    """The last ``ttamap.mean_softmax`` call of the engine: its result and its seconds."""
+
+    compute: Callable[..., ttamap.MeanSoftmax]
+    result: ttamap.MeanSoftmax | None = None
+    seconds: float = 0.0
+    passes: list[ttamap.PassLogits] | None = None
+
+
+def record_label_step() -> LabelStep:
+    """Wrap ``ttamap.mean_softmax`` (which the engine looks up on the module) to keep its last
+    result, time and inputs: the pruning figures need them, the engine does not report them."""
+    step = LabelStep(ttamap.mean_softmax)
+
+    def recording(passes: list[ttamap.PassLogits], *args: Any, **kwargs: Any) -> Any:
+        started = time.perf_counter()
+        step.result = step.compute(passes, *args, **kwargs)
+        step.seconds = time.perf_counter() - started
+        step.passes = passes
+        return step.result
+
+    ttamap.mean_softmax = recording  # type: ignore[assignment]
+    return step
+
+
+def tta_row(
+    engine: Engine,
+    image: np.ndarray,
+    options: SegmentOptions,
+    repeats: int,
+    label: str,
+    step: LabelStep,
+    dense: bool,
+) -> str:
+    """Engine time of a multi-pass request against the same passes run one by one as
+    single-pass label requests (a flipped pass as the mirrored image), medians of interleaved
+    runs; peak RSS above the RSS before the request (Linux VmHWM, reset before it); the share of
+    output tiles the pruning left to the exact step, the label step's time, and with ``dense``
+    that step without pruning (the probabilities path, which computes every class)."""
+    ratios = [None] if options.scales is None else [(ratio,) for ratio in options.scales]
+    mirrored = np.ascontiguousarray(image[:, ::-1])
+    singles = [
+        (mirrored if flip else image, replace(options, scales=ratio, flip=False))
+        for ratio in ratios
+        for flip in ((False, True) if options.flip else (False,))
+    ]
+    plan = engine.plan(options, *image.shape[:2])
+
+    def request(one: np.ndarray, opts: SegmentOptions) -> object:
+        return asyncio.run(engine.segment(one, opts))
+
+    request(image, options)  # warm-up (and onnxruntime's arena for these shapes)
+    together, apart, peak = [], [], 0
+    for _ in range(repeats):
+        idle = memory_kib("VmRSS")
+        Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+        together.append(timed(lambda: request(image, options)))
+        peak = max(peak, memory_kib("VmHWM") - idle)
+        apart.append(sum(timed(lambda one=one, o=o: request(one, o)) for one, o in singles))
+    assert step.result is not None and step.passes is not None
+    pruned = step.result
+    unpruned = ""
+    if dense:
+        original = (image.shape[0], image.shape[1])
+        dtype = pruned.labels.dtype.type
+        unpruned = f"{timed(lambda: step.compute(step.passes, original, dtype, True)) * 1000:.0f}"
+    together_s, apart_s = statistics.median(together), statistics.median(apart)
+    return (
+        f"| {engine.name} | {label} | {image.shape[1]}x{image.shape[0]} | {len(plan.passes)} | "
+        f"{plan.num_inputs} | {apart_s * 1000:.0f} | {together_s * 1000:.0f} | "
+        f"{together_s / apart_s:.2f}x | {peak / 1024:.0f} | "
+        f"{pruned.exact_tiles / pruned.tiles:.1%} | {step.seconds * 1000:.0f} | {unpruned} |"
+    )
+
+
 def refitted_bundle(
     bundle: Bundle, image: np.ndarray, options: SegmentOptions, out: Path
 ) -> Bundle:
@@ -414,7 +504,9 @@ def refitted_bundle(
     scaled = resize_image(image, pass_plan.width, pass_plan.height)
     regions = segmentation.slic(scaled, n_segments=40, compactness=20, start_label=0)
     classes = bundle.metadata.num_classes
-    region_class = np.random.default_rng(0).permutation(classes)[: regions.max() + 1][regions]
+    # One class per superpixel, all different while there are enough classes.
+    picks = np.resize(np.random.default_rng(0).permutation(classes), regions.max() + 1)
+    region_class = picks[regions]
     stride = bundle.metadata.output.stride
     rows, targets = [], []
     for w in pass_plan.windows:
@@ -442,6 +534,51 @@ def refitted_bundle(
     initializers[bias_name].CopyFrom(numpy_helper.from_array(bias, bias_name))
     onnx.save(graph, str(model_path))
     return load_bundle(out)
+
+
+SEED_RATIOS = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
+
+
+def tta_table(
+    model: str,
+    ade: Bundle,
+    repository: Path | None,
+    scratch: Path,
+    target: Target,
+    photo: np.ndarray,
+    repeats: int,
+) -> list[str]:
+    """Multi-pass requests (``service.ttamap``): three ratios + flip on a 2048x1024 photo with
+    the ADE20K bundle (random init and refitted weights), the seed set (six ratios + flip, slide
+    mode) with the Cityscapes bundle refitted, and flip alone on a 12 MP photo."""
+    wide = resize_image(photo, 2048, 1024)
+    ade_refitted = refitted_bundle(ade, wide, MODES["slide"], scratch / f"{model}-refitted-tta")
+    cityscapes = bundle_for(model, repository, scratch, target, "cityscapes")
+    cityscapes_refitted = refitted_bundle(
+        cityscapes, wide, SegmentOptions(), scratch / f"{model}-cityscapes-refitted"
+    )
+    three = SegmentOptions(scales=(0.75, 1.0, 1.25), flip=True)
+    seed = SegmentOptions(mode="slide", scales=SEED_RATIOS, flip=True)
+    flip = SegmentOptions(flip=True)
+    cases = [
+        (ade, "random init", wide, three, True),
+        (ade_refitted, "refitted", wide, three, True),
+        (cityscapes_refitted, "refitted", wide, seed, True),
+        (ade_refitted, "refitted", resize_image(photo, 4000, 3000), flip, False),  # 12 MP
+    ]
+    step = record_label_step()
+    rows = []
+    for bundle, weights, image, options, dense in cases:
+        engine = Engine(bundle, target.engine_config(EngineConfig.max_batch_size))
+        engine.start()
+        try:
+            ratios = len(options.scales or (1,))
+            label = f"{weights}, {ratios} ratio(s) + flip, {options.mode or 'whole'}"
+            rows.append(tta_row(engine, image, options, repeats, label, step, dense))
+            print(rows[-1], flush=True)
+        finally:
+            engine.stop()
+    return rows
 
 
 def main() -> None:
@@ -480,7 +617,7 @@ def main() -> None:
     if target.device == "cuda":
         print(f"# gpu: {torch.cuda.get_device_name()}, {target.precision}")
 
-    latency, throughput, overhead, postprocess = [], [], [], []
+    latency, throughput, overhead, postprocess, tta = [], [], [], [], []
     with tempfile.TemporaryDirectory() as scratch:
         for model in args.models:
             if "postprocess" in args.sections:
@@ -503,6 +640,12 @@ def main() -> None:
                         )
                         postprocess += rows
                         print("\n".join(rows), flush=True)
+            if "tta" in args.sections:
+                ade = bundle_for(model, args.repository, Path(scratch), target)
+                tta += tta_table(
+                    model, ade, args.repository, Path(scratch), target, photos["astronaut"],
+                    args.repeats,
+                )  # fmt: skip
             if not set(args.sections) & {"latency", "throughput", "slide"}:
                 continue
             bundle = bundle_for(model, args.repository, Path(scratch), target)
@@ -543,6 +686,15 @@ def main() -> None:
             "| --- | --- | --- | --- | --- | --- | --- | --- |"
         )
         print("\n".join(postprocess))
+    if tta:
+        print("\n## Multi-scale + flip: tile-wise mean softmax (service/ttamap.py)")
+        print(
+            "| model | weights, passes | image | passes | inputs | single-pass requests (ms) "
+            "| TTA request (ms) | ratio | peak RSS above idle (MiB) | exact tiles "
+            "| label step (ms) | label step without pruning (ms) |"
+        )
+        print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+        print("\n".join(tta))
     if not set(args.sections) & {"latency", "throughput", "slide"}:
         return
     print(f"\n## Latency (ms), engine, {target.device} {target.precision}")
