@@ -135,7 +135,9 @@ def main(argv: list[str] | None = None) -> None:
         timeout_graceful_shutdown=5,
         timeout_keep_alive=5,
         # Connections and tasks beyond this are answered 503 by uvicorn before any app code.
-        limit_concurrency=settings.max_connections,
+        # uvicorn refuses a request once the count, its own connection included, reaches the
+        # limit: + 1 makes max_connections the number of connections that are served.
+        limit_concurrency=settings.max_connections + 1,
     )
     server = DrainingServer(config, app, settings.drain_timeout_s, settings.drain_min_s)
     server.run()

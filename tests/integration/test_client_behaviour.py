@@ -143,17 +143,31 @@ def limited_server(
     yield from start_server(model_repository, tmp_path_factory.mktemp("limited"), max_connections=2)
 
 
+def _hold_slot(port: int) -> socket.socket:
+    """A connection that has sent a request's headers and no body, so uvicorn counts it until it
+    is closed. Retried while the server still answers 503: connections just closed (the readiness
+    polls) can count for a moment after they are gone."""
+    for _ in range(50):
+        client = socket.create_connection(("127.0.0.1", port), timeout=10)
+        client.sendall(_headers("/segment", 100_000) + b"\x89PNG\r\n\x1a\n")
+        client.settimeout(0.5)
+        try:
+            answer = client.recv(64)
+        except TimeoutError:  # no answer: the server is waiting for the body
+            client.settimeout(10)
+            return client
+        client.close()
+        assert answer.startswith(b"HTTP/1.1 503"), answer
+        time.sleep(0.1)
+    raise AssertionError("the server never let a slow upload hold a slot")
+
+
 def test_connections_beyond_the_limit_are_refused(limited_server: SegserveServer) -> None:
     """``SEGSERVE_MAX_CONNECTIONS`` (uvicorn's ``limit_concurrency``): with two slow uploads
     holding both slots, a third request is answered 503 at once; once they go, it is served."""
     url = f"{limited_server.url}/healthz"
-    slow = [
-        socket.create_connection(("127.0.0.1", limited_server.port), timeout=10) for _ in range(2)
-    ]
-    for client in slow:
-        client.sendall(_headers("/segment", 100_000) + b"\x89PNG\r\n\x1a\n")
-    # The slots are taken once the server has read both requests' headers (slow on a busy machine).
-    _wait_for(lambda: httpx.get(url, timeout=5).status_code == 503)
+    slow = [_hold_slot(limited_server.port) for _ in range(2)]
+    assert httpx.get(url, timeout=5).status_code == 503
     for client in slow:
         client.close()
     _wait_for(lambda: httpx.get(url, timeout=5).status_code == 200)
