@@ -218,6 +218,48 @@ def _overlap(begin, end, offset, size, low, high):
 
 
 @njit(nogil=True, cache=True, boundscheck=False)
+def _merged_windows(logits, windows, window_taps, region, classes, k):
+    """mmseg's slide merge of classes ``classes[:k]`` over the resized-image ``region`` (rows
+    y0:y1, cols x0:x1): each window's logits resized to the window (columns first, then rows, as
+    torch's bilinear kernel), summed, divided by the number of windows covering each pixel;
+    (rows, cols, k) float32. Shared by the single-pass and the TTA label maps."""
+    win_y, win_x, win_h, win_w = windows
+    wr_lo, wr_hi, wr_w, wc_lo, wc_hi, wc_w = window_taps
+    y0, y1, x0, x1 = region
+    n_win = logits.shape[0]
+    merged = np.zeros((y1 - y0, x1 - x0, k), np.float32)
+    count = np.zeros((y1 - y0, x1 - x0), np.float32)
+    for n in range(n_win):
+        top, bottom, a0, a1 = _overlap(y0, y1, win_y[n], win_h, wr_lo, wr_hi)
+        left, right, _, _ = _overlap(x0, x1, win_x[n], win_w, wc_lo, wc_hi)
+        if top >= bottom or left >= right:
+            continue
+        across = np.empty((a1 - a0, right - left, k), np.float32)
+        for a in range(a0, a1):
+            for x in range(left, right):
+                b, b2, wb = wc_lo[x - win_x[n]], wc_hi[x - win_x[n]], wc_w[x - win_x[n]]
+                for q in range(k):
+                    c = classes[q]
+                    across[a - a0, x - left, q] = (1 - wb) * logits[n, c, a, b] + wb * logits[
+                        n, c, a, b2
+                    ]
+        for y in range(top, bottom):
+            a, a2, wa = wr_lo[y - win_y[n]] - a0, wr_hi[y - win_y[n]] - a0, wr_w[y - win_y[n]]
+            for x in range(right - left):
+                count[y - y0, x + left - x0] += 1
+                for q in range(k):
+                    merged[y - y0, x + left - x0, q] += (1 - wa) * across[a, x, q] + wa * across[
+                        a2, x, q
+                    ]
+    if n_win > 1:
+        for y in range(y1 - y0):
+            for x in range(x1 - x0):
+                if count[y, x] > 1:
+                    merged[y, x] /= count[y, x]
+    return merged
+
+
+@njit(nogil=True, cache=True, boundscheck=False)
 def _beaten_out(hi, lo, cand, k, out):
     """Write to ``out`` the candidates whose max reaches the best min; return their count."""
     best_lo = -np.inf
@@ -238,7 +280,7 @@ def _label_tile(logits, windows, window_taps, image_taps, tile_rows, tile_cols, 
     ``k`` candidates; returns 1 if they needed exact arithmetic. ``cand``, ``hi``, ``lo`` are
     scratch."""
     win_y, win_x, win_h, win_w = windows
-    wr_lo, wr_hi, wr_w, wc_lo, wc_hi, wc_w = window_taps
+    wr_lo, wr_hi, _, wc_lo, wc_hi, _ = window_taps
     r_lo, r_hi, r_w, c_lo, c_hi, c_w = image_taps
     (oy0, oy1), (ox0, ox1) = tile_rows, tile_cols
     n_win = logits.shape[0]
@@ -272,35 +314,7 @@ def _label_tile(logits, windows, window_taps, image_taps, tile_rows, tile_cols, 
 
     # mmseg's sum over windows divided by the number covering each pixel, then the resize to the
     # original; each resize columns first, then rows, as torch's bilinear kernel computes it.
-    merged = np.zeros((y1 - y0, x1 - x0, k), np.float32)
-    count = np.zeros((y1 - y0, x1 - x0), np.float32)
-    for n in range(n_win):
-        top, bottom, a0, a1 = _overlap(y0, y1, win_y[n], win_h, wr_lo, wr_hi)
-        left, right, _, _ = _overlap(x0, x1, win_x[n], win_w, wc_lo, wc_hi)
-        if top >= bottom or left >= right:
-            continue
-        across = np.empty((a1 - a0, right - left, k), np.float32)
-        for a in range(a0, a1):
-            for x in range(left, right):
-                b, b2, wb = wc_lo[x - win_x[n]], wc_hi[x - win_x[n]], wc_w[x - win_x[n]]
-                for q in range(k):
-                    c = cand[q]
-                    across[a - a0, x - left, q] = (1 - wb) * logits[n, c, a, b] + wb * logits[
-                        n, c, a, b2
-                    ]
-        for y in range(top, bottom):
-            a, a2, wa = wr_lo[y - win_y[n]] - a0, wr_hi[y - win_y[n]] - a0, wr_w[y - win_y[n]]
-            for x in range(right - left):
-                count[y - y0, x + left - x0] += 1
-                for q in range(k):
-                    merged[y - y0, x + left - x0, q] += (1 - wa) * across[a, x, q] + wa * across[
-                        a2, x, q
-                    ]
-    if n_win > 1:
-        for y in range(y1 - y0):
-            for x in range(x1 - x0):
-                if count[y, x] > 1:
-                    merged[y, x] /= count[y, x]
+    merged = _merged_windows(logits, windows, window_taps, (y0, y1, x0, x1), cand, k)
     across = np.empty((y1 - y0, ox1 - ox0, k), np.float32)
     for y in range(y1 - y0):
         for x in range(ox0, ox1):

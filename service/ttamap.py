@@ -36,7 +36,7 @@ from numba import njit
 from numba.typed import List
 
 from service.geometry import Window
-from service.labelmap import BAND, TILE, _overlap, axis_taps, executor
+from service.labelmap import BAND, TILE, _merged_windows, _overlap, axis_taps, executor
 from service.runtime import default_intra_op_threads
 
 # Per pass, in probability units: over float32's error in a softmax and a mean of passes.
@@ -386,36 +386,10 @@ def _pass_values(logits, windows, window_taps, image_taps, sizes, p, region, use
     win_h, win_w, scaled_w, flip = sizes[p, 0], sizes[p, 1], sizes[p, 2], sizes[p, 3]
     oy0, oy1, ox0, ox1 = region
     y0, y1, x0, x1 = _pass_region(image_taps, sizes, p, region)
-    n_win = values.shape[0]
-    merged = np.zeros((y1 - y0, x1 - x0, n_use), np.float32)
-    count = np.zeros((y1 - y0, x1 - x0), np.float32)
-    for n in range(n_win):
-        top, bottom, a0, a1 = _overlap(y0, y1, win_y[n], win_h, wr_lo, wr_hi)
-        left, right, _, _ = _overlap(x0, x1, win_x[n], win_w, wc_lo, wc_hi)
-        if top >= bottom or left >= right:
-            continue
-        across = np.empty((a1 - a0, right - left, n_use), np.float32)
-        for a in range(a0, a1):
-            for x in range(left, right):
-                b, b2, wb = wc_lo[x - win_x[n]], wc_hi[x - win_x[n]], wc_w[x - win_x[n]]
-                for u in range(n_use):
-                    c = use[u]
-                    across[a - a0, x - left, u] = (1 - wb) * values[n, c, a, b] + wb * values[
-                        n, c, a, b2
-                    ]
-        for y in range(top, bottom):
-            a, a2, wa = wr_lo[y - win_y[n]] - a0, wr_hi[y - win_y[n]] - a0, wr_w[y - win_y[n]]
-            for x in range(right - left):
-                count[y - y0, x + left - x0] += 1
-                for u in range(n_use):
-                    merged[y - y0, x + left - x0, u] += (1 - wa) * across[a, x, u] + wa * across[
-                        a2, x, u
-                    ]
-    if n_win > 1:
-        for y in range(y1 - y0):
-            for x in range(x1 - x0):
-                if count[y, x] > 1:
-                    merged[y, x] /= count[y, x]
+    merged = _merged_windows(
+        values, (win_y, win_x, win_h, win_w), (wr_lo, wr_hi, wr_w, wc_lo, wc_hi, wc_w),
+        (y0, y1, x0, x1), use, n_use,
+    )  # fmt: skip
     across = np.empty((y1 - y0, ox1 - ox0, n_use), np.float32)
     for x in range(ox0, ox1):
         b, b2, wb = c_lo[x], c_hi[x], c_w[x]
