@@ -221,36 +221,41 @@ def _overlap(begin, end, offset, size, low, high):
 def _merged_windows(logits, windows, window_taps, region, classes, k):
     """mmseg's slide merge of classes ``classes[:k]`` over the resized-image ``region`` (rows
     y0:y1, cols x0:x1): each window's logits resized to the window (columns first, then rows, as
-    torch's bilinear kernel), summed, divided by the number of windows covering each pixel;
-    (rows, cols, k) float32. Shared by the single-pass and the TTA label maps."""
+    torch's bilinear kernel, in float32), summed, divided by the number of windows covering each
+    pixel; (rows, cols, k) float32. The classes are the inner axis, copied once from the logits
+    under the region, so every resize step runs over contiguous classes and vectorises. Shared
+    by the single-pass and the TTA label maps."""
     win_y, win_x, win_h, win_w = windows
     wr_lo, wr_hi, wr_w, wc_lo, wc_hi, wc_w = window_taps
     y0, y1, x0, x1 = region
     n_win = logits.shape[0]
+    one = np.float32(1.0)
     merged = np.zeros((y1 - y0, x1 - x0, k), np.float32)
     count = np.zeros((y1 - y0, x1 - x0), np.float32)
     for n in range(n_win):
         top, bottom, a0, a1 = _overlap(y0, y1, win_y[n], win_h, wr_lo, wr_hi)
-        left, right, _, _ = _overlap(x0, x1, win_x[n], win_w, wc_lo, wc_hi)
+        left, right, b0, b1 = _overlap(x0, x1, win_x[n], win_w, wc_lo, wc_hi)
         if top >= bottom or left >= right:
             continue
+        taps = np.empty((a1 - a0, b1 - b0, k), np.float32)
+        for q in range(k):
+            for a in range(a0, a1):
+                for b in range(b0, b1):
+                    taps[a - a0, b - b0, q] = logits[n, classes[q], a, b]
         across = np.empty((a1 - a0, right - left, k), np.float32)
-        for a in range(a0, a1):
-            for x in range(left, right):
-                b, b2, wb = wc_lo[x - win_x[n]], wc_hi[x - win_x[n]], wc_w[x - win_x[n]]
+        for x in range(left, right):
+            i = x - win_x[n]
+            b, b2, wb = wc_lo[i] - b0, wc_hi[i] - b0, wc_w[i]
+            for a in range(a1 - a0):
                 for q in range(k):
-                    c = classes[q]
-                    across[a - a0, x - left, q] = (1 - wb) * logits[n, c, a, b] + wb * logits[
-                        n, c, a, b2
-                    ]
+                    across[a, x - left, q] = (one - wb) * taps[a, b, q] + wb * taps[a, b2, q]
         for y in range(top, bottom):
             a, a2, wa = wr_lo[y - win_y[n]] - a0, wr_hi[y - win_y[n]] - a0, wr_w[y - win_y[n]]
             for x in range(right - left):
-                count[y - y0, x + left - x0] += 1
+                out = merged[y - y0, x + left - x0]
                 for q in range(k):
-                    merged[y - y0, x + left - x0, q] += (1 - wa) * across[a, x, q] + wa * across[
-                        a2, x, q
-                    ]
+                    out[q] += (one - wa) * across[a, x, q] + wa * across[a2, x, q]
+        count[top - y0 : bottom - y0, left - x0 : right - x0] += 1
     if n_win > 1:
         for y in range(y1 - y0):
             for x in range(x1 - x0):
@@ -315,20 +320,23 @@ def _label_tile(logits, windows, window_taps, image_taps, tile_rows, tile_cols, 
     # mmseg's sum over windows divided by the number covering each pixel, then the resize to the
     # original; each resize columns first, then rows, as torch's bilinear kernel computes it.
     merged = _merged_windows(logits, windows, window_taps, (y0, y1, x0, x1), cand, k)
+    one = np.float32(1.0)
     across = np.empty((y1 - y0, ox1 - ox0, k), np.float32)
     for y in range(y1 - y0):
         for x in range(ox0, ox1):
             b, b2, wb = c_lo[x] - x0, c_hi[x] - x0, c_w[x]
             for q in range(k):
-                across[y, x - ox0, q] = (1 - wb) * merged[y, b, q] + wb * merged[y, b2, q]
+                across[y, x - ox0, q] = (one - wb) * merged[y, b, q] + wb * merged[y, b2, q]
+    value = np.empty(k, np.float32)
     for y in range(oy0, oy1):
         a, a2, wa = r_lo[y] - y0, r_hi[y] - y0, r_w[y]
         for x in range(ox1 - ox0):
+            for q in range(k):
+                value[q] = (one - wa) * across[a, x, q] + wa * across[a2, x, q]
             best, label = -np.inf, cand[0]
             for q in range(k):
-                value = (1 - wa) * across[a, x, q] + wa * across[a2, x, q]
-                if value > best:  # strict: the first of tied classes wins, as in argmax
-                    best, label = value, cand[q]
+                if value[q] > best:  # strict: the first of tied classes wins, as in argmax
+                    best, label = value[q], cand[q]
             labels[y, x + ox0] = label
     return 1
 

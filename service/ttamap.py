@@ -22,6 +22,11 @@ summed, divided by the count, flipped back, resized: torch's bilinear formula in
 softmax, the mean and the argmax, first index on ties. The softmax's denominator needs every class
 except those so far below another class's lower bound (``CUTOFF``) that all of them together are
 under 2^-24 of it, less than float32 rounding of the sum.
+
+The arithmetic runs over contiguous classes so that it vectorises: the softmax's exp is a float32
+polynomial within 1 ulp (NumPy's and Numba's are scalar calls here), its shift the tile's
+largest logit bound where no pixel's own maximum is far below it, and its sums reassociated.
+Like torch's own vectorised softmax, these differ from a scalar one only in float32 rounding.
 """
 
 from __future__ import annotations
@@ -32,7 +37,9 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
-from numba import njit
+from llvmlite import ir
+from numba import njit, types
+from numba.extending import intrinsic
 from numba.typed import List
 
 from service.geometry import Window
@@ -43,6 +50,8 @@ from service.runtime import default_intra_op_threads
 SLACK = 1e-4
 # exp(-17) < 2^-24: classes below the best lower bound by log(C) + 17 are out of the denominator.
 CUTOFF_MARGIN = 17.0
+# exp(-60) ~ 1e-26: a pixel's largest softmax term at least this, the float32 floor 1e-38 far below.
+COMMON_SHIFT_RANGE = np.float32(60.0)
 
 
 @dataclass(frozen=True)
@@ -325,10 +334,13 @@ def _exact_tile(logits, windows, window_taps, image_taps, sizes, region, cand, k
     """Mean softmax over the passes of the classes ``cand[:k]`` (ascending) at the output
     ``region``, as mmseg computes it in float32, and its argmax into ``labels`` (with ``dense``,
     where ``cand`` is every class, the means into ``scores`` too). Each pass's denominator sums
-    the classes whose upper bound (``tile_hi``) reaches its best lower bound less ``cutoff``."""
+    the classes whose upper bound (``tile_hi``) reaches its best lower bound less ``cutoff``.
+    Classes are the inner axis, so the resizes and the softmax run over contiguous classes."""
     oy0, oy1, ox0, ox1 = region
     n_pass, n_cls = tile_hi.shape
-    total = np.zeros((oy1 - oy0, ox1 - ox0, k), np.float32)
+    rows, cols = oy1 - oy0, ox1 - ox0
+    n_pix = rows * cols
+    total = np.zeros((n_pix, k), np.float32)
     use = np.empty(n_cls, np.int64)
     position = np.empty(k, np.int64)  # where each candidate is in ``use``
     for p in range(n_pass):
@@ -343,28 +355,109 @@ def _exact_tile(logits, windows, window_taps, image_taps, sizes, region, cand, k
                 use[n_use] = c
                 n_use += 1
         values = _pass_values(logits, windows, window_taps, image_taps, sizes, p, region, use,
-                              n_use)  # fmt: skip
-        for y in range(oy1 - oy0):
-            for x in range(ox1 - ox0):
-                top = values[y, x, 0]
-                for u in range(1, n_use):
-                    top = values[y, x, u] if values[y, x, u] > top else top
-                denominator = np.float32(0.0)
-                for u in range(n_use):
-                    values[y, x, u] = np.exp(values[y, x, u] - top)
-                    denominator += values[y, x, u]
-                for q in range(k):
-                    total[y, x, q] += values[y, x, position[q]] / denominator
-    for y in range(oy1 - oy0):
-        for x in range(ox1 - ox0):
-            best, label = -np.inf, cand[0]
-            for q in range(k):
-                mean = total[y, x, q] / np.float32(n_pass)
-                if dense:
-                    scores[cand[q], oy0 + y, ox0 + x] = mean
-                if mean > best:  # strict: the first of tied classes wins, as in argmax
-                    best, label = mean, cand[q]
-            labels[oy0 + y, ox0 + x] = label
+                              n_use).reshape((n_pix, n_use))  # fmt: skip
+        shift = np.float32(np.nan) if dense else _common_shift(tile_hi[p], tile_lo[p])
+        if np.isnan(shift):
+            _shift_by_max(values)
+            shift = np.float32(0.0)
+        _exp_in_place(values.reshape(n_pix * n_use), shift)
+        _add_probabilities(values, position, k, total)
+    label = np.empty(n_pix, np.int64)
+    passes = np.float32(n_pass)
+    for i in range(n_pix):
+        sums = total[i]
+        best, label[i] = -np.inf, cand[0]
+        for q in range(k):
+            mean = sums[q] / passes
+            if mean > best:  # strict: the first of tied classes wins, as in argmax
+                best, label[i] = mean, cand[q]
+            if dense:
+                scores[cand[q], oy0 + i // cols, ox0 + i % cols] = mean
+    labels[oy0:oy1, ox0:ox1] = label.reshape((rows, cols))
+
+
+@njit(nogil=True, cache=True, boundscheck=False)
+def _common_shift(hi, lo):
+    """One softmax shift for every pixel of a tile: the largest logit bound, when no pixel's
+    own largest logit (at least the largest lower bound) is more than ``COMMON_SHIFT_RANGE``
+    below it, so each pixel's largest term stays far from underflow; NaN otherwise."""
+    top_hi, top_lo = hi.max(), lo.max()
+    return top_hi if top_hi - top_lo <= COMMON_SHIFT_RANGE else np.float32(np.nan)
+
+
+@njit(nogil=True, cache=True, fastmath={"reassoc"})
+def _shift_by_max(values):
+    """Subtract from each pixel's classes (a row of ``values``) their largest value, as the
+    softmax does (reassociated so that it vectorises: a max is a max in any order)."""
+    for i in range(values.shape[0]):
+        row = values[i]
+        top = row[0]
+        for u in range(1, len(row)):
+            top = row[u] if row[u] > top else top
+        for u in range(len(row)):
+            row[u] -= top
+
+
+@njit(nogil=True, cache=True, fastmath={"reassoc"})
+def _add_probabilities(values, position, k, total):
+    """Add each pixel's softmax of its candidates to ``total`` (pixels, k), ``values`` being
+    each pixel's exp of every class in the denominator (summed in any order, vectorised: float32
+    rounding either way, as in torch's softmax)."""
+    for i in range(values.shape[0]):
+        row = values[i]
+        denominator = np.float32(0.0)
+        for u in range(len(row)):
+            denominator += row[u]
+        sums = total[i]
+        for q in range(k):
+            sums[q] += row[position[q]] / denominator
+
+
+@njit(nogil=True, cache=True, boundscheck=False)
+def _exp_in_place(values, shift):
+    """exp(value - shift) of a flat array whose values are at most ``shift`` (or NaN), in one
+    vectorised loop."""
+    for i in range(len(values)):
+        values[i] = _exp_nonpositive(values[i] - shift)
+
+
+# exp(x) for x <= 0 as Cephes' expf computes it (x = n ln2 + r, |r| <= ln2 / 2, a degree-7
+# polynomial for exp(r), 2^n made from its bits), inlined so that the loop over it vectorises:
+# NumPy's and Numba's exp is a scalar call per element here. Within 1 ulp of the correctly
+# rounded value (tests/unit/test_ttamap.py checks it), as torch's own vectorised exp is. Below
+# -87.3 it returns about 1e-38 instead of 0: such a term is under float32's rounding of any
+# sum it joins.
+_LOG2E = np.float32(1.44269504088896341)
+_LN2_HIGH = np.float32(0.693359375)
+_LN2_LOW = np.float32(-2.12194440e-4)
+_EXP_FLOOR = np.float32(-87.3)
+
+
+@intrinsic
+def _float32_from_bits(typingctx, bits):
+    """The float32 whose IEEE bits are the int32 ``bits``."""
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.FloatType())
+
+    return types.float32(types.int32), codegen
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _exp_nonpositive(x):
+    x = _EXP_FLOOR if x < _EXP_FLOOR else x  # NaN passes through to the result
+    n = np.floor(x * _LOG2E + np.float32(0.5))
+    r = x - n * _LN2_HIGH - n * _LN2_LOW
+    p = np.float32(1.9875691500e-4)
+    p = p * r + np.float32(1.3981999507e-3)
+    p = p * r + np.float32(8.3334519073e-3)
+    p = p * r + np.float32(4.1665795894e-2)
+    p = p * r + np.float32(1.6666665459e-1)
+    p = p * r + np.float32(5.0000001201e-1)
+    p = p * r * r + r + np.float32(1.0)
+    exponent = n if n > np.float32(-126.0) else np.float32(-126.0)  # NaN: any finite value
+    bits = (np.int32(exponent) + np.int32(127)) << np.int32(23)
+    return p * _float32_from_bits(bits)  # type: ignore[call-arg]  # Numba supplies typingctx
 
 
 @njit(nogil=True, cache=True, boundscheck=False)
@@ -390,6 +483,7 @@ def _pass_values(logits, windows, window_taps, image_taps, sizes, p, region, use
         values, (win_y, win_x, win_h, win_w), (wr_lo, wr_hi, wr_w, wc_lo, wc_hi, wc_w),
         (y0, y1, x0, x1), use, n_use,
     )  # fmt: skip
+    one = np.float32(1.0)
     across = np.empty((y1 - y0, ox1 - ox0, n_use), np.float32)
     for x in range(ox0, ox1):
         b, b2, wb = c_lo[x], c_hi[x], c_w[x]
@@ -398,11 +492,11 @@ def _pass_values(logits, windows, window_taps, image_taps, sizes, p, region, use
         b, b2 = b - x0, b2 - x0
         for y in range(y1 - y0):
             for u in range(n_use):
-                across[y, x - ox0, u] = (1 - wb) * merged[y, b, u] + wb * merged[y, b2, u]
+                across[y, x - ox0, u] = (one - wb) * merged[y, b, u] + wb * merged[y, b2, u]
     out = np.empty((oy1 - oy0, ox1 - ox0, n_use), np.float32)
     for y in range(oy0, oy1):
         a, a2, wa = r_lo[y] - y0, r_hi[y] - y0, r_w[y]
         for x in range(ox1 - ox0):
             for u in range(n_use):
-                out[y - oy0, x, u] = (1 - wa) * across[a, x, u] + wa * across[a2, x, u]
+                out[y - oy0, x, u] = (one - wa) * across[a, x, u] + wa * across[a2, x, u]
     return out
