@@ -7,9 +7,10 @@ where a full queue refuses it; ``release`` (or cancelling a future) drops its in
 run yet.
 
 Invariant (continuous batching, oldest first): whenever the batch thread is free it takes the
-oldest queued input and up to ``max_batch_size - 1`` more of the same shape, in arrival order, and
-runs them. With ``max_queue_delay_s = 0`` (the default) an idle server therefore adds no queue
-delay, and a busy one batches what arrived while the previous batch ran. A positive delay lets the
+oldest queued input and up to ``max_batch_size - 1`` more of the same shape, in arrival order (fewer
+for big inputs: at most ``max_batch_pixels`` pixels in all, at least one input), and runs them.
+With ``max_queue_delay_s = 0`` (the default) an idle server therefore adds no queue delay, and a
+busy one batches what arrived while the previous batch ran. A positive delay lets the
 oldest input wait up to that long for its batch to fill; meanwhile a full batch of another shape
 may go first, but never once the oldest input has waited the delay. So no input waits longer than
 the delay, plus the batch running when that delay ran out, plus the runs of the inputs that
@@ -69,6 +70,7 @@ class Batcher:
         *,
         model_name: str,
         max_batch_size: int,
+        max_batch_pixels: int | None = None,
         max_queue_delay_s: float,
         max_queue_size: int,
     ) -> None:
@@ -77,6 +79,7 @@ class Batcher:
         self._run_batch = run_batch
         self._model = model_name
         self.max_batch_size = max_batch_size
+        self.max_batch_pixels = max_batch_pixels
         self.max_queue_delay_s = max_queue_delay_s
         self.max_queue_size = max_queue_size
         self._buckets: OrderedDict[ShapeKey, deque[_Item]] = OrderedDict()
@@ -184,6 +187,14 @@ class Batcher:
             self._thread.join()
             self._thread = None
 
+    def _batch_size(self, key: ShapeKey) -> int:
+        """Inputs of shape ``key`` (C, H, W) per batch: ``max_batch_size``, fewer where their
+        pixels would pass ``max_batch_pixels``, at least one."""
+        if self.max_batch_pixels is None:
+            return self.max_batch_size
+        pixels = key[-2] * key[-1]
+        return max(1, min(self.max_batch_size, self.max_batch_pixels // pixels))
+
     def _next_batch(self) -> list[_Item] | None:
         """Under the lock: wait for a runnable batch (see the module invariant); ``None`` once
         stopped and empty."""
@@ -198,13 +209,13 @@ class Batcher:
             if waited >= self.max_queue_delay_s or not self._accepting:
                 key = oldest_key
             else:
-                full = [k for k, b in self._buckets.items() if len(b) >= self.max_batch_size]
+                full = [k for k, b in self._buckets.items() if len(b) >= self._batch_size(k)]
                 if not full:
                     self._condition.wait(timeout=self.max_queue_delay_s - waited)
                     continue
                 key = min(full, key=lambda k: self._buckets[k][0].enqueued_at)
             bucket = self._buckets[key]
-            batch = [bucket.popleft() for _ in range(min(self.max_batch_size, len(bucket)))]
+            batch = [bucket.popleft() for _ in range(min(self._batch_size(key), len(bucket)))]
             if not bucket:
                 del self._buckets[key]
             self._depth -= len(batch)

@@ -52,6 +52,9 @@ class EngineConfig:
     """One engine's batching, timing, limits and session options."""
 
     max_batch_size: int = 8
+    # Model-input pixels per run (at least one input): onnxruntime's working memory grows with
+    # them, ~200 MB per 1024x1024 window for SegFormer-B0, so big windows batch fewer at a time.
+    max_batch_pixels: int = 4 << 20
     max_queue_delay_ms: float = 0.0  # 0: continuous batching (see service/batcher.py)
     max_queue_size: int = 256  # inputs waiting; beyond -> OverloadedError
     inference_timeout_s: float = 60.0

@@ -160,6 +160,7 @@ class Engine:
             else lambda batch: DeviceBatch(runtime.run_on_device(batch)),
             model_name=self.name,
             max_batch_size=config.max_batch_size,
+            max_batch_pixels=config.max_batch_pixels,
             max_queue_delay_s=config.max_queue_delay_ms / 1000.0,
             max_queue_size=config.max_queue_size,
         )

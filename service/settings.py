@@ -38,6 +38,7 @@ class Settings(BaseSettings):
     cuda_graphs: bool = _RUNTIME.cuda_graphs
     # batching (service/batcher.py)
     max_batch_size: int = Field(default=_ENGINE.max_batch_size, ge=1)
+    max_batch_pixels: int = Field(default=_ENGINE.max_batch_pixels, ge=1)
     max_queue_delay_ms: float = Field(default=_ENGINE.max_queue_delay_ms, ge=0)
     max_queue_size: int = Field(default=_ENGINE.max_queue_size, ge=1)
     max_inputs_in_flight: int = Field(default=_ENGINE.max_inputs_in_flight, ge=0)

@@ -31,12 +31,19 @@ class Recorder:
 
 
 def make_batcher(
-    run: Recorder, *, batch: int = 4, delay_s: float = 0.02, queue: int = 64, name: str = "t"
+    run: Recorder,
+    *,
+    batch: int = 4,
+    pixels: int | None = None,
+    delay_s: float = 0.02,
+    queue: int = 64,
+    name: str = "t",
 ) -> Batcher:
     batcher = Batcher(
         run,
         model_name=name,
         max_batch_size=batch,
+        max_batch_pixels=pixels,
         max_queue_delay_s=delay_s,
         max_queue_size=queue,
     )
@@ -65,6 +72,26 @@ def test_groups_by_shape_and_caps_batch_size() -> None:
         assert {shape[1:] for shape in run.shapes} == {(3, 8, 8), (3, 8, 12)}
         assert stats.inputs == 13 and stats.inference_s > 0
         assert batcher.depth == 0
+    finally:
+        batcher.stop(drain_timeout_s=0)
+
+
+def test_big_inputs_batch_fewer_at_a_time() -> None:
+    """``max_batch_pixels`` 2.5 inputs of 8x8: two per batch; 4x4 inputs still fill the batch
+    of four; a single input over the budget still runs, alone."""
+    run = Recorder()
+    run.release.clear()
+    batcher = make_batcher(run, batch=4, pixels=160)
+    try:
+        batcher.admit("a", 10)
+        shapes = [(3, 8, 8)] * 5 + [(3, 4, 4)] * 4 + [(3, 16, 16)]
+        futures = [batcher.submit(np.zeros(s, np.float32), "a", BatchStats()) for s in shapes]
+        run.release.set()
+        wait(futures, timeout=10)
+        sizes = sorted((shape[2:], shape[0]) for shape in run.shapes)
+        assert sizes[-1] == ((16, 16), 1)
+        assert [n for shape, n in sizes if shape == (8, 8)][-3:] == [1, 2, 2]
+        assert max(n for shape, n in sizes if shape == (4, 4)) == 4
     finally:
         batcher.stop(drain_timeout_s=0)
 
