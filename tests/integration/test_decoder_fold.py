@@ -1,5 +1,5 @@
-"""The export-time fold of SegFormer's All-MLP decoder computes the same logits, and only where
-that is exact (the mmseg head, with ReLU before fusion, is left alone)."""
+"""The export-time rewrite of SegFormer's decoder computes the same logits for both published
+heads, without the full-resolution ``4·dim -> dim`` fusion conv."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import copy
 import pytest
 import torch
 
-from export.decoder_fold import FoldedAllMLPHead, fold_for_inference
+from export.decoder_fold import FoldedHead, fold_for_inference
 from models.registry import create_model
 
 
@@ -22,15 +22,18 @@ def _randomise_batchnorm(model: torch.nn.Module, generator: torch.Generator) -> 
             module.bias.data.copy_(torch.randn(size, generator=generator))
 
 
-@pytest.mark.parametrize("size", [(64, 96), (75, 130)])
-def test_folded_head_matches_unfolded(size: tuple[int, int]) -> None:
+@pytest.mark.parametrize(
+    ("decoder", "size"), [("hf", (64, 96)), ("hf", (75, 130)), ("mmseg", (75, 130))]
+)
+def test_folded_head_matches_unfolded(decoder: str, size: tuple[int, int]) -> None:
     generator = torch.Generator().manual_seed(0)
-    model = create_model("segformer-b0", num_classes=19)
+    model = create_model("segformer-b0", num_classes=19, decoder=decoder)
     _randomise_batchnorm(model, generator)
-    for linear in model.decode_head.linear:
-        linear.bias.data.copy_(torch.randn(linear.bias.shape, generator=generator))
+    for conv in model.decode_head.modules():
+        if isinstance(conv, torch.nn.Conv2d) and conv.bias is not None:
+            conv.bias.data.copy_(torch.randn(conv.bias.shape, generator=generator))
     folded = fold_for_inference(copy.deepcopy(model))
-    assert isinstance(folded.decode_head, FoldedAllMLPHead)
+    assert isinstance(folded.decode_head, FoldedHead)
     pixels = torch.randn(2, 3, *size, generator=generator)
     with torch.no_grad():
         expected = model(pixels)
@@ -39,14 +42,9 @@ def test_folded_head_matches_unfolded(size: tuple[int, int]) -> None:
     scale = expected.abs().max().item()
     assert scale > 1.0  # the BatchNorm randomisation makes the check meaningful
     assert (actual - expected).abs().max().item() <= 1e-5 * scale
-    # The unfolded model is untouched and the folded one has no 4*dim fusion conv left.
+    # The loaded model is untouched and the rewritten one has no 4*dim fusion conv left.
+    assert any(isinstance(m, torch.nn.Conv2d) and m.in_channels == 4 * 256 for m in model.modules())
     assert not any(
         isinstance(m, torch.nn.Conv2d) and m.in_channels == 4 * 256
         for m in folded.decode_head.modules()
     )
-
-
-def test_mmseg_head_is_not_folded() -> None:
-    model = create_model("segformer-b0", num_classes=19, decoder="mmseg")
-    head = model.decode_head
-    assert fold_for_inference(model).decode_head is head
