@@ -11,6 +11,7 @@ from skimage import data
 from service.render import (
     blend_overlay,
     class_statistics,
+    label_counts,
     palette_array,
     palette_version,
     render_color_png,
@@ -46,6 +47,23 @@ def test_class_statistics_match_numpy_unique(labels: np.ndarray) -> None:
     assert [s.name for s in stats] == [classes[i] for i in ids]
     assert sum(s.fraction for s in stats) == pytest.approx(1.0)
     assert stats[0].fraction == pytest.approx(counts[0] / labels.size)
+
+
+@pytest.mark.parametrize("shape", [(4097, 4097), (1, (1 << 24) + 21), (300, 70)])
+def test_label_counts_are_exact_past_float32_integers(shape: tuple[int, int]) -> None:
+    """OpenCV's float32 histogram is exact only to 2**24 per bin: a map with more pixels of one
+    label than that must still count each one (as NumPy's bincount does)."""
+    labels = np.zeros(shape, np.uint8)
+    labels[0, :7] = 255
+    labels[-1, -3:] = 3
+    expected = np.bincount(labels.ravel(), minlength=256)
+    assert label_counts(labels).tolist() == expected.tolist()
+    assert (
+        label_counts(labels[:, 1:]).tolist()
+        == np.bincount(labels[:, 1:].ravel(), minlength=256).tolist()
+    )
+    wide = labels.astype(np.uint16) * 200
+    assert label_counts(wide).tolist() == np.bincount(wide.ravel()).tolist()
 
 
 def test_class_statistics_reject_ids_beyond_the_classes(labels: np.ndarray) -> None:
