@@ -139,8 +139,9 @@ def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
     image = _open(data, max_pixels)
     try:
         image.load()
-        upright = ImageOps.exif_transpose(image) or image
-        return _to_rgb(upright)
+        # In place: otherwise an image without an orientation tag is copied (0.6 ms at 512x512).
+        ImageOps.exif_transpose(image, in_place=True)
+        return _to_rgb(image)
     except Image.DecompressionBombError as exc:
         raise PayloadTooLargeError(f"image rejected as a decompression bomb: {exc}") from exc
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
