@@ -304,3 +304,18 @@ def test_vectorised_exp_is_within_one_ulp() -> None:
     special = np.array([np.nan, -200.0, 0.0], np.float32)
     ttamap._exp_in_place(special, np.float32(0.0))
     assert np.isnan(special[0]) and 0 <= special[1] < 2e-38 and special[2] == 1.0
+
+
+def test_logits_spread_wider_than_one_shift_allows() -> None:
+    """Confident logits (margins over 200) that change class within a tile: one shift for the whole
+    tile would underflow every term of some pixels, so those tiles shift pixel by pixel."""
+    original = (96, 160)
+    passes = [
+        PassLogits(p.windows, 40 * p.logits, p.scaled, p.flip)
+        for p in region_passes(original, (0.8, 1.25), None)
+    ]
+    result = mean_softmax(passes, original, np.uint8)
+    expected = reference(passes, original)
+    clear = expected.margin > NOISE  # where two passes each disagree with the other two: ties
+    assert clear.mean() > 0.95
+    np.testing.assert_array_equal(result.labels[clear], expected.labels[clear])
