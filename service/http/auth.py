@@ -32,8 +32,9 @@ from service.http.state import services
 from service.settings import Settings
 
 
-def check_api_key(request: Request) -> None:
-    """401 unless the request carries the configured key (when one is configured)."""
+async def check_api_key(request: Request) -> None:
+    """401 unless the request carries the configured key (when one is configured). Async, so
+    FastAPI runs it on the event loop instead of in a worker thread (it only compares bytes)."""
     key = services(request).settings.api_key
     if key is None:
         return

@@ -70,9 +70,15 @@ class Services:
 
 
 def services(request: Request) -> Services:
-    """The app's services (a FastAPI dependency)."""
+    """The app's services."""
     found: Services = request.app.state.services
     return found
 
 
-ServicesDep = Annotated[Services, Depends(services)]
+async def _services_dependency(request: Request) -> Services:
+    """``services`` as a dependency. Async, so FastAPI calls it on the event loop: a plain ``def``
+    dependency is run in a worker thread, a thread hop on every request."""
+    return services(request)
+
+
+ServicesDep = Annotated[Services, Depends(_services_dependency)]
