@@ -45,7 +45,7 @@ class AxisTaps:
     OpenCV's INTER_LINEAR and ``torch.nn.functional.interpolate`` compute them."""
 
     low: np.ndarray  # intp
-    high: np.ndarray  # intp, low + 1 except at the last source index
+    high: np.ndarray  # intp, low + 1 except at the last source index and where weight is 0
     weight: np.ndarray  # float32 in [0, 1)
 
     def parts(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -55,7 +55,9 @@ class AxisTaps:
 def axis_taps(source: int, destination: int) -> AxisTaps:
     position = np.maximum((np.arange(destination) + 0.5) * (source / destination) - 0.5, 0.0)
     low = np.minimum(np.floor(position).astype(np.intp), source - 1)
-    high = np.minimum(low + 1, source - 1)
+    # A zero weight reads ``low`` alone (exactly what the formula gives), so bounds and merges
+    # over a tile do not widen by a tap they do not use.
+    high = np.where(position > low, np.minimum(low + 1, source - 1), low)
     weight = np.where(high > low, position - low, 0.0).astype(np.float32)
     return AxisTaps(low, high, weight)
 
@@ -102,6 +104,7 @@ def pass_labels(
         band_rows,
         band_cols,
         tile,
+        tuple(scaled) == tuple(original),
         labels,
     )
     bands = len(band_rows) - 1
@@ -144,8 +147,8 @@ def executor() -> ThreadPoolExecutor:
 
 
 @njit(nogil=True, cache=True, boundscheck=False)
-def _label_bands(logits, windows, window_taps, image_taps, band_rows, band_cols, tile, labels,
-                 first, last):  # fmt: skip
+def _label_bands(logits, windows, window_taps, image_taps, band_rows, band_cols, tile, same_size,
+                 labels, first, last):  # fmt: skip
     """Labels of the output bands ``first`` to ``last`` (exclusive); returns the number of
     tiles computed exactly. Each band's blocks first get bounds over every class, separably
     (max/min over logit rows for whole rows, then over each block's columns); their tiles then
@@ -200,8 +203,8 @@ def _label_bands(logits, windows, window_taps, image_taps, band_rows, band_cols,
                     tile_rows = (ty, min(ty + tile, oy1))
                     tile_cols = (tx, min(tx + tile, band_cols[j + 1]))
                     exact += _label_tile(
-                        logits, windows, window_taps, image_taps, tile_rows, tile_cols,
-                        block_cand, k_block, cand, hi, lo, labels,
+                        logits, windows, window_taps, image_taps, same_size, tile_rows,
+                        tile_cols, block_cand, k_block, cand, hi, lo, labels,
                     )  # fmt: skip
     return exact
 
@@ -279,11 +282,12 @@ def _beaten_out(hi, lo, cand, k, out):
 
 
 @njit(nogil=True, cache=True, boundscheck=False)
-def _label_tile(logits, windows, window_taps, image_taps, tile_rows, tile_cols, block_cand, k,
-                cand, hi, lo, labels):  # fmt: skip
+def _label_tile(logits, windows, window_taps, image_taps, same_size, tile_rows, tile_cols,
+                block_cand, k, cand, hi, lo, labels):  # fmt: skip
     """Labels of output pixels ``tile_rows`` x ``tile_cols`` (half-open) among the block's
     ``k`` candidates; returns 1 if they needed exact arithmetic. ``cand``, ``hi``, ``lo`` are
-    scratch."""
+    scratch. With ``same_size`` (the resized image is the original) the last resize is the
+    identity, and skipped."""
     win_y, win_x, win_h, win_w = windows
     wr_lo, wr_hi, _, wc_lo, wc_hi, _ = window_taps
     r_lo, r_hi, r_w, c_lo, c_hi, c_w = image_taps
@@ -320,6 +324,11 @@ def _label_tile(logits, windows, window_taps, image_taps, tile_rows, tile_cols, 
     # mmseg's sum over windows divided by the number covering each pixel, then the resize to the
     # original; each resize columns first, then rows, as torch's bilinear kernel computes it.
     merged = _merged_windows(logits, windows, window_taps, (y0, y1, x0, x1), cand, k)
+    if same_size:
+        for y in range(oy1 - oy0):
+            for x in range(ox1 - ox0):
+                labels[y + oy0, x + ox0] = cand[_first_argmax(merged[y, x])]
+        return 1
     one = np.float32(1.0)
     across = np.empty((y1 - y0, ox1 - ox0, k), np.float32)
     for y in range(y1 - y0):
@@ -333,12 +342,19 @@ def _label_tile(logits, windows, window_taps, image_taps, tile_rows, tile_cols, 
         for x in range(ox1 - ox0):
             for q in range(k):
                 value[q] = (one - wa) * across[a, x, q] + wa * across[a2, x, q]
-            best, label = -np.inf, cand[0]
-            for q in range(k):
-                if value[q] > best:  # strict: the first of tied classes wins, as in argmax
-                    best, label = value[q], cand[q]
-            labels[y, x + ox0] = label
+            labels[y, x + ox0] = cand[_first_argmax(value)]
     return 1
+
+
+@njit(nogil=True, cache=True, boundscheck=False)
+def _first_argmax(values):
+    """Index of the largest value, the first of ties, 0 when all are NaN (as the labels of NaN
+    logits have always been)."""
+    best, index = -np.inf, 0
+    for q in range(len(values)):
+        if values[q] > best:  # strict: the first of tied classes wins, as in argmax
+            best, index = values[q], q
+    return index
 
 
 @njit(nogil=True, cache=True, boundscheck=False)

@@ -98,6 +98,7 @@ def test_axis_taps_are_torch_bilinear(source: int, destination: int) -> None:
         ((90, 130), (61, 83), (48, 64), (48, 64), 5, 16),  # no overlap, downsampling
         ((50, 70), (120, 150), (64, 96), (32, 32), 8, 8),  # image smaller than the crop
         ((101, 77), (101, 77), (64, 64), (21, 13), 200, 200),  # many windows, one tile
+        ((96, 160), (96, 160), (64, 64), (40, 40), 16, 32),  # same size: no last resize
     ],
 )
 def test_untrained_logits_match_mmseg(
