@@ -126,7 +126,13 @@ class EfficientSelfAttention(nn.Module):
 
 
 class MixFFN(nn.Module):
-    """fc1 -> depthwise 3×3 conv (the positional signal) -> GELU -> fc2."""
+    """fc1 -> depthwise 3×3 conv (the positional signal) -> GELU -> fc2.
+
+    The two Linear layers (kept as such, so checkpoints load unchanged) are applied as 1×1
+    convolutions on the feature map: the same linear maps, but the only layout changes are at
+    ``dim`` channels rather than the 4x wider hidden ones around the depthwise conv, and
+    onnxruntime runs the conv chain in its blocked layout. B0's CPU forward at 512×512 went from
+    98 to 75 ms (docs/export.md)."""
 
     def __init__(self, dim: int, hidden_dim: int) -> None:
         super().__init__()
@@ -135,8 +141,10 @@ class MixFFN(nn.Module):
         self.fc2 = nn.Linear(hidden_dim, dim)
 
     def forward(self, tokens: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        hidden = _tokens(self.dwconv(_feature_map(self.fc1(tokens), like)))
-        return self.fc2(F.gelu(hidden))
+        feature_map = _feature_map(tokens, like)
+        hidden = F.conv2d(feature_map, self.fc1.weight[..., None, None], self.fc1.bias)
+        hidden = F.gelu(self.dwconv(hidden))
+        return _tokens(F.conv2d(hidden, self.fc2.weight[..., None, None], self.fc2.bias))
 
 
 class TransformerBlock(nn.Module):
