@@ -20,6 +20,7 @@ import onnxruntime as ort
 
 from service.config import PROVIDER_NAMES, RuntimeSettings
 from service.cuda_graphs import CudaGraphs
+from service.heap import RELEASE_PIXELS, Heap, heap
 
 log = logging.getLogger(__name__)
 
@@ -34,9 +35,9 @@ SHAPE_OPS = frozenset(
 )
 SHAPE_DTYPES = frozenset({"int64", "bool"})
 
-# Inputs larger than this (pixels per batch) ask onnxruntime to hand arena memory back after the
-# run, so that one huge image does not keep its peak allocation for the life of the process.
-ARENA_SHRINK_PIXELS = 4_000_000
+
+def _pixels(batch: np.ndarray) -> int:
+    return batch.shape[0] * batch.shape[2] * batch.shape[3]
 
 
 class ProviderUnavailableError(RuntimeError):
@@ -146,7 +147,9 @@ class Runtime:
         self.device: Literal["cpu", "cuda"] = "cuda" if self.provider == CUDA else "cpu"
         self._model_path = model_path
         self._providers = providers
-        # Only the GPU has an arena to shrink: the CPU arena is off (see _session_options).
+        # Only the GPU has an arena to shrink: the CPU arena is off (see _session_options) and the
+        # heap under CPU runs keeps freed activations for the next run (service/heap.py).
+        self._heap: Heap | None = heap() if self.device == "cpu" else None
         self._shrink: ort.RunOptions | None = None
         if self.provider == CUDA:
             self._shrink = ort.RunOptions()
@@ -164,8 +167,9 @@ class Runtime:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         # Idle pool threads would otherwise spin and steal the cores that resize/merge need.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        # The CPU arena keeps its high-water mark for good; without it freed buffers go back to the
-        # allocator, so memory falls back after a burst of big batches (measured: no slowdown).
+        # The CPU arena keeps its high-water mark for good and fragments; without it freed buffers
+        # go back to the heap, which keeps them between runs and gives them back after a burst of
+        # big batches (service/heap.py).
         options.enable_cpu_mem_arena = False
         options.enable_profiling = profile
         if profile:  # the profile is written next to this prefix; keep it out of the cwd
@@ -195,6 +199,8 @@ class Runtime:
             output = np.asarray(binding.copy_outputs_to_cpu()[0])[:count]  # a graph pads
         else:
             output = self._session.run([self.output_name], {self.input_name: batch}, run_options)[0]
+            if self._heap is not None:
+                self._heap.ran(_pixels(batch))
         return output if output.dtype == np.float32 else output.astype(np.float32)
 
     def run_on_device(self, batch: np.ndarray) -> ort.OrtValue:
@@ -226,8 +232,7 @@ class Runtime:
             batch = batch.astype(self.input_dtype)
         if self._graphs is not None:
             return batch, self._graphs.uncaptured
-        pixels = batch.shape[0] * batch.shape[2] * batch.shape[3]
-        return batch, self._shrink if pixels > ARENA_SHRINK_PIXELS else None
+        return batch, self._shrink if _pixels(batch) > RELEASE_PIXELS else None
 
     def _run_bound(
         self, batch: np.ndarray, run_options: ort.RunOptions | None

@@ -23,10 +23,10 @@ from service.errors import (
     UnknownModelError,
 )
 from service.geometry import resize_image
+from service.heap import RELEASE_PIXELS
 from service.manager import ModelManager
 from service.planning import SegmentOptions
 from service.runtime import (
-    ARENA_SHRINK_PIXELS,
     CPU,
     CUDA,
     PlacementError,
@@ -426,12 +426,12 @@ def test_stop_past_its_drain_time_fails_the_request_as_overloaded(
 
 
 def test_huge_batches_run_without_a_cpu_arena(tiny_bundle: Bundle) -> None:
-    """Over ARENA_SHRINK_PIXELS a CPU run needs no arena shrinkage (the CPU arena is off, so no
+    """Over RELEASE_PIXELS a CPU run needs no arena shrinkage (the CPU arena is off, so no
     shrink option may be sent: onnxruntime rejects one for a missing arena); results unchanged."""
     runtime = Runtime(
         tiny_bundle.model_path, "pixels", "logits", "uint8", RuntimeSettings(providers=("cpu",))
     )
-    side = int(ARENA_SHRINK_PIXELS**0.5) + 8
+    side = int(RELEASE_PIXELS**0.5) + 8
     pixels = np.random.default_rng(0).integers(0, 255, (1, 3, side, side), dtype=np.uint8)
     big = runtime.run(pixels)
     corner = runtime.run(np.ascontiguousarray(pixels[:, :, :64, :64]))  # small: no shrinkage

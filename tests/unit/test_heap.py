@@ -1,0 +1,84 @@
+"""The heap under CPU forwards (service/heap.py), measured on real onnxruntime runs: freed
+activations are kept for the next run (page faults), and handed back (RSS) after a huge run and
+when idle."""
+
+from __future__ import annotations
+
+import resource
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from service.bundle import Bundle
+from service.config import RuntimeSettings
+from service.heap import _M_MMAP_THRESHOLD, _M_TRIM_THRESHOLD, RELEASE_IDLE_S, RELEASE_PIXELS
+from service.runtime import Runtime
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's heap")
+MIB = 1 << 20
+
+
+def _runtime(bundle: Bundle) -> Runtime:
+    return Runtime(
+        bundle.model_path, "pixels", "logits", "uint8", RuntimeSettings(providers=("cpu",))
+    )
+
+
+def _pixels(side: int) -> np.ndarray:
+    return np.random.default_rng(0).integers(0, 255, (1, 3, side, side), dtype=np.uint8)
+
+
+def _faults_per_run(runtime: Runtime, batch: np.ndarray, runs: int = 5) -> float:
+    for _ in range(10):  # the heap settles after a few runs (its free blocks found their sizes)
+        runtime.run(batch)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(runs):
+        runtime.run(batch)
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / runs
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * resource.getpagesize()
+
+
+def test_forwards_reuse_freed_activations(tiny_bundle: Bundle) -> None:
+    """With glibc's default thresholds every run maps its big buffers afresh (thousands of page
+    faults); once the heap keeps them, a repeated run faults almost nothing."""
+    runtime = _runtime(tiny_bundle)
+    heap = runtime._heap
+    assert heap is not None
+    batch = _pixels(1024)  # 3 Mpx of float activations: far over 128 KiB, under RELEASE_PIXELS
+    heap._libc.mallopt(_M_MMAP_THRESHOLD, 128 << 10)  # glibc's defaults, held fixed
+    heap._libc.mallopt(_M_TRIM_THRESHOLD, 128 << 10)
+    try:
+        unkept = _faults_per_run(runtime, batch)
+    finally:
+        heap.keep()
+    kept = _faults_per_run(runtime, batch)
+    assert unkept > 2000, unkept  # 12 MiB of float input alone is 3000 pages
+    assert kept < unkept / 10, (kept, unkept)
+
+
+def test_huge_runs_and_idle_hand_memory_back(tiny_bundle: Bundle) -> None:
+    runtime = _runtime(tiny_bundle)
+    heap = runtime._heap
+    assert heap is not None
+    heap.release()
+    baseline = _rss()
+
+    releases = heap.releases
+    side = int(RELEASE_PIXELS**0.5) + 8  # ~190 MiB of activations
+    runtime.run(_pixels(side))
+    assert heap.releases == releases + 1
+    assert _rss() - baseline < 40 * MIB, (_rss() - baseline) / MIB
+
+    runtime.run(_pixels(1800))  # under RELEASE_PIXELS: kept...
+    kept = _rss() - baseline
+    assert kept > 60 * MIB, kept / MIB
+    deadline = time.monotonic() + 3 * RELEASE_IDLE_S  # ...until the heap has been idle a while
+    while _rss() - baseline > kept / 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _rss() - baseline < kept / 2, ((_rss() - baseline) / MIB, kept / MIB)
