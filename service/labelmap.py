@@ -381,24 +381,42 @@ def _undominated(logits, windows, window_taps, region, cand, k, taps):
                     values[i, q] = logits[n, cand[q], a, b]
                     i += 1
         row += (a1 - a0) * (b1 - b0)
-    likeliest = np.argsort(-values.sum(axis=0))[:REFERENCE_CLASSES]
-    keep = np.ones(k, np.bool_)
-    margin = np.empty(k, np.float32)
-    for references in range(1, len(likeliest) + 1):
-        margin[:] = -np.inf
-        for i in range(taps):
-            mean = np.float32(0.0)
-            for r in range(references):
-                mean += values[i, likeliest[r]]
-            mean /= references
-            for q in range(k):
-                d = values[i, q] - mean
-                margin[q] = d if d > margin[q] else margin[q]
+    # The likeliest classes by their sum over the taps (any choice keeps the pruning exact).
+    sums = np.zeros(k, np.float32)
+    for i in range(taps):
         for q in range(k):
-            keep[q] = keep[q] and margin[q] >= 0
+            sums[q] += values[i, q]
+    references = min(k, REFERENCE_CLASSES)
+    likeliest = np.full(references, -1, np.int64)
+    for q in range(k):
+        if sums[q] != sums[q]:
+            continue  # NaN sums come last, as in an argsort
+        place = q
+        for r in range(references):
+            if likeliest[r] < 0 or sums[place] > sums[likeliest[r]]:
+                likeliest[r], place = place, likeliest[r]
+                if place < 0:
+                    break
+    filled = np.sum(likeliest >= 0)
+    for q in range(k):
+        if filled < references and sums[q] != sums[q]:
+            likeliest[filled] = q
+            filled += 1
+    # One sweep over the taps: each class's largest margin over each reference mean.
+    margin = np.full((references, k), -np.inf, np.float32)
+    means = np.empty(references, np.float64)  # float32 sums, divided in float64
+    for i in range(taps):
+        mean = np.float32(0.0)
+        for r in range(references):
+            mean += values[i, likeliest[r]]
+            means[r] = np.float64(mean) / (r + 1)
+        for r in range(references):
+            for q in range(k):
+                d = values[i, q] - means[r]
+                margin[r, q] = d if d > margin[r, q] else margin[r, q]
     kept = 0
     for q in range(k):
-        if keep[q]:
+        if np.all(margin[:, q] >= 0):
             cand[kept] = cand[q]
             kept += 1
     return max(kept, 1)
