@@ -5,15 +5,17 @@ when idle."""
 from __future__ import annotations
 
 import resource
+import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from service.bundle import Bundle
 from service.config import RuntimeSettings
-from service.heap import _M_MMAP_THRESHOLD, _M_TRIM_THRESHOLD, RELEASE_IDLE_S, RELEASE_PIXELS
+from service.heap import RELEASE_IDLE_S, RELEASE_PIXELS
 from service.runtime import Runtime
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's heap")
@@ -30,7 +32,22 @@ def _pixels(side: int) -> np.ndarray:
     return np.random.default_rng(0).integers(0, 255, (1, 3, side, side), dtype=np.uint8)
 
 
-def _faults_per_run(runtime: Runtime, batch: np.ndarray, runs: int = 5) -> float:
+def _rss() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * resource.getpagesize()
+
+
+# Run in a fresh process: in a heap that earlier work left full of free blocks, allocations reuse
+# those whatever the thresholds say.
+_REUSE = """
+import resource, sys
+from pathlib import Path
+import numpy as np
+from service.config import RuntimeSettings
+from service.heap import _M_MMAP_THRESHOLD, _M_TRIM_THRESHOLD
+from service.runtime import Runtime
+
+def faults_per_run(runtime, batch, runs=5):
     for _ in range(10):  # the heap settles after a few runs (its free blocks found their sizes)
         runtime.run(batch)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -38,26 +55,29 @@ def _faults_per_run(runtime: Runtime, batch: np.ndarray, runs: int = 5) -> float
         runtime.run(batch)
     return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / runs
 
-
-def _rss() -> int:
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * resource.getpagesize()
+settings = RuntimeSettings(providers=("cpu",))
+runtime = Runtime(Path(sys.argv[1]), "pixels", "logits", "uint8", settings)
+batch = np.random.default_rng(0).integers(0, 255, (1, 3, 1024, 1024), dtype=np.uint8)
+runtime._heap._libc.mallopt(_M_MMAP_THRESHOLD, 128 << 10)  # glibc's defaults, held fixed
+runtime._heap._libc.mallopt(_M_TRIM_THRESHOLD, 128 << 10)
+unkept = faults_per_run(runtime, batch)
+runtime._heap.keep()
+print(unkept, faults_per_run(runtime, batch))
+"""
 
 
 def test_forwards_reuse_freed_activations(tiny_bundle: Bundle) -> None:
     """With glibc's default thresholds every run maps its big buffers afresh (thousands of page
     faults); once the heap keeps them, a repeated run faults almost nothing."""
-    runtime = _runtime(tiny_bundle)
-    heap = runtime._heap
-    assert heap is not None
-    batch = _pixels(1024)  # 3 Mpx of float activations: far over 128 KiB, under RELEASE_PIXELS
-    heap._libc.mallopt(_M_MMAP_THRESHOLD, 128 << 10)  # glibc's defaults, held fixed
-    heap._libc.mallopt(_M_TRIM_THRESHOLD, 128 << 10)
-    try:
-        unkept = _faults_per_run(runtime, batch)
-    finally:
-        heap.keep()
-    kept = _faults_per_run(runtime, batch)
+    found = subprocess.run(
+        [sys.executable, "-c", _REUSE, str(tiny_bundle.model_path)],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=Path(__file__).parents[2],
+        timeout=120,
+    )
+    unkept, kept = map(float, found.stdout.split())
     assert unkept > 2000, unkept  # 12 MiB of float input alone is 3000 pages
     assert kept < unkept / 10, (kept, unkept)
 
