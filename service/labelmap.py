@@ -397,7 +397,7 @@ def _undominated(logits, windows, window_taps, region, cand, k, taps):
                 likeliest[r], place = place, likeliest[r]
                 if place < 0:
                     break
-    filled = np.sum(likeliest >= 0)
+    filled = int(np.sum(likeliest >= 0))
     for q in range(k):
         if filled < references and sums[q] != sums[q]:
             likeliest[filled] = q
