@@ -457,11 +457,12 @@ def test_int8_export_through_the_cli(tmp_path: Path, capsys: pytest.CaptureFixtu
     argv = ["--model", "segformer-b0", "--random-init", "--precision", "int8", "--out", str(out)]
     assert main([*argv, "--skip-verify"]) == 0
     report = capsys.readouterr().out
+    assert report.startswith("exported ")  # the calibrator's progress went to stderr
     assert "precision    int8" in report and "refitted classifier weights" in report
     quantization = load_bundle(out).metadata.quantization
     assert quantization is not None and quantization.agreement_weights == "refitted classifier"
     assert f"agreement    {quantization.label_agreement:.2%}" in report
-    assert 0.85 < quantization.label_agreement < 1.0  # measured 94.6 %
+    assert 0.85 < quantization.label_agreement < 1.0  # measured 94.2-95.9 %
     ops = [node.op_type for node in onnx.load(str(out / "1" / "model.onnx")).graph.node]
     assert ops.count("MultiHeadAttention") == 8 and ops.count("QuantizeLinear") > 100
     files = sorted(p.name for p in out.rglob("*"))

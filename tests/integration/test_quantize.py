@@ -21,6 +21,7 @@ from pydantic import ValidationError
 
 from export import quantize
 from export.quantize import (
+    CALIBRATION_PERCENTILE,
     METHOD,
     cpu_session,
     label_agreement,
@@ -90,6 +91,61 @@ def test_quantized_graph_has_per_channel_int8_weights_and_tracks_fp32(
     assert 0.8 < agreement < 1.0  # int8 is close to fp32, and not secretly the same graph
 
 
+def test_activation_ranges_clip_the_calibration_outliers(
+    model_repository: Path, int8_repository: Path
+) -> None:
+    """The middle convolution's output range is its values' percentile range on the calibration
+    photos, not their min-max stretched by a few outliers (which a MinMax calibration gives)."""
+    probe = onnx.load(str(model_repository / "tiny" / MODEL_FILE))
+    probe.graph.output.append(
+        onnx.helper.make_tensor_value_info("mixed", onnx.TensorProto.FLOAT, None)
+    )
+    session = cpu_session(probe.SerializeToString())
+    values = np.concatenate(
+        [
+            session.run(["mixed"], {"pixels": b})[0].ravel()
+            for b in quantize.photos(CALIBRATION, SIZE)
+        ]
+    )
+    cut = (100 - CALIBRATION_PERCENTILE) / 2
+    low, high = np.percentile(values, [cut, 100 - cut])
+    graph = onnx.load(str(int8_repository / "tiny-int8" / MODEL_FILE)).graph
+    initializers = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    quantizer = next(
+        n for n in graph.node if n.op_type == "QuantizeLinear" and n.input[0] == "mixed"
+    )
+    width = float(initializers[quantizer.input[1]]) * 255  # uint8 steps
+    # 2 % below: onnxruntime reads the percentiles off a 2048-bin histogram.
+    assert 0.98 * (high - low) <= width <= 0.95 * (values.max() - values.min())
+
+
+def test_a_class_that_never_wins_stays_out_of_int8_labels(tmp_path: Path) -> None:
+    """A classifier channel with near-zero weights and a large negative bias (a class that is
+    never predicted, as in a refitted twin) must not wrap its int32 accumulator and win.
+
+    Its weights are set so that onnxruntime's quantizer has to raise their scale slightly for
+    the bias to fit in int32: the bias then sits at the edge of int32, as on the twin that
+    labelled every pixel with such a class."""
+    fp32, int8 = tmp_path / "fp32.onnx", tmp_path / "int8.onnx"
+    calibration = quantize.photos(CALIBRATION, SIZE)
+    onnx.save(_wide_net_with_a_dead_class(1e-6), str(fp32))
+    quantize_int8(fp32, int8, calibration)
+    graph = onnx.load(str(int8)).graph
+    initializers = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    producers = {output: node for node in graph.node for output in node.output}
+    classifier = next(n for n in reversed(graph.node) if n.op_type == "Conv")
+    input_scale = float(initializers[producers[classifier.input[0]].input[1]])
+    # Natural weight scale 0.999x the least that keeps the bias (-4) inside int32.
+    weight = 0.999 * 127 * 4.0 / (input_scale * 2**31)
+    onnx.save(_wide_net_with_a_dead_class(weight), str(fp32))
+    quantize_int8(fp32, int8, calibration)
+    for batch in quantize.photos(AGREEMENT, SIZE):
+        (expected,) = cpu_session(fp32).run(None, {"pixels": batch})
+        (found,) = cpu_session(int8).run(None, {"pixels": batch})
+        assert np.abs(found[:, 0] - expected[:, 0]).max() < 0.5  # about -4 everywhere
+        assert (labels(cpu_session(int8), batch) != 0).all()
+
+
 def test_refitted_classifier_learns_labels_its_features_can_draw(model_repository: Path) -> None:
     """Fitted to the net's own labels with the classes permuted (which a 1x1 classifier on the
     same features can draw), the twin gives the permuted labels; the original does not."""
@@ -139,6 +195,34 @@ def test_int8_metadata_must_record_its_quantization(model_repository: Path) -> N
     with pytest.raises(ValidationError, match="record their quantization"):
         type(metadata).model_validate({**metadata.model_dump(), "precision": "int8"})
     assert load_bundle(model_repository / "tiny").metadata.quantization is None
+
+
+def _wide_net_with_a_dead_class(dead_weight: float) -> onnx.ModelProto:
+    """pixels -> 4x4 patch conv to 256 channels -> ReLU -> 1x1 classifier of 5 classes, as wide
+    as SegFormer's classifier; class 0 has every weight ``-dead_weight`` and a bias of -4."""
+    rng = np.random.default_rng(7)
+    patch_w = rng.normal(0, 0.02, (256, 3, 4, 4)).astype(np.float32)
+    cls_w = rng.normal(0, 0.1, (5, 256, 1, 1)).astype(np.float32)
+    cls_w[0] = -dead_weight
+    cls_b = np.array([-4.0, 0.1, -0.1, 0.2, 0.0], np.float32)
+    nodes = [
+        onnx.helper.make_node("Cast", ["pixels"], ["pixels_f"], to=onnx.TensorProto.FLOAT),
+        onnx.helper.make_node("Conv", ["pixels_f", "patch_w"], ["patches"], strides=[4, 4]),
+        onnx.helper.make_node("Relu", ["patches"], ["features"]),
+        onnx.helper.make_node("Conv", ["features", "cls_w", "cls_b"], ["logits"]),
+    ]
+    graph = onnx.helper.make_graph(
+        nodes,
+        "dead_class",
+        [onnx.helper.make_tensor_value_info("pixels", onnx.TensorProto.UINT8, ["N", 3, "H", "W"])],
+        [onnx.helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, None)],
+        [
+            numpy_helper.from_array(patch_w, "patch_w"),
+            numpy_helper.from_array(cls_w, "cls_w"),
+            numpy_helper.from_array(cls_b, "cls_b"),
+        ],
+    )
+    return onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
 
 
 def _png(image: np.ndarray) -> bytes:
