@@ -105,6 +105,7 @@ def pass_labels(
         band_cols,
         tile,
         tuple(scaled) == tuple(original),
+        len(windows) == 1 and (windows[0].y1, windows[0].x1, height, width) == (0, 0, *scaled),
         labels,
     )
     bands = len(band_rows) - 1
@@ -148,7 +149,7 @@ def executor() -> ThreadPoolExecutor:
 
 @njit(nogil=True, cache=True, boundscheck=False)
 def _label_bands(logits, windows, window_taps, image_taps, band_rows, band_cols, tile, same_size,
-                 labels, first, last):  # fmt: skip
+                 whole, labels, first, last):  # fmt: skip
     """Labels of the output bands ``first`` to ``last`` (exclusive); returns the number of
     tiles computed exactly. Each band's blocks first get bounds over every class, separably
     (max/min over logit rows for whole rows, then over each block's columns); their tiles then
@@ -203,7 +204,7 @@ def _label_bands(logits, windows, window_taps, image_taps, band_rows, band_cols,
                     tile_rows = (ty, min(ty + tile, oy1))
                     tile_cols = (tx, min(tx + tile, band_cols[j + 1]))
                     exact += _label_tile(
-                        logits, windows, window_taps, image_taps, same_size, tile_rows,
+                        logits, windows, window_taps, image_taps, same_size, whole, tile_rows,
                         tile_cols, block_cand, k_block, cand, hi, lo, labels,
                     )  # fmt: skip
     return exact
@@ -282,12 +283,13 @@ def _beaten_out(hi, lo, cand, k, out):
 
 
 @njit(nogil=True, cache=True, boundscheck=False)
-def _label_tile(logits, windows, window_taps, image_taps, same_size, tile_rows, tile_cols,
+def _label_tile(logits, windows, window_taps, image_taps, same_size, whole, tile_rows, tile_cols,
                 block_cand, k, cand, hi, lo, labels):  # fmt: skip
     """Labels of output pixels ``tile_rows`` x ``tile_cols`` (half-open) among the block's
     ``k`` candidates; returns 1 if they needed exact arithmetic. ``cand``, ``hi``, ``lo`` are
     scratch. With ``same_size`` (the resized image is the original) the last resize is the
-    identity, and skipped."""
+    identity, and skipped; with ``whole`` (one window covering the resized image) the exact
+    labels are taken cell by cell (``_label_cells``)."""
     win_y, win_x, win_h, win_w = windows
     wr_lo, wr_hi, _, wc_lo, wc_hi, _ = window_taps
     r_lo, r_hi, r_w, c_lo, c_hi, c_w = image_taps
@@ -315,11 +317,15 @@ def _label_tile(logits, windows, window_taps, image_taps, same_size, tile_rows, 
                         low = v if v < low else low
                 hi[q], lo[q] = h, low
         k = _beaten_out(hi, lo, cand, k, cand)
-    if k > 1:
+    if k > 1 and not whole:  # whole mode prunes cell by cell instead (_label_cells)
         k = _undominated(logits, windows, window_taps, (y0, y1, x0, x1), cand, k, taps)
     if k <= 1:  # one class wins the whole tile (none: every logit is NaN)
         labels[oy0:oy1, ox0:ox1] = cand[0] if k == 1 else 0
         return 0
+    if whole:
+        _label_cells(logits, window_taps, image_taps, same_size, tile_rows, tile_cols, cand, k,
+                     hi, lo, labels)  # fmt: skip
+        return 1
 
     # mmseg's sum over windows divided by the number covering each pixel, then the resize to the
     # original; each resize columns first, then rows, as torch's bilinear kernel computes it.
@@ -344,6 +350,114 @@ def _label_tile(logits, windows, window_taps, image_taps, same_size, tile_rows, 
                 value[q] = (one - wa) * across[a, x, q] + wa * across[a2, x, q]
             labels[y, x + ox0] = cand[_first_argmax(value)]
     return 1
+
+
+@njit(nogil=True, cache=True, boundscheck=False)
+def _logit_span(pixel, image_low, image_high, window_low, window_high, same_size):
+    """The first and last logits index an output pixel reads along one axis (whole mode)."""
+    if same_size:
+        return window_low[pixel], window_high[pixel]
+    return window_low[image_low[pixel]], window_high[image_high[pixel]]
+
+
+@njit(nogil=True, cache=True, boundscheck=False)
+def _label_cells(logits, window_taps, image_taps, same_size, tile_rows, tile_cols, cand, k, hi,
+                 lo, labels):  # fmt: skip
+    """Whole mode's exact labels of a tile, cell by cell: a cell is a run of output pixels that
+    read the same rectangle of logits (2x2 at the same size, up to 3x3 through both resizes), and
+    its candidates are those of the tile's ``cand[:k]`` whose max there reaches the best min
+    there (every class, where a logit there is NaN). On untrained logits a cell keeps ~3 of the
+    tile's ~25. The values are torch's bilinear steps in float32, as ``_merged_windows`` and
+    ``_label_tile`` compute them, so the labels are the same."""
+    wr_lo, wr_hi, wr_w, wc_lo, wc_hi, wc_w = window_taps
+    r_lo, r_hi, _, c_lo, c_hi, _ = image_taps
+    (oy0, oy1), (ox0, ox1) = tile_rows, tile_cols
+    one = np.float32(1.0)
+    cell = np.empty(k, np.int64)
+    value = np.empty(k, np.float32)
+    y = oy0
+    while y < oy1:
+        ra, rb = _logit_span(y, r_lo, r_hi, wr_lo, wr_hi, same_size)
+        y_end = y + 1
+        while y_end < oy1 and _logit_span(y_end, r_lo, r_hi, wr_lo, wr_hi, same_size) == (ra, rb):
+            y_end += 1
+        x = ox0
+        while x < ox1:
+            ca, cb = _logit_span(x, c_lo, c_hi, wc_lo, wc_hi, same_size)
+            x_end = x + 1
+            while x_end < ox1 and _logit_span(x_end, c_lo, c_hi, wc_lo, wc_hi, same_size) == (
+                ca,
+                cb,
+            ):
+                x_end += 1
+            nan = False
+            best_lo = -np.inf
+            for q in range(k):
+                h, low = -np.inf, np.inf
+                for a in range(ra, rb + 1):
+                    for b in range(ca, cb + 1):
+                        v = logits[0, cand[q], a, b]
+                        nan = nan or v != v
+                        h = v if v > h else h
+                        low = v if v < low else low
+                hi[q], lo[q] = h, low
+                best_lo = low if low > best_lo else best_lo
+            kc = 0
+            for q in range(k):
+                if nan or hi[q] >= best_lo:
+                    cell[kc] = cand[q]
+                    kc += 1
+            if kc == 1:
+                labels[y:y_end, x:x_end] = cell[0]
+            elif same_size:
+                for py in range(y, y_end):
+                    a, a2, wa = wr_lo[py], wr_hi[py], wr_w[py]
+                    for px in range(x, x_end):
+                        b, b2, wb = wc_lo[px], wc_hi[px], wc_w[px]
+                        for q in range(kc):
+                            plane = logits[0, cell[q]]
+                            upper = (one - wb) * plane[a, b] + wb * plane[a, b2]
+                            lower = (one - wb) * plane[a2, b] + wb * plane[a2, b2]
+                            value[q] = (one - wa) * upper + wa * lower
+                        labels[py, px] = cell[_first_argmax(value[:kc])]
+            else:
+                for py in range(y, y_end):
+                    for px in range(x, x_end):
+                        for q in range(kc):
+                            value[q] = _resized_value(logits[0, cell[q]], py, px, window_taps,
+                                                      image_taps)  # fmt: skip
+                        labels[py, px] = cell[_first_argmax(value[:kc])]
+            x = x_end
+        y = y_end
+
+
+@njit(nogil=True, cache=True, boundscheck=False, inline="always")
+def _resized_value(plane, py, px, window_taps, image_taps):
+    """One class's score at output pixel (py, px) in whole mode through both resizes, as torch
+    computes it: the logits ``plane`` resized to the window, then to the original, each
+    columns first."""
+    r_lo, r_hi, r_w, c_lo, c_hi, c_w = image_taps
+    one = np.float32(1.0)
+    t1, t2, wt = c_lo[px], c_hi[px], c_w[px]
+    upper = (one - wt) * _window_value(plane, r_lo[py], t1, window_taps) + wt * _window_value(
+        plane, r_lo[py], t2, window_taps
+    )
+    lower = (one - wt) * _window_value(plane, r_hi[py], t1, window_taps) + wt * _window_value(
+        plane, r_hi[py], t2, window_taps
+    )
+    return (one - r_w[py]) * upper + r_w[py] * lower
+
+
+@njit(nogil=True, cache=True, boundscheck=False, inline="always")
+def _window_value(plane, y, x, window_taps):
+    """One class's logits ``plane`` resized to the window (torch's bilinear) at (y, x)."""
+    wr_lo, wr_hi, wr_w, wc_lo, wc_hi, wc_w = window_taps
+    one = np.float32(1.0)
+    a, a2, wa = wr_lo[y], wr_hi[y], wr_w[y]
+    b, b2, wb = wc_lo[x], wc_hi[x], wc_w[x]
+    upper = (one - wb) * plane[a, b] + wb * plane[a, b2]
+    lower = (one - wb) * plane[a2, b] + wb * plane[a2, b2]
+    return (one - wa) * upper + wa * lower
 
 
 @njit(nogil=True, cache=True, boundscheck=False)

@@ -201,15 +201,16 @@ def test_a_narrow_winner_is_kept() -> None:
     np.testing.assert_array_equal(labels[clear], expected[clear])
 
 
-def test_single_window_is_whole_mode() -> None:
+@pytest.mark.parametrize("original", [(333, 500), (120, 164), (71, 90)])
+def test_single_window_is_whole_mode(original: tuple[int, int]) -> None:
+    """One window covering the image: exact labels cell by cell, through a last resize up, none
+    (the image is at test scale) or down."""
     rng = np.random.default_rng(3)
     logits = [noise_logits(rng, 300, (30, 41))]
     windows = [Window(0, 120, 0, 164)]
-    labels = pass_labels(
-        windows, logits, (120, 164), (333, 500), np.uint16, tile=16, band=48
-    ).labels
+    labels = pass_labels(windows, logits, (120, 164), original, np.uint16, tile=16, band=48).labels
     assert labels.dtype == np.uint16
-    expected, margin = reference(windows, logits, (120, 164), (333, 500))
+    expected, margin = reference(windows, logits, (120, 164), original)
     assert expected.max() > 255
     assert_same_labels(labels, expected, margin)
 
