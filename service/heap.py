@@ -103,8 +103,11 @@ def heap() -> Heap | None:
     global _heap, _unsupported
     with _heap_lock:
         if _heap is None and not _unsupported:
-            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-            if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim"):
+            try:
+                libc: ctypes.CDLL | None = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            except OSError:
+                libc = None
+            if libc is not None and hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim"):
                 _heap = Heap(libc)
             else:
                 _unsupported = True
