@@ -8,8 +8,9 @@ buffers then come from glibc's malloc, which by default serves every block over 
 top of the heap back once more than twice that is free. A forward allocates and frees the same
 activations every run, so each run page-faults them in again, zeroed by the kernel: ~6000 faults
 and 18 ms of a 92 ms SegFormer-B0 512x512 forward on the development VM, exactly what the arena
-saved. Raising both thresholds keeps freed blocks in the heap, where the next run finds them
-(measured side by side: as fast as the arena, 75 vs 75 ms). Unlike the arena, free blocks
+saved. Fixing both thresholds (setting either also stops glibc's own adjustment) keeps freed
+blocks up to 32 MiB in the heap, where the next run finds them (measured side by side: as fast
+as the arena, 75 vs 75 ms). Unlike the arena, free blocks
 coalesce, so a later run of another size reuses them instead of adding to the peak. All threads
 share one arena: glibc otherwise gives threads that allocate at the same time arenas of their own,
 and what one arena keeps no other thread reuses. With several arenas keeping, the integration
@@ -36,8 +37,12 @@ log = logging.getLogger(__name__)
 # arena's shrink point in runtime.py).
 RELEASE_PIXELS = 4_000_000
 RELEASE_IDLE_S = 2.0
-# Blocks up to this size stay in the heap when freed (a single bigger block is mmapped as before).
-_KEEP_BYTES = 1 << 30
+# Blocks up to this size stay in the heap when freed; bigger ones are mmapped and unmapped as
+# glibc does by default (32 MiB: where its own dynamic threshold stops rising). A B0 512x512
+# forward is as fast with 16, 32 or 64 MiB as with 1 GiB, but batches of 1024x1024 windows keep
+# their huge blocks only under 1 GiB: the seed set's TTA peaked at 1856 MiB above idle with it.
+_KEEP_BYTES = 32 << 20
+_TRIM_BYTES = 1 << 30  # free memory at the top of the heap kept up to this much
 _M_TRIM_THRESHOLD = -1  # mallopt parameters, from glibc's malloc.h
 _M_MMAP_THRESHOLD = -3
 _M_ARENA_MAX = -8
@@ -63,7 +68,7 @@ class Heap:
         """Keep freed blocks up to ``_KEEP_BYTES`` in the heap, one heap for all threads
         (process-wide)."""
         self._libc.mallopt(_M_MMAP_THRESHOLD, _KEEP_BYTES)
-        self._libc.mallopt(_M_TRIM_THRESHOLD, _KEEP_BYTES)
+        self._libc.mallopt(_M_TRIM_THRESHOLD, _TRIM_BYTES)
         self._libc.mallopt(_M_ARENA_MAX, 1)
 
     def ran(self, pixels: int) -> None:
