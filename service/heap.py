@@ -9,7 +9,7 @@ top of the heap back once more than twice that is free. A forward allocates and 
 activations every run, so each run page-faults them in again, zeroed by the kernel: ~6000 faults
 and 18 ms of a 92 ms SegFormer-B0 512x512 forward on the development VM, exactly what the arena
 saved. Fixing both thresholds (setting either also stops glibc's own adjustment) keeps freed
-blocks up to 32 MiB in the heap, where the next run finds them (measured side by side: as fast
+blocks up to 64 MiB in the heap, where the next run finds them (measured side by side: as fast
 as the arena, 75 vs 75 ms). Unlike the arena, free blocks
 coalesce, so a later run of another size reuses them instead of adding to the peak. All threads
 share one arena: glibc otherwise gives threads that allocate at the same time arenas of their own,
@@ -38,10 +38,10 @@ log = logging.getLogger(__name__)
 RELEASE_PIXELS = 4_000_000
 RELEASE_IDLE_S = 2.0
 # Blocks up to this size stay in the heap when freed; bigger ones are mmapped and unmapped as
-# glibc does by default (32 MiB: where its own dynamic threshold stops rising). A B0 512x512
-# forward is as fast with 16, 32 or 64 MiB as with 1 GiB, but batches of 1024x1024 windows keep
-# their huge blocks only under 1 GiB: the seed set's TTA peaked at 1856 MiB above idle with it.
-_KEEP_BYTES = 32 << 20
+# glibc does by default. A B0 512x512 forward is as fast with 64 MiB as with 1 GiB (75 ms; 79.5
+# with 32 MiB, glibc's own ceiling), but under 1 GiB batches of 1024x1024 windows keep their huge
+# blocks: the seed set's TTA peaked at 1856 MiB above idle with it.
+_KEEP_BYTES = 64 << 20
 _TRIM_BYTES = 1 << 30  # free memory at the top of the heap kept up to this much
 _M_TRIM_THRESHOLD = -1  # mallopt parameters, from glibc's malloc.h
 _M_MMAP_THRESHOLD = -3
