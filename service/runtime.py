@@ -138,6 +138,8 @@ class Runtime:
         providers = resolve_providers(
             settings.providers, ort.get_available_providers(), settings.allow_cpu_fallback
         )
+        # Before the session starts its threads, so that they allocate from the one kept heap.
+        self._heap: Heap | None = heap() if providers[0] == CPU else None
         self._session = ort.InferenceSession(
             str(model_path),
             sess_options=self._session_options(profile=False),
@@ -149,7 +151,6 @@ class Runtime:
         self._providers = providers
         # Only the GPU has an arena to shrink: the CPU arena is off (see _session_options) and the
         # heap under CPU runs keeps freed activations for the next run (service/heap.py).
-        self._heap: Heap | None = heap() if self.device == "cpu" else None
         self._shrink: ort.RunOptions | None = None
         if self.provider == CUDA:
             self._shrink = ort.RunOptions()
