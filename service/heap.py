@@ -61,7 +61,7 @@ class Heap:
 
     @property
     def releases(self) -> int:
-        """How often memory was handed back (for tests and logs)."""
+        """How often memory was handed back."""
         return self._releases
 
     def keep(self) -> None:
