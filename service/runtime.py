@@ -200,8 +200,7 @@ class Runtime:
             output = np.asarray(binding.copy_outputs_to_cpu()[0])[:count]  # a graph pads
         else:
             output = self._session.run([self.output_name], {self.input_name: batch}, run_options)[0]
-            if self._heap is not None:
-                self._heap.ran(_pixels(batch))
+        self._ran(batch)
         return output if output.dtype == np.float32 else output.astype(np.float32)
 
     def run_on_device(self, batch: np.ndarray) -> ort.OrtValue:
@@ -209,6 +208,7 @@ class Runtime:
         (``device``) for post-processing there (``service/device_postprocess.py``)."""
         batch, run_options = self._prepare(batch)
         binding, captured = self._run_bound(batch, run_options)
+        self._ran(batch)
         output = binding.get_outputs()[0]
         if captured:  # the graph's own buffer, which its next replay overwrites
             assert self._graphs is not None and self._graphs.copy is not None
@@ -234,6 +234,11 @@ class Runtime:
         if self._graphs is not None:
             return batch, self._graphs.uncaptured
         return batch, self._shrink if _pixels(batch) > RELEASE_PIXELS else None
+
+    def _ran(self, batch: np.ndarray) -> None:
+        """Tell the heap under CPU runs (none under CUDA) that a run of ``batch`` ended."""
+        if self._heap is not None:
+            self._heap.ran(_pixels(batch))
 
     def _run_bound(
         self, batch: np.ndarray, run_options: ort.RunOptions | None

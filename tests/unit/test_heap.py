@@ -102,3 +102,14 @@ def test_huge_runs_and_idle_hand_memory_back(tiny_bundle: Bundle) -> None:
     while _rss() - baseline > kept / 2 and time.monotonic() < deadline:
         time.sleep(0.1)
     assert _rss() - baseline < kept / 2, ((_rss() - baseline) / MIB, kept / MIB)
+
+
+def test_runs_left_on_the_device_count_too(tiny_bundle: Bundle) -> None:
+    """``postprocess=device`` on the CPU reads logits through ``run_on_device``: a huge run there
+    hands memory back as well."""
+    runtime = _runtime(tiny_bundle)
+    heap = runtime._heap
+    assert heap is not None
+    releases = heap.releases
+    runtime.run_on_device(_pixels(int(RELEASE_PIXELS**0.5) + 8))
+    assert heap.releases == releases + 1
