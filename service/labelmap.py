@@ -88,8 +88,15 @@ def pass_labels(
         axis_taps(stacked.shape[3], width),
     )
     rows, cols = axis_taps(scaled[0], original[0]), axis_taps(scaled[1], original[1])
-    band_rows = np.append(np.arange(0, original[0], band), original[0])
-    band_cols = np.append(np.arange(0, original[1], band), original[1])
+    same_size = tuple(scaled) == tuple(original)
+    whole = len(windows) == 1 and (windows[0].y1, windows[0].x1, height, width) == (0, 0, *scaled)
+    if whole:  # tiles of whole cells, so no cell's bounds are taken twice
+        row_cuts = tile_cuts(cell_starts(rows, window_rows, same_size), original[0], tile)
+        col_cuts = tile_cuts(cell_starts(cols, window_cols, same_size), original[1], tile)
+    else:
+        row_cuts = np.append(np.arange(0, original[0], tile), original[0])
+        col_cuts = np.append(np.arange(0, original[1], tile), original[1])
+    per_band = max(band // tile, 1)
     labels = np.empty(original, dtype)
     arguments = (
         stacked,
@@ -101,14 +108,14 @@ def pass_labels(
         ),
         (*window_rows.parts(), *window_cols.parts()),
         (*rows.parts(), *cols.parts()),
-        band_rows,
-        band_cols,
-        tile,
-        tuple(scaled) == tuple(original),
-        len(windows) == 1 and (windows[0].y1, windows[0].x1, height, width) == (0, 0, *scaled),
+        row_cuts,
+        col_cuts,
+        per_band,
+        same_size,
+        whole,
         labels,
     )
-    bands = len(band_rows) - 1
+    bands = -(-(len(row_cuts) - 1) // per_band)
     threads = min(default_intra_op_threads(), bands)
     if threads <= 1:
         return PassLabels(labels, _label_bands(*arguments, 0, bands))
@@ -118,6 +125,33 @@ def pass_labels(
     pool = executor()
     exact = sum(pool.map(lambda piece: _label_bands(*arguments, *piece), pieces))
     return PassLabels(labels, exact)
+
+
+def cell_starts(image: AxisTaps, window: AxisTaps, same_size: bool) -> np.ndarray:
+    """Whole mode, along one axis: the output pixels where a cell starts, a cell being a run of
+    pixels whose values read the same logits (through the last resize too, unless the image is
+    at its original size)."""
+    first, last = (
+        (window.low, window.high) if same_size else (window.low[image.low], window.high[image.high])
+    )
+    changed = (first[1:] != first[:-1]) | (last[1:] != last[:-1])
+    return np.concatenate(([0], np.flatnonzero(changed) + 1))
+
+
+def tile_cuts(starts: np.ndarray, size: int, tile: int) -> np.ndarray:
+    """Tile boundaries along an axis of ``size`` pixels, from 0 to ``size``, the others among
+    the cell ``starts`` (ascending, from 0): each tile as many whole cells as fit in ``tile``
+    pixels, one cell where a cell is longer."""
+    cuts = [0]
+    while cuts[-1] + tile < size:
+        last = starts[np.searchsorted(starts, cuts[-1] + tile, side="right") - 1]
+        if last <= cuts[-1]:  # one cell longer than a tile
+            following = np.searchsorted(starts, cuts[-1], side="right")
+            last = starts[following] if following < len(starts) else size
+        cuts.append(int(last))
+    if cuts[-1] < size:
+        cuts.append(size)
+    return np.array(cuts, np.intp)
 
 
 def warm_up() -> None:
@@ -148,17 +182,19 @@ def executor() -> ThreadPoolExecutor:
 
 
 @njit(nogil=True, cache=True, boundscheck=False)
-def _label_bands(logits, windows, window_taps, image_taps, band_rows, band_cols, tile, same_size,
+def _label_bands(logits, windows, window_taps, image_taps, row_cuts, col_cuts, per_band, same_size,
                  whole, labels, first, last):  # fmt: skip
-    """Labels of the output bands ``first`` to ``last`` (exclusive); returns the number of
-    tiles computed exactly. Each band's blocks first get bounds over every class, separably
-    (max/min over logit rows for whole rows, then over each block's columns); their tiles then
-    start from the block's candidates."""
+    """Labels of the output bands ``first`` to ``last`` (exclusive), a band being ``per_band``
+    rows of tiles (tile edges at ``row_cuts`` and ``col_cuts``); returns the number of tiles
+    computed exactly. Each band's blocks (``per_band`` tiles square) first get bounds over every
+    class, separably (max/min over logit rows for whole rows, then over each block's columns);
+    their tiles then start from the block's candidates."""
     win_y, win_x, win_h, win_w = windows
     wr_lo, wr_hi, _, wc_lo, wc_hi, _ = window_taps
     r_lo, r_hi, _, c_lo, c_hi, _ = image_taps
     n_win, n_cls, _, lw = logits.shape
-    n_blocks = len(band_cols) - 1
+    tile_rows, tile_cols = len(row_cuts) - 1, len(col_cuts) - 1
+    n_blocks = -(-tile_cols // per_band)
     row_hi = np.empty((n_cls, lw), np.float32)
     row_lo = np.empty((n_cls, lw), np.float32)
     block_hi = np.empty((n_blocks, n_cls), np.float32)
@@ -170,7 +206,8 @@ def _label_bands(logits, windows, window_taps, image_taps, band_rows, band_cols,
     lo = np.empty(n_cls, np.float32)
     exact = 0
     for i in range(first, last):
-        oy0, oy1 = band_rows[i], band_rows[i + 1]
+        t0, t1 = i * per_band, min((i + 1) * per_band, tile_rows)
+        oy0, oy1 = row_cuts[t0], row_cuts[t1]
         y0, y1 = r_lo[oy0], r_hi[oy1 - 1] + 1
         block_hi[:] = -np.inf
         block_lo[:] = np.inf
@@ -187,7 +224,8 @@ def _label_bands(logits, windows, window_taps, image_taps, band_rows, band_cols,
                         row_hi[c, b] = v if v > row_hi[c, b] else row_hi[c, b]
                         row_lo[c, b] = v if v < row_lo[c, b] else row_lo[c, b]
             for j in range(n_blocks):
-                x0, x1 = c_lo[band_cols[j]], c_hi[band_cols[j + 1] - 1] + 1
+                ox0, ox1 = col_cuts[j * per_band], col_cuts[min((j + 1) * per_band, tile_cols)]
+                x0, x1 = c_lo[ox0], c_hi[ox1 - 1] + 1
                 left, right, b0, b1 = _overlap(x0, x1, win_x[n], win_w, wc_lo, wc_hi)
                 if left >= right:
                     continue
@@ -199,13 +237,12 @@ def _label_bands(logits, windows, window_taps, image_taps, band_rows, band_cols,
                     block_hi[j, c], block_lo[j, c] = h, low
         for j in range(n_blocks):
             k_block = _beaten_out(block_hi[j], block_lo[j], every, n_cls, block_cand)
-            for ty in range(oy0, oy1, tile):
-                for tx in range(band_cols[j], band_cols[j + 1], tile):
-                    tile_rows = (ty, min(ty + tile, oy1))
-                    tile_cols = (tx, min(tx + tile, band_cols[j + 1]))
+            for ty in range(t0, t1):
+                for tx in range(j * per_band, min((j + 1) * per_band, tile_cols)):
                     exact += _label_tile(
-                        logits, windows, window_taps, image_taps, same_size, whole, tile_rows,
-                        tile_cols, block_cand, k_block, cand, hi, lo, labels,
+                        logits, windows, window_taps, image_taps, same_size, whole,
+                        (row_cuts[ty], row_cuts[ty + 1]), (col_cuts[tx], col_cuts[tx + 1]),
+                        block_cand, k_block, cand, hi, lo, labels,
                     )  # fmt: skip
     return exact
 
@@ -375,6 +412,8 @@ def _label_cells(logits, window_taps, image_taps, same_size, tile_rows, tile_col
     one = np.float32(1.0)
     cell = np.empty(k, np.int64)
     value = np.empty(k, np.float32)
+    upper = np.empty((ox1 - ox0, k), np.float32)  # a cell's rows resized across, by column
+    lower = np.empty((ox1 - ox0, k), np.float32)
     y = oy0
     while y < oy1:
         ra, rb = _logit_span(y, r_lo, r_hi, wr_lo, wr_hi, same_size)
@@ -409,17 +448,23 @@ def _label_cells(logits, window_taps, image_taps, same_size, tile_rows, tile_col
                     kc += 1
             if kc == 1:
                 labels[y:y_end, x:x_end] = cell[0]
-            elif same_size:  # _window_value, its row taps hoisted (0.6 ms of 6.2 at 512x512)
-                for py in range(y, y_end):
-                    a, a2, wa = wr_lo[py], wr_hi[py], wr_w[py]
+            elif same_size:  # columns first for the whole cell, then each row, as torch
+                a, a2 = wr_lo[y], wr_hi[y]
+                for q in range(kc):
+                    plane = logits[0, cell[q]]
                     for px in range(x, x_end):
                         b, b2, wb = wc_lo[px], wc_hi[px], wc_w[px]
+                        upper[px - x, q] = (one - wb) * plane[a, b] + wb * plane[a, b2]
+                        lower[px - x, q] = (one - wb) * plane[a2, b] + wb * plane[a2, b2]
+                for py in range(y, y_end):
+                    wa = wr_w[py]
+                    for px in range(x_end - x):
+                        best, index = -np.inf, 0
                         for q in range(kc):
-                            plane = logits[0, cell[q]]
-                            upper = (one - wb) * plane[a, b] + wb * plane[a, b2]
-                            lower = (one - wb) * plane[a2, b] + wb * plane[a2, b2]
-                            value[q] = (one - wa) * upper + wa * lower
-                        labels[py, px] = cell[_first_argmax(value[:kc])]
+                            v = (one - wa) * upper[px, q] + wa * lower[px, q]
+                            if v > best:  # strict: the first of tied classes wins, as argmax
+                                best, index = v, q
+                        labels[py, px + x] = cell[index]
             else:
                 for py in range(y, y_end):
                     for px in range(x, x_end):

@@ -268,3 +268,36 @@ def test_warm_up_compiles_everything_requests_use() -> None:
         [Window(0, 64, 0, 96)], noise_logits(rng, 5, (16, 24))[None], (64, 96), (9, 9), np.uint8
     )
     assert set(labelmap._label_bands.signatures) == compiled
+
+
+def test_random_whole_mode_geometries_match_mmseg() -> None:
+    """One window covering the image at random sizes: cells of 1x1 to 3x3 logits, tiles cut at
+    cell starts, last resize up, down or none."""
+    rng = np.random.default_rng(77)
+    for _ in range(40):
+        scaled = (int(rng.integers(6, 120)), int(rng.integers(6, 120)))
+        original = (
+            scaled if rng.random() < 0.3 else (int(rng.integers(3, 200)), int(rng.integers(3, 200)))
+        )
+        reduction = float(rng.choice([0.5, 1, 2, 3, 4, 8]))
+        shape = (max(round(scaled[0] / reduction), 1), max(round(scaled[1] / reduction), 1))
+        logits = [noise_logits(rng, int(rng.integers(2, 40)), shape)]
+        windows = [Window(0, scaled[0], 0, scaled[1])]
+        tile = int(rng.integers(1, 24))
+        labels = pass_labels(windows, logits, scaled, original, np.uint8, tile, 2 * tile).labels
+        expected, margin = reference(windows, logits, scaled, original)
+        assert_same_labels(labels, expected, margin)
+
+
+@pytest.mark.parametrize(("source", "destination"), [(128, 512), (30, 120), (41, 500), (90, 61)])
+def test_whole_mode_tiles_are_whole_cells(source: int, destination: int) -> None:
+    taps = axis_taps(source, destination)
+    identity = axis_taps(destination, destination)
+    starts = labelmap.cell_starts(identity, taps, same_size=True)
+    reads = list(zip(taps.low, taps.high, strict=True))
+    assert all(reads[s] != reads[s - 1] for s in starts[1:])  # a start is where reads change
+    assert len(starts) == len(set(reads))
+    cuts = labelmap.tile_cuts(starts, destination, 16)
+    assert cuts[0] == 0 and cuts[-1] == destination and (np.diff(cuts) > 0).all()
+    assert set(cuts[:-1]) <= set(starts.tolist())
+    assert (np.diff(cuts) <= 16).all()
