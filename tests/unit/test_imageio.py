@@ -13,7 +13,7 @@ import cv2
 import numpy as np
 import pytest
 import tifffile
-from PIL import Image
+from PIL import Image, ImageOps
 from skimage import data
 
 from service.errors import InvalidImageError, PayloadTooLargeError, UnsupportedMediaError
@@ -354,3 +354,19 @@ def test_jpeg_with_too_many_scans_is_refused(photo: np.ndarray) -> None:
     repeated = payload[:end] + payload[last_scan:end] * 200 + payload[end:]
     with pytest.raises(PayloadTooLargeError, match="scans"):
         decode_image(repeated, MAX_PIXELS)
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+@pytest.mark.parametrize("mode", ["RGB", "L"])
+def test_jpeg_decodes_as_pillow_reads_it_upright(
+    photo: np.ndarray, orientation: int, mode: str
+) -> None:
+    """JPEGs decode through OpenCV (``_decode_jpeg``); Pillow's own decode and EXIF transpose
+    are the independent check of the pixels and of all eight orientations."""
+    image = Image.fromarray(photo[:, :300]).convert(mode)
+    exif = image.getexif()
+    exif[0x0112] = orientation
+    payload = _save(image, "JPEG", exif=exif, quality=90)
+    with Image.open(io.BytesIO(payload)) as opened:
+        expected = np.asarray(ImageOps.exif_transpose(opened).convert("RGB"))
+    np.testing.assert_array_equal(decode_image(payload, MAX_PIXELS), expected)
