@@ -119,11 +119,16 @@ def pass_labels(
     threads = min(default_intra_op_threads(), bands)
     if threads <= 1:
         return PassLabels(labels, _label_bands(*arguments, 0, bands))
-    # More pieces than threads, so a band full of contested tiles does not hold the others up.
+    # More pieces than threads, taken in turn, so a band full of contested tiles does not hold
+    # the others up; the calling thread takes pieces too instead of waiting for a pool thread.
     cuts = np.linspace(0, bands, 2 * threads + 1).round().astype(int)
-    pieces = [(int(a), int(b)) for a, b in itertools.pairwise(cuts) if b > a]
-    pool = executor()
-    exact = sum(pool.map(lambda piece: _label_bands(*arguments, *piece), pieces))
+    pieces = iter([(int(a), int(b)) for a, b in itertools.pairwise(cuts) if b > a])
+
+    def take_pieces() -> int:
+        return sum(_label_bands(*arguments, *piece) for piece in pieces)
+
+    helpers = [executor().submit(take_pieces) for _ in range(threads - 1)]
+    exact = take_pieces() + sum(helper.result() for helper in helpers)
     return PassLabels(labels, exact)
 
 
