@@ -8,6 +8,7 @@ Multi-frame files (camera JPEGs with previews, animations, multi-page TIFFs) giv
 frame. Encodings whose decoding costs far more than their pixels suggest are refused from the
 header too (413): RLE bitmaps over ``RLE_BMP_MAX_PIXELS`` (Pillow's RLE decoder is pure Python),
 TIFF tiles out of proportion to the image, JPEGs with more than ``JPEG_MAX_SCANS`` scans.
+Pillow reads every header; RGB and grey JPEGs then decode through OpenCV (``_decode_jpeg``).
 """
 
 from __future__ import annotations

@@ -11,6 +11,10 @@ left with one candidate is that class with no arithmetic; the others compute mms
 exactly (torch's bilinear formula, float32), for their candidates only. Only strictly beaten
 classes are dropped, so argmax's first-index tie order holds.
 
+Whole mode (one window covering the image) goes one step finer: cells, runs of output pixels
+that read the same logits, are bounded the same way, and its tiles are cut at cell starts so that
+no cell is bounded twice.
+
 The per-tile work is a Numba kernel (compiled once, cached on disk), run over bands of output
 rows in a small thread pool: in NumPy the calls per tile cost more than the arithmetic.
 """
@@ -31,7 +35,7 @@ from service.geometry import Window
 from service.runtime import default_intra_op_threads
 
 TILE = 16  # output pixels per tile side: candidates are pruned and computed per tile
-BAND = 32  # output rows (and columns) whose bounds over all classes are taken at once
+BAND = 32  # output rows (and columns), whole tiles, whose bounds over all classes are taken at once
 REFERENCE_CLASSES = 3  # means of the 1..3 likeliest classes prune a tile's candidates
 
 _pool: ThreadPoolExecutor | None = None
