@@ -137,13 +137,14 @@ def pass_labels(
 
 
 def cell_starts(image: AxisTaps, window: AxisTaps, same_size: bool) -> np.ndarray:
-    """Whole mode, along one axis: the output pixels where a cell starts, a cell being a run of
-    pixels whose values read the same logits (through the last resize too, unless the image is
-    at its original size)."""
-    first, last = (
-        (window.low, window.high) if same_size else (window.low[image.low], window.high[image.high])
-    )
-    changed = (first[1:] != first[:-1]) | (last[1:] != last[:-1])
+    """Whole mode, along one axis: the output pixels where a cell starts (as ``_cell`` cuts
+    them: where the logits a pixel reads change, or through both resizes the first of them)."""
+    if same_size:
+        first, last = window.low, window.high
+        changed = (first[1:] != first[:-1]) | (last[1:] != last[:-1])
+    else:
+        first = window.low[image.low]
+        changed = first[1:] != first[:-1]
     return np.concatenate(([0], np.flatnonzero(changed) + 1))
 
 
@@ -399,45 +400,57 @@ def _label_tile(logits, windows, window_taps, image_taps, same_size, whole, tile
 
 
 @njit(nogil=True, cache=True, boundscheck=False)
-def _logit_span(pixel, image_low, image_high, window_low, window_high, same_size):
-    """The first and last logits index an output pixel reads along one axis (whole mode)."""
+def _cell(pixel, end, image_low, image_high, window_low, window_high, same_size):
+    """Whole mode, along one axis: the cell starting at output ``pixel`` (before ``end``), as
+    its end and the first and last logits index it reads. At the same size a cell's pixels read
+    the same logits (so a cell's logit rows are resized across once); through both resizes they
+    share their first logit, and the cell reads up to its last pixel's (a cell of one or two
+    pixels otherwise, whose bounds would cost more than its arithmetic)."""
     if same_size:
-        return window_low[pixel], window_high[pixel]
-    return window_low[image_low[pixel]], window_high[image_high[pixel]]
+        first, last = window_low[pixel], window_high[pixel]
+        stop = pixel + 1
+        while stop < end and window_low[stop] == first and window_high[stop] == last:
+            stop += 1
+        return stop, first, last
+    first = window_low[image_low[pixel]]
+    stop = pixel + 1
+    while stop < end and window_low[image_low[stop]] == first:
+        stop += 1
+    return stop, first, window_high[image_high[stop - 1]]
 
 
 @njit(nogil=True, cache=True, boundscheck=False)
 def _label_cells(logits, window_taps, image_taps, same_size, tile_rows, tile_cols, cand, k, hi,
                  lo, labels):  # fmt: skip
-    """Whole mode's exact labels of a tile, cell by cell: a cell is a run of output pixels that
-    read the same rectangle of logits (2x2 at the same size, up to 3x3 through both resizes), and
-    its candidates are those of the tile's ``cand[:k]`` whose max there reaches the best min
-    there (every class, where a logit there is NaN). On untrained logits a cell keeps ~3 of the
-    tile's ~25. The values are torch's bilinear steps in float32, as ``_merged_windows`` and
-    ``_label_tile`` compute them, so the labels are the same."""
+    """Whole mode's exact labels of a tile, cell by cell (``_cell``: 4x4 pixels on 2x2 logits
+    when the logits are resized 4x to the image): a cell's candidates are those of the tile's
+    ``cand[:k]`` whose max there reaches the best min there (every class, where a logit there is
+    NaN); on untrained logits a cell keeps ~3 of the tile's ~25. Their values are torch's
+    bilinear steps in float32, as ``_merged_windows`` and ``_label_tile`` compute them (so the
+    labels are the same), each intermediate value computed once per cell: logit rows resized
+    across, then down to the window's rows, then, through both resizes, across and down again
+    to the output's."""
     wr_lo, wr_hi, wr_w, wc_lo, wc_hi, wc_w = window_taps
-    r_lo, r_hi, _, c_lo, c_hi, _ = image_taps
+    r_lo, r_hi, r_w, c_lo, c_hi, c_w = image_taps
     (oy0, oy1), (ox0, ox1) = tile_rows, tile_cols
     one = np.float32(1.0)
     cell = np.empty(k, np.int64)
-    value = np.empty(k, np.float32)
     upper = np.empty((ox1 - ox0, k), np.float32)  # a cell's rows resized across, by column
     lower = np.empty((ox1 - ox0, k), np.float32)
+    # Through both resizes: a cell's window values, resized across, and each pixel's best.
+    window = np.empty((r_hi[oy1 - 1] + 1 - r_lo[oy0], c_hi[ox1 - 1] + 1 - c_lo[ox0]), np.float32)
+    across = np.empty((window.shape[0], ox1 - ox0), np.float32)
+    logit_rows = np.empty(
+        (wr_hi[r_hi[oy1 - 1]] + 1 - wr_lo[r_lo[oy0]], window.shape[1]), np.float32
+    )
+    top_value = np.empty((oy1 - oy0, ox1 - ox0), np.float32)
+    top_class = np.empty((oy1 - oy0, ox1 - ox0), np.int64)
     y = oy0
     while y < oy1:
-        ra, rb = _logit_span(y, r_lo, r_hi, wr_lo, wr_hi, same_size)
-        y_end = y + 1
-        while y_end < oy1 and _logit_span(y_end, r_lo, r_hi, wr_lo, wr_hi, same_size) == (ra, rb):
-            y_end += 1
+        y_end, ra, rb = _cell(y, oy1, r_lo, r_hi, wr_lo, wr_hi, same_size)
         x = ox0
         while x < ox1:
-            ca, cb = _logit_span(x, c_lo, c_hi, wc_lo, wc_hi, same_size)
-            x_end = x + 1
-            while x_end < ox1 and _logit_span(x_end, c_lo, c_hi, wc_lo, wc_hi, same_size) == (
-                ca,
-                cb,
-            ):
-                x_end += 1
+            x_end, ca, cb = _cell(x, ox1, c_lo, c_hi, wc_lo, wc_hi, same_size)
             nan = False
             best_lo = -np.inf
             for q in range(k):
@@ -474,44 +487,41 @@ def _label_cells(logits, window_taps, image_taps, same_size, tile_rows, tile_col
                             if v > best:  # strict: the first of tied classes wins, as argmax
                                 best, index = v, q
                         labels[py, px + x] = cell[index]
-            else:
+            else:  # each value once: window values, across to the columns, down to the rows
+                sy0, sy1, sx0 = r_lo[y], r_hi[y_end - 1] + 1, c_lo[x]
+                top_value[: y_end - y, : x_end - x] = -np.inf  # as _first_argmax: NaN never wins
+                top_class[: y_end - y, : x_end - x] = 0
+                sx1 = c_hi[x_end - 1] + 1
+                for q in range(kc):
+                    plane = logits[0, cell[q]]
+                    for a in range(ra, rb + 1):  # the logits resized to the window
+                        for sx in range(sx0, sx1):
+                            b, b2, wb = wc_lo[sx], wc_hi[sx], wc_w[sx]
+                            logit_rows[a - ra, sx - sx0] = (one - wb) * plane[a, b] + wb * (
+                                plane[a, b2]
+                            )
+                    for sy in range(sy0, sy1):  # then to the original
+                        a, a2, wa = wr_lo[sy] - ra, wr_hi[sy] - ra, wr_w[sy]
+                        for sx in range(sx1 - sx0):
+                            window[sy - sy0, sx] = (one - wa) * logit_rows[a, sx] + wa * (
+                                logit_rows[a2, sx]
+                            )
+                        for px in range(x, x_end):
+                            t1, t2, wt = c_lo[px] - sx0, c_hi[px] - sx0, c_w[px]
+                            across[sy - sy0, px - x] = (one - wt) * window[sy - sy0, t1] + wt * (
+                                window[sy - sy0, t2]
+                            )
+                    for py in range(y, y_end):
+                        s1, s2, ws = r_lo[py] - sy0, r_hi[py] - sy0, r_w[py]
+                        for px in range(x_end - x):
+                            v = (one - ws) * across[s1, px] + ws * across[s2, px]
+                            if v > top_value[py - y, px]:  # strict: the first of ties wins
+                                top_value[py - y, px], top_class[py - y, px] = v, q
                 for py in range(y, y_end):
                     for px in range(x, x_end):
-                        for q in range(kc):
-                            value[q] = _resized_value(logits[0, cell[q]], py, px, window_taps,
-                                                      image_taps)  # fmt: skip
-                        labels[py, px] = cell[_first_argmax(value[:kc])]
+                        labels[py, px] = cell[top_class[py - y, px - x]]
             x = x_end
         y = y_end
-
-
-@njit(nogil=True, cache=True, boundscheck=False, inline="always")
-def _resized_value(plane, py, px, window_taps, image_taps):
-    """One class's score at output pixel (py, px) in whole mode through both resizes, as torch
-    computes it: the logits ``plane`` resized to the window, then to the original, each
-    columns first."""
-    r_lo, r_hi, r_w, c_lo, c_hi, c_w = image_taps
-    one = np.float32(1.0)
-    t1, t2, wt = c_lo[px], c_hi[px], c_w[px]
-    upper = (one - wt) * _window_value(plane, r_lo[py], t1, window_taps) + wt * _window_value(
-        plane, r_lo[py], t2, window_taps
-    )
-    lower = (one - wt) * _window_value(plane, r_hi[py], t1, window_taps) + wt * _window_value(
-        plane, r_hi[py], t2, window_taps
-    )
-    return (one - r_w[py]) * upper + r_w[py] * lower
-
-
-@njit(nogil=True, cache=True, boundscheck=False, inline="always")
-def _window_value(plane, y, x, window_taps):
-    """One class's logits ``plane`` resized to the window (torch's bilinear) at (y, x)."""
-    wr_lo, wr_hi, wr_w, wc_lo, wc_hi, wc_w = window_taps
-    one = np.float32(1.0)
-    a, a2, wa = wr_lo[y], wr_hi[y], wr_w[y]
-    b, b2, wb = wc_lo[x], wc_hi[x], wc_w[x]
-    upper = (one - wb) * plane[a, b] + wb * plane[a, b2]
-    lower = (one - wb) * plane[a2, b] + wb * plane[a2, b2]
-    return (one - wa) * upper + wa * lower
 
 
 @njit(nogil=True, cache=True, boundscheck=False)

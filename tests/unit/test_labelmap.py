@@ -243,12 +243,13 @@ def test_exact_ties_keep_the_first_class() -> None:
     assert (labels == 1).all()
 
 
-def test_nan_logits_give_labels_not_an_error() -> None:
+@pytest.mark.parametrize("crop", [(48, 48), (64, 96)])  # slide, whole
+def test_nan_logits_give_labels_not_an_error(crop: tuple[int, int]) -> None:
     """A broken model (fp16 overflow, say) must not turn into a server error here."""
     rng = np.random.default_rng(9)
-    windows = window_grid(64, 96, (48, 48), (32, 32))
+    windows = window_grid(64, 96, crop, (32, 32))
     logits = [noise_logits(rng, 5, (w.height // 4, w.width // 4)) for w in windows]
-    logits[1][:, 2:6, 3:8] = np.nan
+    logits[-1][:, 2:6, 3:8] = np.nan
     labels = pass_labels(windows, logits, (64, 96), (130, 190), np.uint8, tile=16).labels
     assert labels.shape == (130, 190) and int(labels.max()) < 5
 
@@ -287,6 +288,15 @@ def test_random_whole_mode_geometries_match_mmseg() -> None:
         labels = pass_labels(windows, logits, scaled, original, np.uint8, tile, 2 * tile).labels
         expected, margin = reference(windows, logits, scaled, original)
         assert_same_labels(labels, expected, margin)
+
+
+def test_cells_through_both_resizes_share_their_first_logit() -> None:
+    window, image = axis_taps(128, 512), axis_taps(512, 480)  # a 640x480 photo at 683x512
+    first = window.low[image.low]
+    starts = labelmap.cell_starts(image, window, same_size=False)
+    assert (np.diff(first)[starts[1:] - 1] > 0).all() and len(starts) == len(set(first))
+    cuts = labelmap.tile_cuts(starts, 480, 16)
+    assert set(cuts[:-1]) <= set(starts.tolist()) and (np.diff(cuts) <= 16).all()
 
 
 @pytest.mark.parametrize(("source", "destination"), [(128, 512), (30, 120), (41, 500), (90, 61)])
