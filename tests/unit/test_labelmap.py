@@ -167,18 +167,22 @@ def test_random_geometries_match_mmseg() -> None:
 
 def test_kernel_indexes_in_bounds_on_random_geometries(tmp_path: Path) -> None:
     """The kernel runs without bounds checks; with Numba's checks forced on, the same random
-    geometries must run clean (an out-of-range index raises instead of corrupting memory)."""
+    geometries (slide and whole mode) must run clean (an out-of-range index raises instead of
+    corrupting memory)."""
     env = dict(os.environ, NUMBA_BOUNDSCHECK="1", NUMBA_CACHE_DIR=str(tmp_path))
-    test = f"{__file__}::test_random_geometries_match_mmseg"
+    tests = [
+        f"{__file__}::test_random_geometries_match_mmseg",
+        f"{__file__}::test_random_whole_mode_geometries_match_mmseg",
+    ]
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test],
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests],
         env=env,
         capture_output=True,
         text=True,
         timeout=600,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "1 passed" in result.stdout
+    assert "2 passed" in result.stdout
 
 
 def test_a_narrow_winner_is_kept() -> None:
