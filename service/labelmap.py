@@ -500,7 +500,7 @@ def _label_cells(logits, window_taps, image_taps, same_size, tile_rows, tile_col
                             logit_rows[a - ra, sx - sx0] = (one - wb) * plane[a, b] + wb * (
                                 plane[a, b2]
                             )
-                    for sy in range(sy0, sy1):  # then to the original
+                    for sy in range(sy0, sy1):  # down to the window's rows, across to the output's
                         a, a2, wa = wr_lo[sy] - ra, wr_hi[sy] - ra, wr_w[sy]
                         for sx in range(sx1 - sx0):
                             window[sy - sy0, sx] = (one - wa) * logit_rows[a, sx] + wa * (
