@@ -13,6 +13,7 @@ The bare forward and the sequential HTTP requests alternate in rounds, so drift 
 machine hits both alike. Each system is also timed at concurrency 4 (four threads).
 
     .venv/bin/python -m benchmarks.bench_http [--requests 40] [--work DIR] [--precision int8]
+        [--spinning]
 
 Prints median / p95 latency and throughput per row, then the ratios the targets name: HTTP median
 over the bare forward's, segserve over the pipeline's throughput, segserve at concurrency 4 over
@@ -141,7 +142,7 @@ def build_models(work: Path, precision: str) -> tuple[Path, Path]:
     return hf_dir, repository
 
 
-def bare_forward(bundle_path: Path, photo: bytes) -> Callable[[], None]:
+def bare_forward(bundle_path: Path, photo: bytes, spinning: bool = False) -> Callable[[], None]:
     """One forward of the bundle's model on the photo's input tensor, in a runtime made as the
     server makes it (same session options, all cores)."""
     from service.bundle import load_bundle
@@ -157,7 +158,7 @@ def bare_forward(bundle_path: Path, photo: bytes) -> Callable[[], None]:
         meta.input.name,
         meta.output.name,
         meta.input.dtype,
-        RuntimeSettings(providers=("cpu",)),
+        RuntimeSettings(providers=("cpu",), intra_op_spinning=spinning),
     )
     tensor = Engine(bundle)._to_input(decode_image(photo, 10**8))[None]
 
@@ -168,15 +169,20 @@ def bare_forward(bundle_path: Path, photo: bytes) -> Callable[[], None]:
 
 
 def bench_segserve(
-    repository: Path, work: Path, photo: bytes, requests: int, batch: int
+    repository: Path, work: Path, photo: bytes, requests: int, batch: int, spinning: bool
 ) -> list[Row]:
     """Bare forward and sequential HTTP alternating, then HTTP at concurrency 4."""
     server = SegserveServer(
-        repository, work / "server.log", intra_op_threads=0, worker_threads=2, max_batch_size=batch
+        repository,
+        work / "server.log",
+        intra_op_threads=0,
+        intra_op_spinning=spinning,
+        worker_threads=2,
+        max_batch_size=batch,
     )
     try:
         server.wait_ready(timeout_s=300)
-        bare = bare_forward(repository / "segformer-b0", photo)
+        bare = bare_forward(repository / "segformer-b0", photo, spinning)
         with httpx.Client(base_url=server.url, timeout=120) as client:
 
             def call() -> None:
@@ -217,6 +223,9 @@ def main() -> None:
     )
     parser.add_argument("--skip-pipeline", action="store_true", help="segserve rows only")
     parser.add_argument(
+        "--spinning", action="store_true", help="SEGSERVE_INTRA_OP_SPINNING (bare forward too)"
+    )
+    parser.add_argument(
         "--precision", choices=("fp32", "int8"), default="fp32", help="the bundle segserve serves"
     )
     args = parser.parse_args()
@@ -228,11 +237,12 @@ def main() -> None:
     Image.fromarray(data.astronaut()).save(buffer, format="JPEG", quality=90)
     photo = buffer.getvalue()
 
-    ours = bench_segserve(repository, work, photo, args.requests, args.batch)
+    ours = bench_segserve(repository, work, photo, args.requests, args.batch, args.spinning)
     theirs = [] if args.skip_pipeline else bench_pipeline(hf_dir, photo, args.requests)
     machine = f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}"
     print(f"\nmachine: {machine}; {args.requests} requests per row, 512x512 JPEG, SegFormer-B0, "
-          f"{args.precision} bundle, SEGSERVE_MAX_BATCH_SIZE={args.batch}")  # fmt: skip
+          f"{args.precision} bundle, SEGSERVE_MAX_BATCH_SIZE={args.batch}, "
+          f"SEGSERVE_INTRA_OP_SPINNING={int(args.spinning)}")  # fmt: skip
     print("| system | concurrency | median ms | p95 ms | images/s |")
     print("| --- | --- | --- | --- | --- |")
     for row in ours + theirs:

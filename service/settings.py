@@ -33,6 +33,7 @@ class Settings(BaseSettings):
     providers: Annotated[tuple[str, ...], NoDecode] = _RUNTIME.providers
     allow_cpu_fallback: bool = _RUNTIME.allow_cpu_fallback
     intra_op_threads: int = Field(default=_RUNTIME.intra_op_threads, ge=0)
+    intra_op_spinning: bool = _RUNTIME.intra_op_spinning
     allow_cpu_nodes: bool = _RUNTIME.allow_cpu_nodes
     gpu_mem_limit_bytes: int = Field(default=_RUNTIME.gpu_mem_limit_bytes, ge=0)
     cuda_graphs: bool = _RUNTIME.cuda_graphs
