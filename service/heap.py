@@ -10,12 +10,12 @@ activations every run, so each run page-faults them in again, zeroed by the kern
 and 18 ms of a 92 ms SegFormer-B0 512x512 forward on the development VM, exactly what the arena
 saved. Fixing both thresholds (setting either also stops glibc's own adjustment) keeps freed
 blocks up to 64 MiB in the heap, where the next run finds them (measured side by side: as fast
-as the arena, 75 vs 75 ms). Unlike the arena, free blocks
-coalesce, so a later run of another size reuses them instead of adding to the peak. All threads
-share one arena: glibc otherwise gives threads that allocate at the same time arenas of their own,
-and what one arena keeps no other thread reuses. With several arenas keeping, the integration
-corpus (sequential requests of many sizes) peaked 385-655 MiB above its start; with one, 214-313
-MiB (271-399 before any keeping).
+as the arena, 75 vs 75 ms). Unlike the arena, free blocks coalesce, so a later run of another
+size reuses them instead of adding to the peak. All threads share one arena: glibc otherwise
+gives threads that allocate at the same time arenas of their own, and what one arena keeps no
+other thread reuses. With several arenas keeping, the integration corpus (sequential requests of
+many sizes) peaked 385-655 MiB above its start; with one, 214-313 MiB (271-399 before any
+keeping).
 
 What is kept is handed back by ``malloc_trim`` (which also releases free pages inside the heap,
 not only at its top): at once after a run over ``RELEASE_PIXELS``, so one huge input does not keep
