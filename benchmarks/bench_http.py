@@ -169,7 +169,13 @@ def bare_forward(bundle_path: Path, photo: bytes, spinning: bool = False) -> Cal
 
 
 def bench_segserve(
-    repository: Path, work: Path, photo: bytes, requests: int, batch: int, spinning: bool
+    repository: Path,
+    work: Path,
+    photo: bytes,
+    requests: int,
+    batch: int,
+    spinning: bool,
+    parallel_runs: int,
 ) -> list[Row]:
     """Bare forward and sequential HTTP alternating, then HTTP at concurrency 4."""
     server = SegserveServer(
@@ -177,6 +183,7 @@ def bench_segserve(
         work / "server.log",
         intra_op_threads=0,
         intra_op_spinning=spinning,
+        parallel_runs=parallel_runs,
         worker_threads=2,
         max_batch_size=batch,
     )
@@ -226,6 +233,9 @@ def main() -> None:
         "--spinning", action="store_true", help="SEGSERVE_INTRA_OP_SPINNING (bare forward too)"
     )
     parser.add_argument(
+        "--parallel-runs", type=int, default=2, help="SEGSERVE_PARALLEL_RUNS (1: one at a time)"
+    )
+    parser.add_argument(
         "--precision", choices=("fp32", "int8"), default="fp32", help="the bundle segserve serves"
     )
     args = parser.parse_args()
@@ -237,12 +247,15 @@ def main() -> None:
     Image.fromarray(data.astronaut()).save(buffer, format="JPEG", quality=90)
     photo = buffer.getvalue()
 
-    ours = bench_segserve(repository, work, photo, args.requests, args.batch, args.spinning)
+    ours = bench_segserve(
+        repository, work, photo, args.requests, args.batch, args.spinning, args.parallel_runs
+    )
     theirs = [] if args.skip_pipeline else bench_pipeline(hf_dir, photo, args.requests)
     machine = f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}"
     print(f"\nmachine: {machine}; {args.requests} requests per row, 512x512 JPEG, SegFormer-B0, "
           f"{args.precision} bundle, SEGSERVE_MAX_BATCH_SIZE={args.batch}, "
-          f"SEGSERVE_INTRA_OP_SPINNING={int(args.spinning)}")  # fmt: skip
+          f"SEGSERVE_INTRA_OP_SPINNING={int(args.spinning)}, "
+          f"SEGSERVE_PARALLEL_RUNS={args.parallel_runs}")  # fmt: skip
     print("| system | concurrency | median ms | p95 ms | images/s |")
     print("| --- | --- | --- | --- | --- |")
     for row in ours + theirs:

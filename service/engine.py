@@ -9,7 +9,7 @@ Several: argmax of the mean of their softmax (``SegTTAModel``), computed tile by
 ``ttamap.mean_softmax`` from each pass's logits at its own resolution, probabilities included.
 Scale ratios apply to the image as loaded (mmseg 1.x), not to the dataset's test scale.
 
-Compute runs in a small thread pool and the batch thread; the event loop only awaits.
+Compute runs in a small thread pool and the batch threads; the event loop only awaits.
 """
 
 from __future__ import annotations
@@ -87,7 +87,7 @@ def _timed(fn: Callable[[], T]) -> Callable[[], tuple[T, float]]:
 
 
 class Engine:
-    """Serves one bundle: session, batch thread and the request pipeline."""
+    """Serves one bundle: sessions, batch threads and the request pipeline."""
 
     def __init__(self, bundle: Bundle, config: EngineConfig | None = None) -> None:
         self.name = bundle.name
@@ -125,7 +125,7 @@ class Engine:
         return self._batcher is not None
 
     def start(self) -> None:
-        """Create the session, start the batch thread, warm up (and check placement on CUDA)."""
+        """Create the sessions, start the batch threads, warm up (and check placement on CUDA)."""
         if self._batcher is not None:
             return
         config = self.config
@@ -139,7 +139,7 @@ class Engine:
         warm_input = self._warmup_input()
         if runtime.provider == CUDA:
             runtime.check_placement(warm_input[None])
-        runtime.run(warm_input[None])
+        runtime.warm_up(warm_input[None])
         if config.runtime.cuda_graphs:
             runtime.capture_cuda_graphs(
                 [(size, *warm_input.shape) for size in capture_batch_sizes(config.max_batch_size)]
@@ -157,12 +157,13 @@ class Engine:
         self._batcher = Batcher(
             runtime.run
             if device_post is None
-            else lambda batch: DeviceBatch(runtime.run_on_device(batch)),
+            else lambda batch, alone: DeviceBatch(runtime.run_on_device(batch, alone)),
             model_name=self.name,
             max_batch_size=config.max_batch_size,
             max_batch_pixels=config.max_batch_pixels,
             max_queue_delay_s=config.max_queue_delay_ms / 1000.0,
             max_queue_size=config.max_queue_size,
+            parallel_runs=runtime.parallel_runs,
         )
         self._batcher.start()
         metrics.MODEL_LOADED.labels(self.name, self.provider).set(1)
@@ -201,7 +202,7 @@ class Engine:
         return self._to_input(np.zeros((height, width, 3), np.uint8))
 
     def stop(self, drain_timeout_s: float = 10.0) -> None:
-        """Finish queued work (up to ``drain_timeout_s``), then stop the thread and the pool."""
+        """Finish queued work (up to ``drain_timeout_s``), then stop the threads and the pool."""
         if self._batcher is None:
             return
         self._batcher.stop(drain_timeout_s)

@@ -32,6 +32,12 @@ STAGE_LATENCY = Histogram(
 BATCH_SIZE = Histogram(
     "segserve_batch_size", "Inputs per onnxruntime run", ["model"], buckets=BATCH_BUCKETS
 )
+RUNS_BESIDE = Counter(
+    "segserve_runs_beside_total",
+    "onnxruntime runs beside others on a share of the CPU threads (parallel_runs); "
+    "segserve_batch_size_count counts every run",
+    ["model"],
+)
 QUEUE_DEPTH = Gauge("segserve_queue_depth", "Inputs waiting in the batch queue", ["model"])
 QUEUE_WAIT = Histogram(
     "segserve_queue_wait_seconds",

@@ -1,6 +1,6 @@
 """onnxruntime sessions: provider choice, thread counts, placement check, IO binding on CUDA.
 
-One ``Runtime`` per loaded bundle, used only by that model's batcher thread. The provider list is
+One ``Runtime`` per loaded bundle, used only by that model's batch threads. The provider list is
 resolved explicitly: a requested GPU that is absent is an error, or a logged fallback when the
 configuration allows it, never a silent change.
 """
@@ -11,8 +11,10 @@ import json
 import logging
 import os
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from queue import SimpleQueue
 from typing import Literal
 
 import numpy as np
@@ -82,9 +84,9 @@ def resolve_providers(
 
 
 def default_intra_op_threads() -> int:
-    """All cores this process may use: the batcher thread is the only caller of ``run``, and
-    pre/post-processing overlaps with it only briefly, so spinning is disabled instead of
-    reserving a core for it."""
+    """All cores this process may use: the batch threads' runs never use more threads than that
+    together, and pre/post-processing overlaps with them only briefly, so spinning is disabled
+    instead of reserving a core for it."""
     try:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # not on Linux
@@ -120,7 +122,16 @@ def _is_shape_arithmetic(args: dict[str, object]) -> bool:
 
 
 class Runtime:
-    """An onnxruntime session for one bundle, fed NCHW batches by a single thread."""
+    """onnxruntime sessions for one bundle, fed NCHW batches by its batch threads.
+
+    A run *alone* (nothing else in flight) uses the session with every intra-op thread. On the
+    CPU, up to ``parallel_runs`` runs beside each other use sessions with an equal share of the
+    threads instead: onnxruntime splits each operator of one forward across its threads and
+    waits for the slowest, so two single-thread forwards at once get through more images than
+    one two-thread forward after another (docs/engine.md). One session serves every run at once
+    when a share is one thread (no thread pool to share); with more, each run has its own, since
+    runs at once in one session contend for its pool.
+    """
 
     def __init__(
         self,
@@ -148,6 +159,17 @@ class Runtime:
         self.provider = self._session.get_providers()[0]
         self.device: Literal["cpu", "cuda"] = "cuda" if self.provider == CUDA else "cpu"
         self._model_path = model_path
+        # Sessions for runs beside others, one per run that may be in flight (the same one
+        # repeated where a share is one thread); none under CUDA.
+        self.parallel_runs = 1
+        self._beside: SimpleQueue[ort.InferenceSession] = SimpleQueue()
+        if self.provider == CPU:
+            self.parallel_runs = max(1, min(settings.parallel_runs, self.intra_op_threads))
+        if self.parallel_runs > 1:
+            share = self.intra_op_threads // self.parallel_runs
+            shared = self._cpu_session(share) if share == 1 else None
+            for _ in range(self.parallel_runs):
+                self._beside.put(shared or self._cpu_session(share))
         self._providers = providers
         # Only the GPU has an arena to shrink: the CPU arena is off (see _session_options) and the
         # heap under CPU runs keeps freed activations for the next run (service/heap.py).
@@ -160,9 +182,16 @@ class Runtime:
         if self.provider == CUDA and settings.cuda_graphs:
             self._graphs = CudaGraphs(self._session, input_name, output_name)
 
-    def _session_options(self, profile: bool) -> ort.SessionOptions:
+    def _cpu_session(self, threads: int) -> ort.InferenceSession:
+        return ort.InferenceSession(
+            str(self._model_path),
+            sess_options=self._session_options(profile=False, threads=threads),
+            providers=[CPU],
+        )
+
+    def _session_options(self, profile: bool, threads: int = 0) -> ort.SessionOptions:
         options = ort.SessionOptions()
-        options.intra_op_num_threads = self.intra_op_threads
+        options.intra_op_num_threads = threads or self.intra_op_threads
         options.inter_op_num_threads = 1
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -194,24 +223,27 @@ class Runtime:
             options["gpu_mem_limit"] = str(self.settings.gpu_mem_limit_bytes)
         return options
 
-    def run(self, batch: np.ndarray) -> np.ndarray:
+    def run(self, batch: np.ndarray, alone: bool = True) -> np.ndarray:
         """Logits (N, C, h, w) float32 on the host for an (N, 3, H, W) batch in the bundle's
-        input dtype."""
+        input dtype; ``alone=False`` for a run beside others (one thread's share on the CPU)."""
         count = batch.shape[0]
         batch, run_options = self._prepare(batch)
-        if self.provider == CUDA:
-            binding, _ = self._run_bound(batch, run_options)
-            output = np.asarray(binding.copy_outputs_to_cpu()[0])[:count]  # a graph pads
-        else:
-            output = self._session.run([self.output_name], {self.input_name: batch}, run_options)[0]
+        with self._session_for(alone) as session:
+            if self.provider == CUDA:
+                binding, _ = self._run_bound(session, batch, run_options)
+                output = np.asarray(binding.copy_outputs_to_cpu()[0])[:count]  # a graph pads
+            else:
+                inputs = {self.input_name: batch}
+                output = session.run([self.output_name], inputs, run_options)[0]
         self._ran(batch)
         return output if output.dtype == np.float32 else output.astype(np.float32)
 
-    def run_on_device(self, batch: np.ndarray) -> ort.OrtValue:
+    def run_on_device(self, batch: np.ndarray, alone: bool = True) -> ort.OrtValue:
         """Logits (N, C, h, w) in the graph's output dtype, left in the session's device memory
         (``device``) for post-processing there (``service/device_postprocess.py``)."""
         batch, run_options = self._prepare(batch)
-        binding, captured = self._run_bound(batch, run_options)
+        with self._session_for(alone) as session:
+            binding, captured = self._run_bound(session, batch, run_options)
         self._ran(batch)
         output = binding.get_outputs()[0]
         if captured:  # the graph's own buffer, which its next replay overwrites
@@ -244,8 +276,26 @@ class Runtime:
         if self._heap is not None:
             self._heap.ran(_pixels(batch))
 
+    def warm_up(self, sample: np.ndarray) -> None:
+        """Run ``sample`` once in every session, so that no request pays a session's first run."""
+        self.run(sample)
+        if self.parallel_runs > 1:
+            for _ in range(self.parallel_runs):  # the queue cycles through them
+                self.run(sample, alone=False)
+
+    @contextmanager
+    def _session_for(self, alone: bool) -> Iterator[ort.InferenceSession]:
+        if alone or self.parallel_runs == 1:
+            yield self._session
+            return
+        session = self._beside.get_nowait()  # never empty: at most parallel_runs runs beside
+        try:
+            yield session
+        finally:
+            self._beside.put(session)
+
     def _run_bound(
-        self, batch: np.ndarray, run_options: ort.RunOptions | None
+        self, session: ort.InferenceSession, batch: np.ndarray, run_options: ort.RunOptions | None
     ) -> tuple[ort.IOBinding, bool]:
         """IO binding: the batch is copied to the device once and the logits are allocated there
         by onnxruntime (no staging buffers), or a captured graph is replayed (then True); the
@@ -254,14 +304,14 @@ class Runtime:
             replayed = self._graphs.run(batch)
             if replayed is not None:
                 return replayed, True
-        binding = self._session.io_binding()
+        binding = session.io_binding()
         if self.device == "cuda":
             device_input = ort.OrtValue.ortvalue_from_numpy(batch, "cuda", 0)
             binding.bind_ortvalue_input(self.input_name, device_input)
         else:
             binding.bind_cpu_input(self.input_name, batch)
         binding.bind_output(self.output_name, self.device, 0)
-        self._session.run_with_iobinding(binding, run_options)
+        session.run_with_iobinding(binding, run_options)
         return binding, False
 
     def node_placements(self, sample: np.ndarray) -> list[dict[str, object]]:

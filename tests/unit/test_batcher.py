@@ -23,7 +23,7 @@ class Recorder:
         self.release.set()
         self.started = threading.Event()
 
-    def __call__(self, batch: np.ndarray) -> np.ndarray:
+    def __call__(self, batch: np.ndarray, alone: bool) -> np.ndarray:
         self.started.set()
         self.release.wait(timeout=10)
         self.shapes.append(batch.shape)
@@ -141,7 +141,7 @@ def test_one_shape_under_steady_load_does_not_starve_another(delay_s: float) -> 
     """Slide windows keep a full bucket of one shape queued; a whole-image input of another
     shape still runs after the inputs queued before it, not when the load stops."""
 
-    def model(batch: np.ndarray) -> np.ndarray:
+    def model(batch: np.ndarray, alone: bool) -> np.ndarray:
         time.sleep(0.005)
         return batch
 
@@ -265,7 +265,7 @@ def test_stop_drains_queued_work_then_refuses() -> None:
 
 
 def test_model_errors_reach_every_input_of_the_batch() -> None:
-    def broken(batch: np.ndarray) -> np.ndarray:
+    def broken(batch: np.ndarray, alone: bool) -> np.ndarray:
         raise ValueError("graph exploded")
 
     batcher = Batcher(
@@ -300,3 +300,209 @@ def test_metrics_count_batches_and_waits() -> None:
         assert metrics.QUEUE_DEPTH.labels("metered")._value.get() == 0
     finally:
         batcher.stop(drain_timeout_s=0)
+
+
+class Timeline:
+    """A model stand-in recording each run's (start, end, alone, size); holds runs back on
+    demand and sleeps ``seconds`` in each, so that runs that may overlap do."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.runs: list[tuple[float, float, bool, int]] = []
+        self.threads: list[str] = []  # the calling thread of each run
+        self.release = threading.Event()
+        self.release.set()
+        self.started = threading.Event()
+        self._lock = threading.Lock()
+
+    def __call__(self, batch: np.ndarray, alone: bool) -> np.ndarray:
+        start = time.perf_counter()
+        self.started.set()
+        self.release.wait(timeout=10)
+        time.sleep(self.seconds)
+        with self._lock:
+            self.runs.append((start, time.perf_counter(), alone, batch.shape[0]))
+            self.threads.append(threading.current_thread().name)
+        return batch * 2.0 + 1.0
+
+    def overlapping(self) -> list[tuple[bool, bool]]:
+        """(alone, alone) of every two runs that overlapped in time."""
+        runs = sorted(self.runs)
+        return [
+            (a[2], b[2])
+            for i, a in enumerate(runs)
+            for b in runs[i + 1 :]
+            if b[0] < a[1]  # b started before a ended
+        ]
+
+
+def parallel_batcher(
+    model: Timeline, runs: int = 2, batch: int = 8, pixels: int | None = None
+) -> Batcher:
+    batcher = Batcher(
+        model,
+        model_name="parallel",
+        max_batch_size=batch,
+        max_batch_pixels=pixels,
+        max_queue_delay_s=0.0,
+        max_queue_size=256,
+        parallel_runs=runs,
+    )
+    batcher.start()
+    return batcher
+
+
+def test_a_lone_input_runs_alone_and_a_backlog_splits_across_parallel_runs() -> None:
+    """Requests from four clients queued behind a run alone: two halves beside each other."""
+    model = Timeline(seconds=0.1)
+    batcher = parallel_batcher(model)
+    try:
+        batcher.admit("a", 2)
+        batcher.submit(np.zeros((1, 2, 2), np.float32), "a", BatchStats()).result(timeout=5)
+        model.release.clear()
+        model.started.clear()
+        held = batcher.submit(np.zeros((1, 2, 2), np.float32), "a", BatchStats())
+        assert model.started.wait(5)  # it runs alone: nothing else was queued
+        stats = BatchStats()  # shared, as one request's would be
+        backlog = []
+        for client in "bcde":
+            batcher.admit(client, 1)
+            backlog.append(batcher.submit(np.ones((1, 2, 2), np.float32), client, stats))
+        time.sleep(0.05)
+        assert batcher.depth == 4  # nothing starts beside a run alone
+        model.release.set()
+        wait([held, *backlog], timeout=5)
+        assert [f.result()[0, 0, 0] for f in backlog] == [3.0] * 4
+        assert [(alone, size) for _, _, alone, size in sorted(model.runs)] == [
+            (True, 1),
+            (True, 1),
+            (False, 2),  # the idle threads' parts of the bucket
+            (False, 2),
+        ]
+        assert model.overlapping() == [(False, False)]  # the two halves ran at once
+        # Both halves carried inputs with these stats; their overlap counts once.
+        first, second = sorted(model.runs)[2:]
+        assert stats.inputs == 4
+        assert stats.inference_s == pytest.approx(max(first[1], second[1]) - first[0], abs=0.005)
+        assert stats.inference_s < (first[1] - first[0]) + (second[1] - second[0])
+    finally:
+        batcher.stop(drain_timeout_s=0)
+
+
+def most_at_once(runs: list[tuple[float, float, bool, int]]) -> tuple[int, int]:
+    """The most runs, and the most inputs, running at one time."""
+    events = sorted(
+        [(end, -1, -size) for _, end, _, size in runs]
+        + [(start, 1, size) for start, _, _, size in runs]
+    )
+    return (
+        int(np.cumsum([step for _, step, _ in events]).max()),
+        int(np.cumsum([size for *_, size in events]).max()),
+    )
+
+
+def test_sequential_requests_run_alone_on_one_thread() -> None:
+    """onnxruntime keeps per-thread buffers: runs alone never take turns between threads."""
+    model = Timeline(seconds=0.002)
+    batcher = parallel_batcher(model, runs=3)
+    try:
+        for n in range(12):
+            batcher.admit(n, 1)
+            batcher.submit(np.zeros((1, 2, 2), np.float32), n, BatchStats()).result(timeout=5)
+            batcher.release(n)
+        assert all(alone for *_, alone, _ in model.runs)
+        assert len(set(model.threads)) == 1
+    finally:
+        batcher.stop(drain_timeout_s=0)
+
+
+def test_one_requests_inputs_run_alone_in_full_batches() -> None:
+    """One request's backlog (a slide request's windows) runs on all the threads, batched: a
+    single-thread run would leave a core idle behind its last window."""
+    model = Timeline(seconds=0.05)
+    batcher = parallel_batcher(model, batch=4)
+    try:
+        batcher.admit("slide", 9)
+        model.release.clear()
+        held = batcher.submit(np.zeros((1, 2, 2), np.float32), "slide", BatchStats())
+        assert model.started.wait(5)
+        windows = [
+            batcher.submit(np.ones((1, 2, 2), np.float32), "slide", BatchStats()) for _ in range(8)
+        ]
+        model.release.set()
+        wait([held, *windows], timeout=5)
+        assert [(alone, size) for *_, alone, size in sorted(model.runs)] == [
+            (True, 1),
+            (True, 4),
+            (True, 4),
+        ]
+        assert model.overlapping() == []
+    finally:
+        batcher.stop(drain_timeout_s=0)
+
+
+def test_parallel_runs_keep_within_the_pixel_budget_together() -> None:
+    """``max_batch_pixels`` 4 inputs of 8x8: a backlog of 6 from six clients splits 3 + 1
+    beside, then 2, never more than 4 inputs running at once."""
+    model = Timeline(seconds=0.1)
+    batcher = parallel_batcher(model, batch=8, pixels=4 * 64)
+    try:
+        batcher.admit("a", 1)
+        model.release.clear()
+        held = batcher.submit(np.zeros((1, 8, 8), np.float32), "a", BatchStats())
+        assert model.started.wait(5)
+        backlog = []
+        for client in range(6):
+            batcher.admit(client, 1)
+            backlog.append(batcher.submit(np.ones((1, 8, 8), np.float32), client, BatchStats()))
+        model.release.set()
+        wait([held, *backlog], timeout=5)
+        assert [size for *_, size in sorted(model.runs)][:3] == [1, 3, 1]
+        assert most_at_once(model.runs) == (2, 4)
+    finally:
+        batcher.stop(drain_timeout_s=0)
+
+
+def test_parallel_runs_never_oversubscribe_under_random_load() -> None:
+    """Inputs from several clients at random moments: a run alone never overlaps another, no
+    more than ``parallel_runs`` run at once, nor more inputs than the pixel budget, and every
+    output is its own input's."""
+    model = Timeline(seconds=0.004)
+    batcher = parallel_batcher(model, runs=3, batch=2, pixels=4 * 4)  # 4 inputs of 2x2
+    errors: list[str] = []
+
+    def client(seed: int) -> None:
+        rng = np.random.default_rng(seed)
+        for n in range(25):
+            owner = (seed, n)
+            batcher.admit(owner, 3)
+            values = rng.normal(size=int(rng.integers(1, 4))).astype(np.float32)
+            futures = [
+                batcher.submit(np.full((1, 2, 2), v, np.float32), owner, BatchStats())
+                for v in values
+            ]
+            for value, future in zip(values, futures, strict=True):
+                if not np.all(future.result(timeout=10) == value * 2.0 + 1.0):
+                    errors.append(f"client {seed}: wrong output")
+            batcher.release(owner)
+            time.sleep(float(rng.uniform(0, 0.02)))
+
+    try:
+        clients = [threading.Thread(target=client, args=(seed,)) for seed in range(6)]
+        for thread in clients:
+            thread.start()
+        for thread in clients:
+            thread.join(timeout=30)
+        assert not errors
+        overlaps = model.overlapping()
+        assert overlaps and all(pair == (False, False) for pair in overlaps)
+        assert any(alone for _, _, alone, _ in model.runs)
+        runs, inputs = most_at_once(model.runs)
+        assert runs <= 3 and inputs <= 4
+    finally:
+        batcher.stop(drain_timeout_s=0)
+
+
+def test_inference_time_counts_overlapping_runs_once() -> None:
+    stats = BatchStats(batch_runs={1: (0.0, 1.0), 2: (0.5, 2.0), 3: (3.0, 4.0), 4: (3.2, 3.5)})
+    assert stats.inference_s == pytest.approx(3.0)

@@ -7,6 +7,7 @@ pixels and its logits / probabilities within float noise, through the batched, s
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -251,11 +252,19 @@ def test_many_windows_stream_with_bounded_inputs_in_flight(
     """54 windows, at most 3 queued or running at once, and still the reference's answer."""
     engine = Engine(tiny_float_bundle, EngineConfig(max_inputs_in_flight=3, max_batch_size=8))
     in_flight: list[int] = []
+    running = [0]  # inputs in runs now: parallel runs overlap
+    lock = threading.Lock()
     original_run = Runtime.run
 
-    def counting_run(runtime: Runtime, batch: np.ndarray) -> np.ndarray:
-        in_flight.append(engine.queue_depth + batch.shape[0])
-        return original_run(runtime, batch)
+    def counting_run(runtime: Runtime, batch: np.ndarray, alone: bool = True) -> np.ndarray:
+        with lock:
+            running[0] += batch.shape[0]
+            in_flight.append(engine.queue_depth + running[0])
+        try:
+            return original_run(runtime, batch, alone)
+        finally:
+            with lock:
+                running[0] -= batch.shape[0]
 
     monkeypatch.setattr(Runtime, "run", counting_run)
     engine.start()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from pathlib import Path
 
 import numpy as np
@@ -77,6 +78,47 @@ def test_concurrent_requests_share_batches_and_match_sequential(
         assert (alone == shared).mean() >= 0.999
     assert inputs_after - inputs_before == 6
     assert batches_after - batches_before <= 3  # six equal-shape inputs in batches of <= 4
+
+
+def test_parallel_runs_give_the_labels_of_runs_alone(
+    tiny_bundle: Bundle, photos: dict[str, np.ndarray], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Requests at once run beside each other on single-thread sessions (counted in
+    ``segserve_runs_beside_total``), with the labels each gets alone on both threads."""
+    images = [resize_image(photos[n], 240, 160) for n in ("astronaut", "chelsea", "coffee")] * 3
+    runtime = RuntimeSettings(providers=("cpu",), intra_op_threads=2, parallel_runs=2)
+    engine = Engine(tiny_bundle, EngineConfig(max_batch_size=1, runtime=runtime))
+    original_run = Runtime.run
+    backlog = [0]  # inputs the run alone waits for, so that the rest queue behind it
+
+    def run(runtime: Runtime, batch: np.ndarray, alone: bool = True) -> np.ndarray:
+        deadline = time.monotonic() + 5
+        while engine.queue_depth < backlog[0] and time.monotonic() < deadline:
+            time.sleep(0.005)
+        backlog[0] = 0
+        return original_run(runtime, batch, alone)
+
+    monkeypatch.setattr(Runtime, "run", run)
+    engine.start()
+    beside = metrics.RUNS_BESIDE.labels(tiny_bundle.name)
+    try:
+        before = beside._value.get()
+        alone = [asyncio.run(engine.segment(image, SegmentOptions())).labels for image in images]
+        assert beside._value.get() == before  # one at a time: every run alone
+
+        async def together() -> list[np.ndarray]:
+            results = await asyncio.gather(
+                *(engine.segment(image, SegmentOptions()) for image in images)
+            )
+            return [r.labels for r in results]
+
+        backlog[0] = len(images) - 2  # all but the run alone, or two held side by side
+        concurrent = asyncio.run(together())
+        assert beside._value.get() - before >= 2  # the first two after the one alone at least
+    finally:
+        engine.stop()
+    for one, other in zip(alone, concurrent, strict=True):
+        np.testing.assert_array_equal(one, other)
 
 
 def test_full_queue_refuses_with_overloaded(
