@@ -169,7 +169,7 @@ class Runtime:
             share = self.intra_op_threads // self.parallel_runs
             shared = self._cpu_session(share) if share == 1 else None
             for _ in range(self.parallel_runs):
-                self._beside.put(shared or self._cpu_session(share))
+                self._beside.put(shared if shared is not None else self._cpu_session(share))
         self._providers = providers
         # Only the GPU has an arena to shrink: the CPU arena is off (see _session_options) and the
         # heap under CPU runs keeps freed activations for the next run (service/heap.py).
