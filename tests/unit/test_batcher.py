@@ -38,6 +38,7 @@ def make_batcher(
     delay_s: float = 0.02,
     queue: int = 64,
     name: str = "t",
+    runs: int = 1,
 ) -> Batcher:
     batcher = Batcher(
         run,
@@ -46,6 +47,7 @@ def make_batcher(
         max_batch_pixels=pixels,
         max_queue_delay_s=delay_s,
         max_queue_size=queue,
+        parallel_runs=runs,
     )
     batcher.start()
     return batcher
@@ -199,10 +201,11 @@ def test_admission_is_bounded_and_counted() -> None:
         batcher.stop(drain_timeout_s=0)
 
 
-def test_release_drops_queued_inputs_of_that_request_only() -> None:
+@pytest.mark.parametrize("runs", [1, 2])
+def test_release_drops_queued_inputs_of_that_request_only(runs: int) -> None:
     run = Recorder()
     run.release.clear()
-    batcher = make_batcher(run, batch=1, delay_s=0.0)
+    batcher = make_batcher(run, batch=1, delay_s=0.0, runs=runs)
     try:
         batcher.admit("a", 4)
         batcher.admit("b", 2)
@@ -225,10 +228,11 @@ def test_release_drops_queued_inputs_of_that_request_only() -> None:
         batcher.stop(drain_timeout_s=0)
 
 
-def test_cancelled_future_is_skipped_by_the_thread() -> None:
+@pytest.mark.parametrize("runs", [1, 2])
+def test_cancelled_future_is_skipped_by_the_thread(runs: int) -> None:
     run = Recorder()
     run.release.clear()
-    batcher = make_batcher(run, batch=1, delay_s=0.0)
+    batcher = make_batcher(run, batch=1, delay_s=0.0, runs=runs)
     try:
         batcher.admit("a", 2)
         blocker = batcher.submit(np.zeros((2,), np.float32), "a", BatchStats())
@@ -243,9 +247,10 @@ def test_cancelled_future_is_skipped_by_the_thread() -> None:
         batcher.stop(drain_timeout_s=0)
 
 
-def test_stop_drains_queued_work_then_refuses() -> None:
+@pytest.mark.parametrize("runs", [1, 2])
+def test_stop_drains_queued_work_then_refuses(runs: int) -> None:
     run = Recorder()
-    batcher = make_batcher(run, batch=2, delay_s=0.05)
+    batcher = make_batcher(run, batch=2, delay_s=0.05, runs=runs)
     batcher.admit("a", 5)
     futures = [batcher.submit(np.full((2,), i, np.float32), "a", BatchStats()) for i in range(5)]
 
@@ -264,17 +269,24 @@ def test_stop_drains_queued_work_then_refuses() -> None:
         batcher.admit("b", 1)
 
 
-def test_model_errors_reach_every_input_of_the_batch() -> None:
+@pytest.mark.parametrize("runs", [1, 2])
+def test_model_errors_reach_every_input_of_the_batch(runs: int) -> None:
     def broken(batch: np.ndarray, alone: bool) -> np.ndarray:
         raise ValueError("graph exploded")
 
     batcher = Batcher(
-        broken, model_name="broken", max_batch_size=4, max_queue_delay_s=0.01, max_queue_size=8
+        broken,
+        model_name="broken",
+        max_batch_size=4,
+        max_queue_delay_s=0.01,
+        max_queue_size=8,
+        parallel_runs=runs,
     )
     batcher.start()
     try:
-        batcher.admit("a", 2)
-        futures = [batcher.submit(np.zeros((2,)), "a", BatchStats()) for _ in range(2)]
+        for client in "ab":  # two requests: with parallel runs, batches may run beside
+            batcher.admit(client, 2)
+        futures = [batcher.submit(np.zeros((2,)), c, BatchStats()) for c in "aabb"]
         for future in futures:
             with pytest.raises(ValueError, match="graph exploded"):
                 future.result(timeout=5)
