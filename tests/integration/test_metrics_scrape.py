@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -177,3 +178,32 @@ def test_a_real_prometheus_scrapes_the_server(server: SegserveServer, tmp_path: 
     finally:
         process.terminate()
         process.wait(10)
+
+
+def test_parallel_runs_under_concurrent_requests(
+    model_repository: Path, photos: dict[str, np.ndarray], tmp_path: Path
+) -> None:
+    """A server on two threads with two parallel runs: concurrent clients get the labels each
+    image gets alone, and ``segserve_runs_beside_total`` counts the runs that went beside."""
+    images = [photos[name][:160, :240] for name in ("chelsea", "coffee", "astronaut", "rocket")]
+    bodies = [png_bytes(image) for image in images] * 4
+    for server in start_server(
+        model_repository, tmp_path, intra_op_threads=2, parallel_runs=2, max_batch_size=1
+    ):
+        with httpx.Client(base_url=server.url, timeout=60) as client:
+
+            def labels(body: bytes) -> np.ndarray:
+                answer = client.post("/segment", params={"output": "labels"}, files={"image": body})
+                assert answer.status_code == 200, answer.text
+                return np.asarray(Image.open(io.BytesIO(answer.content)))
+
+            alone = [labels(body) for body in bodies]
+            before = samples(scrape_text(server))
+            with ThreadPoolExecutor(8) as pool:
+                together = list(pool.map(labels, bodies))
+            after = samples(scrape_text(server))
+        for one, other in zip(alone, together, strict=True):
+            np.testing.assert_array_equal(one, other)
+        beside = delta(before, after, "segserve_runs_beside_total", model="tiny")
+        assert 0 < beside <= len(bodies)
+        assert delta(before, after, "segserve_batch_size_count", model="tiny") == len(bodies)
