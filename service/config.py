@@ -29,8 +29,8 @@ class RuntimeSettings:
     # onnxruntime's threads spin between a run's parallel steps, and stop when it ends: ~5 %
     # faster forwards on cores the server has to itself, much slower ones on shared cores.
     intra_op_spinning: bool = False
-    # CPU: forwards that may run at once under load, each on an equal share of the intra-op
-    # threads; a run with no other in flight and nothing queued takes them all (batcher.py).
+    # CPU: forwards that may run at once under load from several requests, each on an equal
+    # share of the intra-op threads; otherwise one runs at a time on all of them (batcher.py).
     parallel_runs: int = 2
     # Under CUDA, accept a graph whose compute nodes run on the CPU (logged) instead of failing.
     allow_cpu_nodes: bool = False
