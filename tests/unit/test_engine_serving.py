@@ -58,8 +58,12 @@ def test_concurrent_requests_share_batches_and_match_sequential(
         ]
     finally:
         alone.stop()
-    # A long delay so that even a loaded machine fills the batches before the oldest input goes.
-    engine = Engine(tiny_bundle, EngineConfig(max_batch_size=4, max_queue_delay_ms=1000))
+    # A long delay so that even a loaded machine fills the batches before the oldest input goes;
+    # one run at a time, since parallel runs split a backlog between them (tested on their own).
+    config = EngineConfig(
+        max_batch_size=4, max_queue_delay_ms=1000, runtime=RuntimeSettings(parallel_runs=1)
+    )
+    engine = Engine(tiny_bundle, config)
     engine.start()
     try:
         inputs_before, batches_before = batches_run(tiny_bundle.name)
