@@ -158,7 +158,7 @@ def bare_forward(bundle_path: Path, photo: bytes, spinning: bool = False) -> Cal
         meta.input.name,
         meta.output.name,
         meta.input.dtype,
-        RuntimeSettings(providers=("cpu",), intra_op_spinning=spinning),
+        RuntimeSettings(providers=("cpu",), intra_op_spinning=spinning, parallel_runs=1),
     )
     tensor = Engine(bundle)._to_input(decode_image(photo, 10**8))[None]
 

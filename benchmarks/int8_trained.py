@@ -145,13 +145,6 @@ def export(checkpoint: Path, out: Path, precision: str) -> Path:
     return out / "1" / "model.onnx"
 
 
-def agreement(fp32: Path, int8: Path, batches: list[np.ndarray]) -> float:
-    from export.quantize import cpu_session, labels
-
-    reference, quantized = cpu_session(fp32), cpu_session(int8)
-    return float(np.mean([(labels(reference, b) == labels(quantized, b)).mean() for b in batches]))
-
-
 def accuracy(model: Path, batches: list[np.ndarray], truth: list[np.ndarray]) -> float:
     from export.quantize import cpu_session, labels
 
@@ -190,7 +183,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=1000, help="training steps")
     parser.add_argument("--rounds", type=int, default=20, help="forward rounds per graph")
     args = parser.parse_args()
-    from export.quantize import AGREEMENT_PHOTOS, photos
+    from export.quantize import AGREEMENT_PHOTOS, label_agreement, photos
 
     checkpoint = args.work / "hf"
     held_out = train(checkpoint, args.steps)
@@ -208,14 +201,17 @@ def main() -> None:
     print("| measure | value |")
     print("| --- | --- |")
     rows = [
-        ("int8 / fp32 label agreement, 8 held-out 512x512 mosaics", agreement(fp32, int8, mosaics)),
+        (
+            "int8 / fp32 label agreement, 8 held-out 512x512 mosaics",
+            label_agreement(fp32, int8, mosaics),
+        ),
         (
             f"same, the exporter's agreement photos ({', '.join(AGREEMENT_PHOTOS)})",
-            agreement(fp32, int8, photos(AGREEMENT_PHOTOS)),
+            label_agreement(fp32, int8, photos(AGREEMENT_PHOTOS)),
         ),
         (
             f"same, {len(UNSEEN)} photographs never trained on",
-            agreement(fp32, int8, photos(UNSEEN)),
+            label_agreement(fp32, int8, photos(UNSEEN)),
         ),
         ("fp32 accuracy on the mosaics", accuracy(fp32, mosaics, truth)),
         ("int8 accuracy on the mosaics", accuracy(int8, mosaics, truth)),

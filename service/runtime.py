@@ -163,13 +163,17 @@ class Runtime:
         # repeated where a share is one thread); none under CUDA.
         self.parallel_runs = 1
         self._beside: SimpleQueue[ort.InferenceSession] = SimpleQueue()
+        self._beside_sessions = 0  # distinct ones
         if self.provider == CPU:
             self.parallel_runs = max(1, min(settings.parallel_runs, self.intra_op_threads))
         if self.parallel_runs > 1:
             share = self.intra_op_threads // self.parallel_runs
-            shared = self._cpu_session(share) if share == 1 else None
-            for _ in range(self.parallel_runs):
-                self._beside.put(shared if shared is not None else self._cpu_session(share))
+            sessions = [
+                self._cpu_session(share) for _ in range(1 if share == 1 else self.parallel_runs)
+            ]
+            self._beside_sessions = len(sessions)
+            for index in range(self.parallel_runs):
+                self._beside.put(sessions[index % len(sessions)])
         self._providers = providers
         # Only the GPU has an arena to shrink: the CPU arena is off (see _session_options) and the
         # heap under CPU runs keeps freed activations for the next run (service/heap.py).
@@ -279,9 +283,8 @@ class Runtime:
     def warm_up(self, sample: np.ndarray) -> None:
         """Run ``sample`` once in every session, so that no request pays a session's first run."""
         self.run(sample)
-        if self.parallel_runs > 1:
-            for _ in range(self.parallel_runs):  # the queue cycles through them
-                self.run(sample, alone=False)
+        for _ in range(self._beside_sessions):  # the queue hands each distinct one out in turn
+            self.run(sample, alone=False)
 
     @contextmanager
     def _session_for(self, alone: bool) -> Iterator[ort.InferenceSession]:
