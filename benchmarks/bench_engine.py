@@ -477,24 +477,14 @@ def refitted_bundle(
     graph's own decoder features to SLIC superpixels of ``image`` (one random class each), so
     its slide masks have regions like a trained model's. Speed figures only: not a real model."""
     import onnx
-    import onnxruntime as ort
-    from onnx import numpy_helper
     from skimage import segmentation
 
+    from export.quantize import refit_classifier
     from service.config import Limits
     from service.planning import plan_request
 
     shutil.copytree(bundle.path, out)
     model_path = out / bundle.model_path.relative_to(bundle.path)
-    graph = onnx.load(str(model_path))
-    classifier = next(n for n in graph.graph.node if graph.graph.output[0].name in n.output)
-    features, weight_name, bias_name = classifier.input
-    probe = onnx.ModelProto()
-    probe.CopyFrom(graph)
-    probe.graph.output.append(
-        onnx.helper.make_tensor_value_info(features, onnx.TensorProto.FLOAT, None)
-    )
-    session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
     pass_plan = plan_request(
         bundle.metadata,
         options,
@@ -507,32 +497,14 @@ def refitted_bundle(
     # One class per superpixel, all different while there are enough classes.
     picks = np.resize(np.random.default_rng(0).permutation(classes), regions.max() + 1)
     region_class = picks[regions]
-    stride = bundle.metadata.output.stride
-    rows, targets = [], []
+    crops, targets = [], []
     for w in pass_plan.windows:
         crop = np.ascontiguousarray(scaled[w.y1 : w.y2, w.x1 : w.x2].transpose(2, 0, 1))[None]
-        feed = crop.astype(bundle.metadata.input.dtype)
-        (found,) = session.run([features], {bundle.metadata.input.name: feed})
-        rows.append(found[0].reshape(found.shape[1], -1).T)
-        targets.append(
-            region_class[w.y1 : w.y2, w.x1 : w.x2][
-                stride // 2 :: stride, stride // 2 :: stride
-            ].ravel()
-        )
-    del session  # its threads must not compete with the measurements
-    design = np.hstack([np.concatenate(rows), np.ones((sum(len(r) for r in rows), 1))]).astype(
-        np.float64
-    )
-    wanted = np.concatenate(targets)
-    goal = np.full((len(wanted), classes), -4.0)
-    goal[np.arange(len(wanted)), wanted] = 4.0
-    solution = np.linalg.solve(design.T @ design + 1e-2 * np.eye(design.shape[1]), design.T @ goal)
-    initializers = {tensor.name: tensor for tensor in graph.graph.initializer}
-    fitted = solution[:-1].T.astype(np.float32).reshape(classes, -1, 1, 1)
-    initializers[weight_name].CopyFrom(numpy_helper.from_array(fitted, weight_name))
-    bias = solution[-1].astype(np.float32)
-    initializers[bias_name].CopyFrom(numpy_helper.from_array(bias, bias_name))
-    onnx.save(graph, str(model_path))
+        crops.append(crop.astype(bundle.metadata.input.dtype))
+        targets.append(region_class[w.y1 : w.y2, w.x1 : w.x2])
+    graph = onnx.load(str(model_path))
+    stride = bundle.metadata.output.stride
+    onnx.save(refit_classifier(graph, crops, targets, stride), str(model_path))
     return load_bundle(out)
 
 

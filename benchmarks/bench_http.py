@@ -13,7 +13,11 @@ The bare forward and the sequential HTTP requests alternate in rounds, so drift 
 machine hits both alike. Each system is also timed at concurrency 4 (four threads).
 
     .venv/bin/python -m benchmarks.bench_http [--requests 40] [--work DIR] [--precision int8]
-        [--spinning]
+        [--spinning] [--weights region-like]
+
+``--weights region-like`` refits the classifier (both systems run the refitted weights) so the
+photo gets region-like masks, as from a trained model, instead of random init's every class
+competing at every pixel: segserve's label step costs less on such logits, the pipeline's not.
 
 Prints median / p95 latency and throughput per row, then the ratios the targets name: HTTP median
 over the bare forward's, segserve over the pipeline's throughput, segserve at concurrency 4 over
@@ -35,6 +39,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -110,9 +115,10 @@ def alternate(
     return {name: Row(name, 1, latencies[name], walls[name]) for name in calls}
 
 
-def build_models(work: Path, precision: str) -> tuple[Path, Path]:
-    """Random-init HF SegFormer-B0 saved to ``work/hf``, exported at ``precision`` to
-    ``work/repo[-PRECISION]/segformer-b0`` (the pipeline always runs the fp32 weights)."""
+def build_models(work: Path, precision: str, weights: str) -> tuple[Path, Path]:
+    """HF SegFormer-B0 (random init, or with its classifier refitted to regions) saved to
+    ``work/hf[-WEIGHTS]``, exported at ``precision`` to ``work/repo[-WEIGHTS][-PRECISION]/
+    segformer-b0`` (the pipeline always runs the fp32 weights)."""
     import torch
     from transformers import (
         SegformerConfig,
@@ -120,8 +126,9 @@ def build_models(work: Path, precision: str) -> tuple[Path, Path]:
         SegformerImageProcessorPil,
     )
 
-    hf_dir = work / "hf"
-    repository = work / ("repo" if precision == "fp32" else f"repo-{precision}")
+    suffix = "" if weights == "random" else f"-{weights}"
+    hf_dir = work / f"hf{suffix}"
+    repository = work / f"repo{suffix}{'' if precision == 'fp32' else f'-{precision}'}"
     if not (hf_dir / "config.json").is_file():
         torch.manual_seed(0)
         config = SegformerConfig(
@@ -129,8 +136,12 @@ def build_models(work: Path, precision: str) -> tuple[Path, Path]:
             id2label={i: f"class{i}" for i in range(NUM_CLASSES)},
             label2id={f"class{i}": i for i in range(NUM_CLASSES)},
         )
-        SegformerForSemanticSegmentation(config).eval().save_pretrained(hf_dir)
-        SegformerImageProcessorPil(size={"height": 512, "width": 512}).save_pretrained(hf_dir)
+        model = SegformerForSemanticSegmentation(config).eval()
+        processor = SegformerImageProcessorPil(size={"height": 512, "width": 512})
+        if weights == "region-like":
+            refit_to_regions(model, processor)
+        model.save_pretrained(hf_dir)
+        processor.save_pretrained(hf_dir)
     bundle = repository / "segformer-b0"
     if not (bundle / "segserve.json").is_file():
         subprocess.run(
@@ -140,6 +151,33 @@ def build_models(work: Path, precision: str) -> tuple[Path, Path]:
             check=True,
         )  # fmt: skip
     return hf_dir, repository
+
+
+REGION_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket")
+
+
+def refit_to_regions(model: Any, processor: Any) -> None:
+    """Refit the HF model's 1x1 classifier so that it labels superpixels of the photos (the
+    benchmark's among them): region-like masks with a few dozen classes, as a trained model
+    gives, where random weights leave every class competing at every pixel (which only costs
+    segserve's pruned label step, not the pipeline's). For speed figures only."""
+    import torch
+
+    from export.quantize import fit_region_classifier, photos, superpixel_classes
+
+    found: list[np.ndarray] = []
+    classifier = model.decode_head.classifier
+    hook = classifier.register_forward_hook(lambda _m, args, _o: found.append(args[0].numpy()))
+    batches = photos(REGION_PHOTOS)
+    with torch.no_grad():
+        for batch in batches:
+            model(**processor(images=batch[0].transpose(1, 2, 0), return_tensors="pt"))
+    hook.remove()
+    targets = [superpixel_classes(batch, NUM_CLASSES, seed) for seed, batch in enumerate(batches)]
+    stride = batches[0].shape[2] // found[0].shape[2]
+    weight, bias = fit_region_classifier(found, targets, NUM_CLASSES, stride)
+    classifier.weight.data = torch.from_numpy(weight).reshape(classifier.weight.shape)
+    classifier.bias.data = torch.from_numpy(bias)
 
 
 def bare_forward(bundle_path: Path, photo: bytes, spinning: bool = False) -> Callable[[], None]:
@@ -238,10 +276,16 @@ def main() -> None:
     parser.add_argument(
         "--precision", choices=("fp32", "int8"), default="fp32", help="the bundle segserve serves"
     )
+    parser.add_argument(
+        "--weights",
+        choices=("random", "region-like"),
+        default="random",
+        help="the model's weights: random init, or its classifier refitted to photos' regions",
+    )
     args = parser.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="segserve-bench-"))
     work.mkdir(parents=True, exist_ok=True)
-    hf_dir, repository = build_models(work, args.precision)
+    hf_dir, repository = build_models(work, args.precision, args.weights)
 
     buffer = io.BytesIO()
     Image.fromarray(data.astronaut()).save(buffer, format="JPEG", quality=90)
@@ -253,7 +297,7 @@ def main() -> None:
     theirs = [] if args.skip_pipeline else bench_pipeline(hf_dir, photo, args.requests)
     machine = f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}"
     print(f"\nmachine: {machine}; {args.requests} requests per row, 512x512 JPEG, SegFormer-B0, "
-          f"{args.precision} bundle, SEGSERVE_MAX_BATCH_SIZE={args.batch}, "
+          f"{args.weights} weights, {args.precision} bundle, SEGSERVE_MAX_BATCH_SIZE={args.batch}, "
           f"SEGSERVE_INTRA_OP_SPINNING={int(args.spinning)}, "
           f"SEGSERVE_PARALLEL_RUNS={args.parallel_runs}")  # fmt: skip
     print("| system | concurrency | median ms | p95 ms | images/s |")

@@ -207,9 +207,26 @@ def refit_classifier(
         onnx.helper.make_tensor_value_info(features, onnx.TensorProto.FLOAT, None)
     )
     session = cpu_session(probe.SerializeToString())
+    found = [session.run([features], {session.get_inputs()[0].name: batch})[0] for batch in inputs]
+    weight, bias_values = fit_region_classifier(found, targets, classes, stride)
+    weight = weight.reshape(classes, -1, 1, 1)
+    initializers[weight_name].CopyFrom(numpy_helper.from_array(weight, weight_name))
+    bias = numpy_helper.from_array(bias_values, bias_name)
+    if bias_name in initializers:
+        initializers[bias_name].CopyFrom(bias)
+    else:
+        refitted.graph.initializer.append(bias)
+    return refitted
+
+
+def fit_region_classifier(
+    features: Sequence[np.ndarray], targets: Sequence[np.ndarray], classes: int, stride: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(classes, C) weight and (classes,) bias, float32, of a 1x1 classifier that labels each
+    (1, C, h, w) feature map as its (H, W) class map at the stride's centres: ridge regression
+    onto +-4 one-hot logits."""
     rows, wanted = [], []
-    for batch, target in zip(inputs, targets, strict=True):
-        found = session.run([features], {session.get_inputs()[0].name: batch})[0]
+    for found, target in zip(features, targets, strict=True):
         rows.append(found[0].reshape(found.shape[1], -1).T)
         centres = target[stride // 2 :: stride, stride // 2 :: stride]
         wanted.append(centres[: found.shape[2], : found.shape[3]].ravel())
@@ -220,14 +237,7 @@ def refit_classifier(
     goal[np.arange(len(classes_wanted)), classes_wanted] = 4.0
     gram = design.T @ design + 1e-2 * np.eye(design.shape[1])
     solution = np.linalg.solve(gram, design.T @ goal)
-    weight = solution[:-1].T.astype(np.float32).reshape(classes, -1, 1, 1)
-    initializers[weight_name].CopyFrom(numpy_helper.from_array(weight, weight_name))
-    bias = numpy_helper.from_array(solution[-1].astype(np.float32), bias_name)
-    if bias_name in initializers:
-        initializers[bias_name].CopyFrom(bias)
-    else:
-        refitted.graph.initializer.append(bias)
-    return refitted
+    return solution[:-1].T.astype(np.float32), solution[-1].astype(np.float32)
 
 
 def _classifier(graph: onnx.GraphProto) -> onnx.NodeProto:
