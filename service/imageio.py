@@ -9,6 +9,9 @@ frame. Encodings whose decoding costs far more than their pixels suggest are ref
 header too (413): RLE bitmaps over ``RLE_BMP_MAX_PIXELS`` (Pillow's RLE decoder is pure Python),
 TIFF tiles out of proportion to the image, JPEGs with more than ``JPEG_MAX_SCANS`` scans.
 Pillow reads every header; RGB and grey JPEGs then decode through OpenCV (``_decode_jpeg``).
+HEIC/HEIF (what phones write) decode through pillow-heif (libheif, its own limits on), AVIF
+through Pillow; both give their primary image, already turned upright by libheif/libavif
+(``irot``/``imir``), with 10-bit images narrowed to 8.
 """
 
 from __future__ import annotations
@@ -19,11 +22,16 @@ from typing import Final
 import cv2
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+from pillow_heif import register_heif_opener
 
 from service.errors import InvalidImageError, PayloadTooLargeError, UnsupportedMediaError
 
+register_heif_opener()
+
 # MPO is a JPEG with more frames after the first (the preview cameras embed): Pillow names it.
-SUPPORTED_FORMATS: Final = frozenset({"JPEG", "MPO", "PNG", "WEBP", "BMP", "TIFF", "GIF"})
+SUPPORTED_FORMATS: Final = frozenset(
+    {"JPEG", "MPO", "PNG", "WEBP", "BMP", "TIFF", "GIF", "HEIF", "AVIF"}
+)
 # Leading bytes of the formats above: bytes that start like an image but do not decode are corrupt
 # (400); anything else is not an image we read (415).
 _SIGNATURES: Final = (
@@ -34,6 +42,11 @@ _SIGNATURES: Final = (
     b"BM",
     b"II*\x00",  # TIFF little-endian
     b"MM\x00*",  # TIFF big-endian
+)
+# HEIF and AVIF are ISO media files: an ``ftyp`` box first, whose major brand names the kind. Other
+# brands (MP4 video, say) are not images we read.
+_HEIF_BRANDS: Final = frozenset(
+    {b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"mif1", b"msf1", b"avif", b"avis"}
 )
 _SIXTEEN_BIT_MODES: Final = frozenset({"I;16", "I;16B", "I;16L", "I;16N"})
 # Pillow's pure-Python RLE decoder takes about 0.4 s per megapixel of one-pixel runs.
@@ -47,6 +60,8 @@ JPEG_MAX_SCANS: Final = 100
 
 def _looks_like_supported_image(data: bytes) -> bool:
     if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return True
+    if data[4:8] == b"ftyp" and data[8:12] in _HEIF_BRANDS:
         return True
     return any(data.startswith(signature) for signature in _SIGNATURES)
 

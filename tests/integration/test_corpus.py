@@ -19,6 +19,7 @@ import psutil
 import pytest
 import tifffile
 from PIL import Image
+from pillow_heif import register_heif_opener
 from prometheus_client.parser import text_string_to_metric_families
 from skimage import data
 
@@ -26,6 +27,8 @@ from service.bundle import Bundle
 from tests.servers import SegserveServer, start_server
 
 BUDGET = 512 << 20  # SEGSERVE_MAX_REQUEST_BYTES for this server
+
+register_heif_opener()  # the corpus's HEIC is written by pillow-heif, as the server reads it
 
 
 def _save(image: Image.Image, fmt: str, **kw: object) -> bytes:
@@ -106,6 +109,8 @@ CASES = [
     ),
     Case("tiff-tiled", _tiled_tiff),
     Case("bmp-palette", lambda: _save(Image.fromarray(_photo()).quantize(16), "BMP")),
+    Case("heic-phone", lambda: _save(Image.fromarray(_photo()), "HEIF", quality=80)),
+    Case("avif", lambda: _save(Image.fromarray(_photo()), "AVIF", quality=80)),
     # Shapes: padded up to the model's 32-px minimum where resizing leaves them under it.
     Case("1x1", _png(1, 1), size=(1, 1)),
     Case("3x700", _png(3, 700), size=(3, 700)),

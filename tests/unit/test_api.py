@@ -518,6 +518,15 @@ def test_colour_modes_and_orientation_reach_the_model_as_upright_rgb(
         "exif-rotated": _encoded(stored_rotated, "PNG", exif=exif),
         "tiff": _encoded(upright, "TIFF"),
         "webp-lossless": _encoded(upright, "WEBP", lossless=True),
+        # x265 lossless, 4:4:4, identity matrix: exact RGB; the rotation as HEIF's irot
+        "heic-rotated": _encoded(
+            stored_rotated,
+            "HEIF",
+            quality=-1,
+            chroma=444,
+            matrix_coefficients=0,
+            exif=exif.tobytes(),
+        ),
     }
 
     def labels_of(payload: bytes) -> np.ndarray:

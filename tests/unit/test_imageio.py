@@ -130,6 +130,87 @@ def test_gif_first_frame(photo: np.ndarray) -> None:
     np.testing.assert_array_equal(decoded, np.asarray(frames[0].convert("RGB")))
 
 
+def _heic_lossless(image: Image.Image, **kw: object) -> bytes:
+    """x265 lossless in 4:4:4 with the identity matrix: the RGB bytes round-trip exactly, so the
+    photo itself is the oracle."""
+    return _save(image, "HEIF", quality=-1, chroma=444, matrix_coefficients=0, **kw)
+
+
+def _psnr(decoded: np.ndarray, original: np.ndarray) -> float:
+    error = np.mean((decoded.astype(np.float64) - original) ** 2)
+    return float(10 * np.log10(255**2 / error))
+
+
+def test_lossless_heic_decodes_exactly(photo: np.ndarray) -> None:
+    payload = _heic_lossless(Image.fromarray(photo))
+    assert payload[4:12] in (b"ftypheic", b"ftypheix")  # heix: 4:4:4
+    np.testing.assert_array_equal(decode_image(payload, MAX_PIXELS), photo)
+
+
+@pytest.mark.parametrize("fmt", ["HEIF", "AVIF"])
+def test_phone_photos_decode_close_to_the_photo(photo: np.ndarray, fmt: str) -> None:
+    """As phones write them: lossy, 4:2:0, the photo's own size."""
+    payload = _save(Image.fromarray(photo), fmt, quality=85)
+    decoded = decode_image(payload, MAX_PIXELS)
+    assert decoded.dtype == np.uint8 and decoded.shape == photo.shape
+    assert _psnr(decoded, photo) > 30
+
+
+def test_heic_stored_rotated_decodes_upright(photo: np.ndarray) -> None:
+    """A phone held upright stores the sensor's pixels and a rotation (HEIF's ``irot``, written
+    here from the EXIF orientation as pillow-heif does)."""
+    stored = Image.fromarray(np.ascontiguousarray(np.rot90(photo, 1)))
+    exif = stored.getexif()
+    exif[0x0112] = 6  # "rotate 90° clockwise to display": undoes the rot90 above
+    payload = _heic_lossless(stored, exif=exif.tobytes())
+    np.testing.assert_array_equal(decode_image(payload, MAX_PIXELS), photo)
+
+
+def test_heic_with_several_images_gives_its_primary(photo: np.ndarray) -> None:
+    other = Image.fromarray(255 - photo)
+    payload = _heic_lossless(
+        other, save_all=True, append_images=[Image.fromarray(photo)], primary_index=1
+    )
+    np.testing.assert_array_equal(decode_image(payload, MAX_PIXELS), photo)
+
+
+def test_high_bit_depth_heic_keeps_the_high_bits() -> None:
+    """10-bit HEIF (phones' HDR photos) narrows to 8 bits like 16-bit PNGs: the high byte."""
+    ramp = np.linspace(0, 65535, 64 * 48, dtype=np.uint16).reshape(48, 64)
+    payload = _save(Image.fromarray(ramp), "HEIF", quality=-1)
+    with Image.open(io.BytesIO(payload)) as opened:
+        assert opened.info["bit_depth"] > 8
+    decoded = decode_image(payload, MAX_PIXELS)
+    np.testing.assert_array_equal(decoded[:, :, 0], decoded[:, :, 2])
+    assert np.abs(decoded[:, :, 0].astype(int) - (ramp >> 8)).max() <= 1
+
+
+@pytest.mark.parametrize("fmt", ["HEIF", "AVIF"])
+def test_truncated_phone_photo_is_invalid(photo: np.ndarray, fmt: str) -> None:
+    payload = _save(Image.fromarray(photo), fmt, quality=85)
+    for kept in (40, len(payload) // 2, len(payload) - 10):
+        with pytest.raises(InvalidImageError, match=fmt + "|corrupt"):
+            decode_image(payload[:kept], MAX_PIXELS)
+
+
+def test_heic_pixel_limit_holds_from_the_header(photo: np.ndarray) -> None:
+    """Cut off after its header, a HEIC too big still gets the 413, not a decoding error: the
+    limit is checked before a pixel is decoded."""
+    payload = _save(Image.fromarray(photo), "HEIF", quality=85)
+    limit = photo.shape[0] * photo.shape[1] - 1
+    with pytest.raises(PayloadTooLargeError, match="19200 pixels"):
+        decode_image(payload[: len(payload) // 2], max_pixels=limit)
+
+
+def test_iso_media_that_is_not_an_image_is_unsupported() -> None:
+    """MP4 video shares HEIF's container; only image brands are images."""
+    mp4 = b"\x00\x00\x00\x18ftypisom\x00\x00\x02\x00isomiso2" + b"\x00" * 40
+    with pytest.raises(UnsupportedMediaError):
+        decode_image(mp4, MAX_PIXELS)
+    with pytest.raises(InvalidImageError):
+        decode_image(b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00" + b"\x13" * 40, MAX_PIXELS)
+
+
 def test_empty_body_is_invalid() -> None:
     with pytest.raises(InvalidImageError, match="empty"):
         decode_image(b"", MAX_PIXELS)
