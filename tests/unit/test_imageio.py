@@ -166,6 +166,15 @@ def test_heic_stored_rotated_decodes_upright(photo: np.ndarray) -> None:
     np.testing.assert_array_equal(decode_image(payload, MAX_PIXELS), photo)
 
 
+def test_avif_stored_rotated_decodes_upright(photo: np.ndarray) -> None:
+    stored = Image.fromarray(np.ascontiguousarray(np.rot90(photo, 1)))
+    exif = stored.getexif()
+    exif[0x0112] = 6
+    decoded = decode_image(_save(stored, "AVIF", quality=95, exif=exif.tobytes()), MAX_PIXELS)
+    assert decoded.shape == photo.shape
+    assert _psnr(decoded, photo) > 35
+
+
 def test_heic_with_several_images_gives_its_primary(photo: np.ndarray) -> None:
     other = Image.fromarray(255 - photo)
     payload = _heic_lossless(
