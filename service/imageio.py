@@ -71,7 +71,8 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
         image = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as exc:
         raise PayloadTooLargeError(f"image rejected as a decompression bomb: {exc}") from exc
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+    # Pillow's AVIF decoder raises RuntimeError on corrupt files, at open or at load.
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, RuntimeError) as exc:
         if _looks_like_supported_image(data):
             raise InvalidImageError("corrupt image: the header does not decode") from exc
         raise UnsupportedMediaError(
@@ -175,7 +176,7 @@ def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
         return _to_rgb(image)
     except Image.DecompressionBombError as exc:
         raise PayloadTooLargeError(f"image rejected as a decompression bomb: {exc}") from exc
-    except (OSError, ValueError, SyntaxError, EOFError) as exc:
+    except (OSError, ValueError, SyntaxError, EOFError, RuntimeError) as exc:
         raise InvalidImageError(f"truncated or corrupt {image.format} image: {exc}") from exc
     finally:
         image.close()
