@@ -10,8 +10,9 @@ header too (413): RLE bitmaps over ``RLE_BMP_MAX_PIXELS`` (Pillow's RLE decoder 
 TIFF tiles out of proportion to the image, JPEGs with more than ``JPEG_MAX_SCANS`` scans.
 Pillow reads every header; RGB and grey JPEGs then decode through OpenCV (``_decode_jpeg``).
 HEIC/HEIF (what phones write) decode through pillow-heif (libheif, its own limits on), AVIF
-through Pillow; both give their primary image, already turned upright by libheif/libavif
-(``irot``/``imir``), with 10-bit images narrowed to 8.
+through Pillow; both give their primary image with 10-bit narrowed to 8. libheif applies HEIF's
+rotation (``irot``/``imir``) itself; Pillow hands AVIF's over as the EXIF orientation, applied
+here as for every other format.
 """
 
 from __future__ import annotations
