@@ -162,7 +162,8 @@ def _decode_jpeg(data: bytes) -> np.ndarray | None:
 
 
 def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
-    """Decode uploaded bytes to an upright (H, W, 3) uint8 RGB array (first frame only)."""
+    """Decode uploaded bytes to an upright (H, W, 3) uint8 RGB array of the frame Pillow opens
+    at: the first, or a HEIF's primary image."""
     if not data:
         raise InvalidImageError("empty image: the request carried no bytes")
     image = _open(data, max_pixels)
