@@ -162,9 +162,15 @@ def _statuses(server: SegserveServer) -> dict[str, float]:
 
 def test_every_request_gets_an_answer_within_the_budget(server: SegserveServer) -> None:
     process = psutil.Process(server.process.pid)
-    rss_before = process.memory_info().rss
     answers: dict[str, int] = {}
     with httpx.Client(base_url=server.url, timeout=120) as http:
+        # The first request pays one-time costs (the label step's Numba kernels loaded, ~140 MiB
+        # that stay): the baseline is taken after it, so the budget measures what requests add.
+        first = http.post(
+            "/segment", content=_png(96, 128)(), headers={"content-type": "image/png"}
+        )
+        assert first.status_code == 200, first.text
+        rss_before = process.memory_info().rss
         for case in CASES:
             answer = http.post(
                 f"/segment?{case.query}",
