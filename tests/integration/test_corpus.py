@@ -164,8 +164,8 @@ def test_every_request_gets_an_answer_within_the_budget(server: SegserveServer) 
     process = psutil.Process(server.process.pid)
     answers: dict[str, int] = {}
     with httpx.Client(base_url=server.url, timeout=120) as http:
-        # The first request pays one-time costs (the label step's Numba kernels loaded, ~140 MiB
-        # that stay): the baseline is taken after it, so the budget measures what requests add.
+        # The first request pays one-time costs (~140 MiB that stay, 64 of them the label step's
+        # Numba kernels): the baseline is taken after it, so the budget measures what requests add.
         first = http.post(
             "/segment", content=_png(96, 128)(), headers={"content-type": "image/png"}
         )
