@@ -13,7 +13,7 @@ The bare forward and the sequential HTTP requests alternate in rounds, so drift 
 machine hits both alike. Each system is also timed at concurrency 4 (four threads).
 
     .venv/bin/python -m benchmarks.bench_http [--requests 40] [--work DIR] [--precision int8]
-        [--spinning] [--weights region-like]
+        [--spinning] [--weights region-like] [--no-aligned-twin]
 
 ``--weights region-like`` refits the classifier (both systems run the refitted weights) so the
 photo gets region-like masks, as from a trained model, instead of random init's every class
@@ -180,9 +180,11 @@ def refit_to_regions(model: Any, processor: Any) -> None:
     classifier.bias.data = torch.from_numpy(bias)
 
 
-def bare_forward(bundle_path: Path, photo: bytes, spinning: bool = False) -> Callable[[], None]:
+def bare_forward(
+    bundle_path: Path, photo: bytes, spinning: bool = False, aligned_twin: bool = True
+) -> Callable[[], None]:
     """One forward of the bundle's model on the photo's input tensor, in a runtime made as the
-    server makes it (same session options, all cores)."""
+    server makes it (same session options, all cores, the aligned twin for the 512x512 input)."""
     from service.bundle import load_bundle
     from service.config import RuntimeSettings
     from service.engine import Engine
@@ -196,7 +198,13 @@ def bare_forward(bundle_path: Path, photo: bytes, spinning: bool = False) -> Cal
         meta.input.name,
         meta.output.name,
         meta.input.dtype,
-        RuntimeSettings(providers=("cpu",), intra_op_spinning=spinning, parallel_runs=1),
+        RuntimeSettings(
+            providers=("cpu",),
+            intra_op_spinning=spinning,
+            parallel_runs=1,
+            aligned_twin=aligned_twin,
+        ),
+        aligned_side=meta.aligned_side,
     )
     tensor = Engine(bundle)._to_input(decode_image(photo, 10**8))[None]
 
@@ -214,6 +222,7 @@ def bench_segserve(
     batch: int,
     spinning: bool,
     parallel_runs: int,
+    aligned_twin: bool,
 ) -> list[Row]:
     """Bare forward and sequential HTTP alternating, then HTTP at concurrency 4."""
     server = SegserveServer(
@@ -222,12 +231,13 @@ def bench_segserve(
         intra_op_threads=0,
         intra_op_spinning=spinning,
         parallel_runs=parallel_runs,
+        aligned_twin=aligned_twin,
         worker_threads=2,
         max_batch_size=batch,
     )
     try:
         server.wait_ready(timeout_s=300)
-        bare = bare_forward(repository / "segformer-b0", photo, spinning)
+        bare = bare_forward(repository / "segformer-b0", photo, spinning, aligned_twin)
         with httpx.Client(base_url=server.url, timeout=120) as client:
 
             def call() -> None:
@@ -274,6 +284,11 @@ def main() -> None:
         "--parallel-runs", type=int, default=2, help="SEGSERVE_PARALLEL_RUNS (1: one at a time)"
     )
     parser.add_argument(
+        "--no-aligned-twin",
+        action="store_true",
+        help="SEGSERVE_ALIGNED_TWIN=false (bare forward too): the graph's own Resizes",
+    )
+    parser.add_argument(
         "--precision", choices=("fp32", "int8"), default="fp32", help="the bundle segserve serves"
     )
     parser.add_argument(
@@ -292,14 +307,22 @@ def main() -> None:
     photo = buffer.getvalue()
 
     ours = bench_segserve(
-        repository, work, photo, args.requests, args.batch, args.spinning, args.parallel_runs
+        repository,
+        work,
+        photo,
+        args.requests,
+        args.batch,
+        args.spinning,
+        args.parallel_runs,
+        not args.no_aligned_twin,
     )
     theirs = [] if args.skip_pipeline else bench_pipeline(hf_dir, photo, args.requests)
     machine = f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}"
     print(f"\nmachine: {machine}; {args.requests} requests per row, 512x512 JPEG, SegFormer-B0, "
           f"{args.weights} weights, {args.precision} bundle, SEGSERVE_MAX_BATCH_SIZE={args.batch}, "
           f"SEGSERVE_INTRA_OP_SPINNING={int(args.spinning)}, "
-          f"SEGSERVE_PARALLEL_RUNS={args.parallel_runs}")  # fmt: skip
+          f"SEGSERVE_PARALLEL_RUNS={args.parallel_runs}, "
+          f"SEGSERVE_ALIGNED_TWIN={int(not args.no_aligned_twin)}")  # fmt: skip
     print("| system | concurrency | median ms | p95 ms | images/s |")
     print("| --- | --- | --- | --- | --- |")
     for row in ours + theirs:

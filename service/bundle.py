@@ -29,6 +29,9 @@ RGB = tuple[int, int, int]
 # reduction is an 8x8 convolution of the stride-4 features (32 px); SETR needs one 16-px patch.
 # Smaller windows are padded up to it by the engine (see docs/api.md).
 MIN_INPUT_SIDE: dict[str, int] = {"segformer": 32, "setr": 16}
+# Each architecture's total stride: at input sides that are multiples of it every upsampling in
+# the graph has one integer scale, which the CPU's aligned twin makes constant (service/aligned.py).
+STRIDE: dict[str, int] = {"segformer": 32, "setr": 16}
 
 
 class _Strict(BaseModel):
@@ -143,6 +146,13 @@ class BundleMetadata(_Strict):
     @property
     def min_input_side(self) -> int:
         return MIN_INPUT_SIDE[self.arch]
+
+    @property
+    def aligned_side(self) -> int:
+        """The side multiple at which an aligned twin serves this graph (service/aligned.py); 0
+        where it would not pay: int8 and float16 graphs' convolutions do not run in onnxruntime's
+        blocked float32 layout, which is all the twin gains."""
+        return STRIDE[self.arch] if self.precision == "fp32" else 0
 
 
 class BundleError(ValueError):

@@ -32,6 +32,9 @@ class RuntimeSettings:
     # CPU: forwards that may run at once under load from several requests, each on an equal
     # share of the intra-op threads; otherwise one runs at a time on all of them (batcher.py).
     parallel_runs: int = 2
+    # CPU: a twin of the graph with its upsamplings at constant scales serves inputs whose sides
+    # are multiples of the model's stride (service/aligned.py): faster, one more session each.
+    aligned_twin: bool = True
     # Under CUDA, accept a graph whose compute nodes run on the CPU (logged) instead of failing.
     allow_cpu_nodes: bool = False
     gpu_mem_limit_bytes: int = 0  # CUDA arena cap (0: onnxruntime's default, the whole GPU)

@@ -135,6 +135,7 @@ class Engine:
             self.bundle.metadata.output.name,
             self._input.dtype,
             config.runtime,
+            aligned_side=self.bundle.metadata.aligned_side,
         )
         warm_input = self._warmup_input()
         if runtime.provider == CUDA:

@@ -13,6 +13,7 @@ import os
 import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from queue import SimpleQueue
 from typing import Literal
@@ -20,6 +21,7 @@ from typing import Literal
 import numpy as np
 import onnxruntime as ort
 
+from service.aligned import aligned_twin, is_aligned, twin_mismatch
 from service.config import PROVIDER_NAMES, RuntimeSettings
 from service.cuda_graphs import CudaGraphs
 from service.heap import RELEASE_PIXELS, Heap, heap
@@ -121,6 +123,21 @@ def _is_shape_arithmetic(args: dict[str, object]) -> bool:
     return bool(dtypes) and dtypes <= SHAPE_DTYPES
 
 
+@dataclass(frozen=True)
+class _Sessions:
+    """A session of the graph, and one of its aligned twin (service/aligned.py) where there is
+    one: the same threads, the twin for inputs whose sides are multiples of ``side``."""
+
+    graph: ort.InferenceSession
+    twin: ort.InferenceSession | None = None
+    side: int = 0
+
+    def pick(self, shape: tuple[int, ...]) -> ort.InferenceSession:
+        if self.twin is not None and is_aligned(shape, self.side):
+            return self.twin
+        return self.graph
+
+
 class Runtime:
     """onnxruntime sessions for one bundle, fed NCHW batches by its batch threads.
 
@@ -130,7 +147,8 @@ class Runtime:
     waits for the slowest, so two single-thread forwards at once get through more images than
     one two-thread forward after another (docs/engine.md). One session serves every run at once
     when a share is one thread (no thread pool to share); with more, each run has its own, since
-    runs at once in one session contend for its pool.
+    runs at once in one session contend for its pool. On the CPU each of these sessions has an
+    aligned twin where ``aligned_side`` is given and the twin pays (service/aligned.py).
     """
 
     def __init__(
@@ -140,6 +158,7 @@ class Runtime:
         output_name: str,
         input_dtype: str,
         settings: RuntimeSettings,
+        aligned_side: int = 0,
     ) -> None:
         self.input_name = input_name
         self.output_name = output_name
@@ -153,23 +172,29 @@ class Runtime:
         self._heap: Heap | None = heap() if providers[0] == CPU else None
         self._session = ort.InferenceSession(
             str(model_path),
-            sess_options=self._session_options(profile=False),
+            sess_options=self._session_options(profile=False, cpu=providers[0] == CPU),
             providers=[(p, self._provider_options(p, settings.cuda_graphs)) for p in providers],
         )
         self.provider = self._session.get_providers()[0]
         self.device: Literal["cpu", "cuda"] = "cuda" if self.provider == CUDA else "cpu"
         self._model_path = model_path
+        self._twin_graph: bytes | None = None
+        self.aligned_side = 0  # inputs whose sides are multiples of it run in the twin; 0: none
+        twin = None
+        if self.provider == CPU and settings.aligned_twin and aligned_side:
+            twin = self._aligned_twin(aligned_side)
+        self._alone = _Sessions(self._session, twin, self.aligned_side)
         # Sessions for runs beside others, one per run that may be in flight (the same one
         # repeated where a share is one thread); none under CUDA.
         self.parallel_runs = 1
-        self._beside: SimpleQueue[ort.InferenceSession] = SimpleQueue()
+        self._beside: SimpleQueue[_Sessions] = SimpleQueue()
         self._beside_sessions = 0  # distinct ones
         if self.provider == CPU:
             self.parallel_runs = max(1, min(settings.parallel_runs, self.intra_op_threads))
         if self.parallel_runs > 1:
             share = self.intra_op_threads // self.parallel_runs
             sessions = [
-                self._cpu_session(share) for _ in range(1 if share == 1 else self.parallel_runs)
+                self._cpu_sessions(share) for _ in range(1 if share == 1 else self.parallel_runs)
             ]
             self._beside_sessions = len(sessions)
             for index in range(self.parallel_runs):
@@ -186,14 +211,42 @@ class Runtime:
         if self.provider == CUDA and settings.cuda_graphs:
             self._graphs = CudaGraphs(self._session, input_name, output_name)
 
-    def _cpu_session(self, threads: int) -> ort.InferenceSession:
+    def _aligned_twin(self, side: int) -> ort.InferenceSession | None:
+        """The twin session beside the main one, checked against it; None without one."""
+        graph = aligned_twin(self._model_path, self.input_dtype, side)
+        if graph is None:
+            log.info("%s: no upsampling to make constant, no aligned twin", self._model_path)
+            return None
+        twin = self._cpu_session(self.intra_op_threads, graph)
+        mismatch = twin_mismatch(twin, self._session, self.input_name, self.input_dtype, side)
+        if mismatch:
+            log.warning("%s: aligned twin not used: %s", self._model_path, mismatch)
+            return None
+        log.info(
+            "%s: inputs with sides in multiples of %d run in its aligned twin",
+            self._model_path,
+            side,
+        )
+        self._twin_graph = graph
+        self.aligned_side = side
+        return twin
+
+    def _cpu_sessions(self, threads: int) -> _Sessions:
+        graph = self._cpu_session(threads, str(self._model_path))
+        if self._twin_graph is None:
+            return _Sessions(graph)
+        return _Sessions(graph, self._cpu_session(threads, self._twin_graph), self.aligned_side)
+
+    def _cpu_session(self, threads: int, model: str | bytes) -> ort.InferenceSession:
         return ort.InferenceSession(
-            str(self._model_path),
+            model,
             sess_options=self._session_options(profile=False, threads=threads),
             providers=[CPU],
         )
 
-    def _session_options(self, profile: bool, threads: int = 0) -> ort.SessionOptions:
+    def _session_options(
+        self, profile: bool, threads: int = 0, cpu: bool = True
+    ) -> ort.SessionOptions:
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or self.intra_op_threads
         options.inter_op_num_threads = 1
@@ -209,6 +262,11 @@ class Runtime:
         # go back to the heap, which keeps them between runs and gives them back after a burst of
         # big batches (service/heap.py).
         options.enable_cpu_mem_arena = False
+        # Nor one block per input shape (onnxruntime's memory pattern) on the CPU: that block is
+        # the sum of the forward's activations (93 MB for the aligned twin of B0 at 512x512, more
+        # for bigger inputs), over what the heap keeps, so it was mapped afresh and page-faulted
+        # every run (~22000 faults, 95 instead of 70 ms); tensor by tensor, the heap reuses them.
+        options.enable_mem_pattern = not cpu
         options.enable_profiling = profile
         if profile:  # the profile is written next to this prefix; keep it out of the cwd
             options.profile_file_prefix = str(Path(tempfile.gettempdir()) / "segserve_placement")
@@ -232,7 +290,7 @@ class Runtime:
         input dtype; ``alone=False`` for a run beside others (one thread's share on the CPU)."""
         count = batch.shape[0]
         batch, run_options = self._prepare(batch)
-        with self._session_for(alone) as session:
+        with self._session_for(alone, batch.shape) as session:
             if self.provider == CUDA:
                 binding, _ = self._run_bound(session, batch, run_options)
                 output = np.asarray(binding.copy_outputs_to_cpu()[0])[:count]  # a graph pads
@@ -246,7 +304,7 @@ class Runtime:
         """Logits (N, C, h, w) in the graph's output dtype, left in the session's device memory
         (``device``) for post-processing there (``service/device_postprocess.py``)."""
         batch, run_options = self._prepare(batch)
-        with self._session_for(alone) as session:
+        with self._session_for(alone, batch.shape) as session:
             binding, captured = self._run_bound(session, batch, run_options)
         self._ran(batch)
         output = binding.get_outputs()[0]
@@ -281,21 +339,29 @@ class Runtime:
             self._heap.ran(_pixels(batch))
 
     def warm_up(self, sample: np.ndarray) -> None:
-        """Run ``sample`` once in every session, so that no request pays a session's first run."""
-        self.run(sample)
-        for _ in range(self._beside_sessions):  # the queue hands each distinct one out in turn
-            self.run(sample, alone=False)
+        """Run ``sample`` once in every session, so that no request pays a session's first run;
+        grown by edge pixels to the sides each session serves where there is an aligned twin."""
+        samples = [sample]
+        if self.aligned_side:
+            side = self.aligned_side
+            height, width = sample.shape[-2:]
+            aligned = (-height % side, -width % side)
+            samples = [_grown(sample, *aligned), _grown(sample, aligned[0] + 1, aligned[1] + 1)]
+        for each in samples:
+            self.run(each)
+            for _ in range(self._beside_sessions):  # the queue hands each distinct one in turn
+                self.run(each, alone=False)
 
     @contextmanager
-    def _session_for(self, alone: bool) -> Iterator[ort.InferenceSession]:
+    def _session_for(self, alone: bool, shape: tuple[int, ...]) -> Iterator[ort.InferenceSession]:
         if alone or self.parallel_runs == 1:
-            yield self._session
+            yield self._alone.pick(shape)
             return
-        session = self._beside.get_nowait()  # never empty: at most parallel_runs runs beside
+        sessions = self._beside.get_nowait()  # never empty: at most parallel_runs runs beside
         try:
-            yield session
+            yield sessions.pick(shape)
         finally:
-            self._beside.put(session)
+            self._beside.put(sessions)
 
     def _run_bound(
         self, session: ort.InferenceSession, batch: np.ndarray, run_options: ort.RunOptions | None
@@ -321,7 +387,7 @@ class Runtime:
         """Profile events of one run of ``sample`` in a profiling twin of the session."""
         session = ort.InferenceSession(
             str(self._model_path),
-            sess_options=self._session_options(profile=True),
+            sess_options=self._session_options(profile=True, cpu=self.provider == CPU),
             providers=[(p, self._provider_options(p)) for p in self._providers],
         )
         session.run([self.output_name], {self.input_name: sample.astype(self.input_dtype)})
@@ -344,3 +410,8 @@ class Runtime:
                 raise PlacementError(message)
             log.warning("%s (allowed by configuration)", message)
         return misplaced
+
+
+def _grown(batch: np.ndarray, rows: int, columns: int) -> np.ndarray:
+    """``batch`` with ``rows`` and ``columns`` of edge pixels appended at the bottom and right."""
+    return np.pad(batch, ((0, 0), (0, 0), (0, rows), (0, columns)), mode="edge")

@@ -26,6 +26,7 @@ from export.attention import attention_census
 from export.verify import FP16_MIN_ARGMAX_AGREEMENT, FP32_NOISE_MULTIPLE, photo_batch
 from models.datasets import IMAGENET_MEAN, IMAGENET_STD, get_dataset
 from models.registry import create_model
+from service.aligned import aligned_twin
 from service.bundle import Bundle, TestConfig, load_bundle
 from tests.integration.test_export_attention import triton_schema
 
@@ -216,6 +217,18 @@ def test_setr_export(setr: tuple[Path, str]) -> None:
     ]
     assert len(verified) == 4 and all(line.endswith(" ok") for line in verified)
     assert "exported setr-pup-base (setr, random init)" in printed
+
+
+def test_setr_gets_no_aligned_twin(setr: tuple[Path, str]) -> None:
+    """SETR's decoder already upsamples by constant scales; its one Resize to a computed size,
+    the position embedding's grid to the patches', has no integer ratio (service/aligned.py)."""
+    bundle = load_bundle(setr[0])
+    graph = onnx.load(str(bundle.model_path))
+    resizes = [node for node in graph.graph.node if node.op_type == "Resize"]
+    assert sum(len(node.input) == 4 and bool(node.input[3]) for node in resizes) == 1
+    side = bundle.metadata.aligned_side
+    assert side == 16
+    assert aligned_twin(bundle.model_path, np.dtype(bundle.metadata.input.dtype), side) is None
 
 
 def test_setr_dynamic_batch_and_size(setr: tuple[Path, str]) -> None:

@@ -55,7 +55,7 @@ def test_runs_beside_others_get_an_equal_share_of_the_threads(
     for session in beside:
         runtime._beside.put(session)
     assert len(beside) == (runs if runs > 1 else 0)
-    assert len({id(session) for session in beside}) == sessions
-    assert {s.get_session_options().intra_op_num_threads for s in beside} == ({share} - {0})
+    assert len({id(pair.graph) for pair in beside}) == sessions
+    assert {p.graph.get_session_options().intra_op_num_threads for p in beside} == ({share} - {0})
     pixels = np.random.default_rng(0).integers(0, 256, (1, 3, 64, 96), dtype=np.uint8)
     np.testing.assert_array_equal(runtime.run(pixels, alone=False), runtime.run(pixels))
