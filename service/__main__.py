@@ -35,6 +35,7 @@ from types import FrameType
 import uvicorn
 from fastapi import FastAPI
 
+from service.heap import heap
 from service.http import create_app
 from service.http.state import Services
 from service.manager import ModelsState
@@ -116,6 +117,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--log-level", default="info")
     args = parser.parse_args(argv)
+    # Before anything starts a thread: glibc gives a thread its malloc arena at its first
+    # allocation, so a limit of one arena set later (when the first model loads, in a pool
+    # thread) leaves the batch threads on arenas of their own, whose freed 64 MiB heaps go back
+    # to the kernel: a B0 server's forward page-faulted ~14000 times per request (service/heap.py).
+    heap()
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(message)s")
 
     try:

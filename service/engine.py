@@ -112,6 +112,7 @@ class Engine:
         self._runtime: Runtime | None = None
         self._device_post: DevicePostprocess | None = None
         self.postprocess = ""  # "host" or "device" once started
+        self.aligned_side = 0  # the runtime's, once started (service/aligned.py)
         self._batcher: Batcher | None = None
         self._pool: ThreadPoolExecutor | None = None
         self._in_flight = self.config.max_inputs_in_flight or 2 * self.config.max_batch_size
@@ -151,6 +152,7 @@ class Engine:
         self._runtime = runtime
         self._device_post = device_post
         self.provider = runtime.provider
+        self.aligned_side = runtime.aligned_side
         self.postprocess = "host" if device_post is None else "device"
         self._pool = ThreadPoolExecutor(
             max_workers=default_intra_op_threads(), thread_name_prefix=f"engine-{self.name}"

@@ -1,4 +1,4 @@
-"""The process heap between CPU forwards: freed activations kept for the next run, handed back to
+"""The process heap between forwards: freed activations kept for the next run, handed back to
 the kernel after huge runs and when the server goes idle.
 
 onnxruntime's CPU arena is off (``runtime.py``: it keeps its high-water mark for good and, growing
@@ -15,12 +15,18 @@ size reuses them instead of adding to the peak. All threads share one arena: gli
 gives threads that allocate at the same time arenas of their own, and what one arena keeps no
 other thread reuses. With several arenas keeping, the integration corpus (sequential requests of
 many sizes) peaked 385-655 MiB above its start; with one, 214-313 MiB (271-399 before any
-keeping).
+keeping). The limit must be set before other threads allocate (the server does it first thing,
+``service/__main__.py``): glibc hands a thread its arena at its first allocation, and a thread
+on an arena of its own keeps nothing, because such an arena's 64 MiB sub-heaps are unmapped
+whenever they empty, whatever the thresholds say. Set when the first model loaded (in a pool
+thread that had already allocated), the server's batch thread got such an arena: ~14000 page
+faults per B0 512x512 request, against ~0 with the limit set at start (2026-12-05).
 
 What is kept is handed back by ``malloc_trim`` (which also releases free pages inside the heap,
 not only at its top): at once after a run over ``RELEASE_PIXELS``, so one huge input does not keep
 its peak, and after ``RELEASE_IDLE_S`` without any run, so an idle server shrinks to its working
-set. Only glibc has these knobs; elsewhere this module does nothing (and says so once).
+set. Under CUDA the same holds for the host's share (decoded photos, label maps). Only glibc has
+these knobs; elsewhere this module does nothing (and says so once).
 """
 
 from __future__ import annotations

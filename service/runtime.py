@@ -168,8 +168,9 @@ class Runtime:
         providers = resolve_providers(
             settings.providers, ort.get_available_providers(), settings.allow_cpu_fallback
         )
-        # Before the session starts its threads, so that they allocate from the one kept heap.
-        self._heap: Heap | None = heap() if providers[0] == CPU else None
+        # Before the session starts its threads, so that they allocate from the one kept heap
+        # (the server sets it up before any thread: service/__main__.py).
+        self._heap: Heap | None = heap()
         self._session = ort.InferenceSession(
             str(model_path),
             sess_options=self._session_options(profile=False, cpu=providers[0] == CPU),
@@ -334,7 +335,7 @@ class Runtime:
         return batch, self._shrink if _pixels(batch) > RELEASE_PIXELS else None
 
     def _ran(self, batch: np.ndarray) -> None:
-        """Tell the heap under CPU runs (none under CUDA) that a run of ``batch`` ended."""
+        """Tell the heap (service/heap.py) that a run of ``batch`` ended."""
         if self._heap is not None:
             self._heap.ran(_pixels(batch))
 

@@ -24,6 +24,7 @@ def model_info(svc: Services, name: str) -> ModelInfo:
         trained=meta.trained,
         provider=engine.provider,
         postprocess=engine.postprocess,
+        aligned_side=engine.aligned_side,
         precision=meta.precision,
         num_classes=meta.num_classes,
         classes=list(meta.classes),

@@ -71,6 +71,10 @@ class ModelInfo(BaseModel):
     trained: bool
     provider: str
     postprocess: str = Field(description="host or device: where resize / merge / argmax run")
+    aligned_side: int = Field(
+        description="on the CPU, inputs whose sides are multiples of this run in the graph's "
+        "aligned twin, its upsamplings at constant scales (faster); 0: none"
+    )
     precision: str
     num_classes: int
     classes: list[str]

@@ -160,6 +160,12 @@ def _statuses(server: SegserveServer) -> dict[str, float]:
     return counts
 
 
+def test_the_model_says_which_inputs_run_in_its_aligned_twin(server: SegserveServer) -> None:
+    info = httpx.get(f"{server.url}/models/segformer-b0", timeout=10).json()
+    assert info["aligned_side"] == 32
+    assert "inputs with sides in multiples of 32 run in its aligned twin" in server.log()
+
+
 def test_every_request_gets_an_answer_within_the_budget(server: SegserveServer) -> None:
     process = psutil.Process(server.process.pid)
     answers: dict[str, int] = {}

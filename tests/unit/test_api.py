@@ -226,6 +226,7 @@ def test_models_listing(client: TestClient, model_repository: Path) -> None:
     meta = load_bundle(model_repository / "tiny").metadata
     assert tiny["default"] is True and tiny["provider"] == "CPUExecutionProvider"
     assert tiny["postprocess"] == "host"  # auto on the CPU provider
+    assert tiny["aligned_side"] == 0  # no upsampling in the tiny graph: no twin
     assert tiny["classes"] == list(meta.classes) and tiny["num_classes"] == 5
     assert tiny["test_config"]["mode"] == "whole" and tiny["trained"] is False
     assert client.get("/models/tiny-float").json()["test_config"]["crop"] == [96, 96]
