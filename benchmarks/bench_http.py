@@ -202,7 +202,7 @@ def bare_forward(
             providers=("cpu",),
             intra_op_spinning=spinning,
             parallel_runs=1,
-            aligned_twin=aligned_twin,
+            **({} if aligned_twin else {"aligned_twin_max_mib": 0}),
         ),
         aligned_side=meta.aligned_side,
     )
@@ -231,9 +231,9 @@ def bench_segserve(
         intra_op_threads=0,
         intra_op_spinning=spinning,
         parallel_runs=parallel_runs,
-        aligned_twin=aligned_twin,
         worker_threads=2,
         max_batch_size=batch,
+        **({} if aligned_twin else {"aligned_twin_max_mib": 0}),
     )
     try:
         server.wait_ready(timeout_s=300)
@@ -286,7 +286,7 @@ def main() -> None:
     parser.add_argument(
         "--no-aligned-twin",
         action="store_true",
-        help="SEGSERVE_ALIGNED_TWIN=false (bare forward too): the graph's own Resizes",
+        help="SEGSERVE_ALIGNED_TWIN_MAX_MIB=0 (bare forward too): the graph's own Resizes",
     )
     parser.add_argument(
         "--precision", choices=("fp32", "int8"), default="fp32", help="the bundle segserve serves"
@@ -322,7 +322,7 @@ def main() -> None:
           f"{args.weights} weights, {args.precision} bundle, SEGSERVE_MAX_BATCH_SIZE={args.batch}, "
           f"SEGSERVE_INTRA_OP_SPINNING={int(args.spinning)}, "
           f"SEGSERVE_PARALLEL_RUNS={args.parallel_runs}, "
-          f"SEGSERVE_ALIGNED_TWIN={int(not args.no_aligned_twin)}")  # fmt: skip
+          f"aligned twin {'off' if args.no_aligned_twin else 'on'}")  # fmt: skip
     print("| system | concurrency | median ms | p95 ms | images/s |")
     print("| --- | --- | --- | --- | --- |")
     for row in ours + theirs:

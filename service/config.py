@@ -33,8 +33,10 @@ class RuntimeSettings:
     # share of the intra-op threads; otherwise one runs at a time on all of them (batcher.py).
     parallel_runs: int = 2
     # CPU: a twin of the graph with its upsamplings at constant scales serves inputs whose sides
-    # are multiples of the model's stride (service/aligned.py): faster, one more session each.
-    aligned_twin: bool = True
+    # are multiples of the model's stride (service/aligned.py), for model files up to this size.
+    # It doubles the CPU sessions' memory (~3x the file): B0 (14 MB) +48 MiB for a forward ~12 %
+    # faster, B2 (100 MB) +340 MiB for ~9 %, B5 (330 MB) ~+1 GiB for ~3 %. 0: no twin.
+    aligned_twin_max_mib: int = 128
     # Under CUDA, accept a graph whose compute nodes run on the CPU (logged) instead of failing.
     allow_cpu_nodes: bool = False
     gpu_mem_limit_bytes: int = 0  # CUDA arena cap (0: onnxruntime's default, the whole GPU)

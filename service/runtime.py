@@ -182,8 +182,8 @@ class Runtime:
         self._twin_graph: bytes | None = None
         self.aligned_side = 0  # inputs whose sides are multiples of it run in the twin; 0: none
         twin = None
-        if self.provider == CPU and settings.aligned_twin and aligned_side:
-            twin = self._aligned_twin(aligned_side)
+        if self.provider == CPU and aligned_side:
+            twin = self._aligned_twin(aligned_side, settings.aligned_twin_max_mib)
         self._alone = _Sessions(self._session, twin, self.aligned_side)
         # Sessions for runs beside others, one per run that may be in flight (the same one
         # repeated where a share is one thread); none under CUDA.
@@ -212,8 +212,17 @@ class Runtime:
         if self.provider == CUDA and settings.cuda_graphs:
             self._graphs = CudaGraphs(self._session, input_name, output_name)
 
-    def _aligned_twin(self, side: int) -> ort.InferenceSession | None:
+    def _aligned_twin(self, side: int, max_mib: int) -> ort.InferenceSession | None:
         """The twin session beside the main one, checked against it; None without one."""
+        mib = self._model_path.stat().st_size / (1 << 20)
+        if mib > max_mib:
+            log.info(
+                "%s: %.0f MiB, over aligned_twin_max_mib (%d): no aligned twin",
+                self._model_path,
+                mib,
+                max_mib,
+            )
+            return None
         graph = aligned_twin(self._model_path, self.input_dtype, side)
         if graph is None:
             log.info("%s: no upsampling to make constant, no aligned twin", self._model_path)

@@ -35,7 +35,7 @@ class Settings(BaseSettings):
     intra_op_threads: int = Field(default=_RUNTIME.intra_op_threads, ge=0)
     intra_op_spinning: bool = _RUNTIME.intra_op_spinning
     parallel_runs: int = Field(default=_RUNTIME.parallel_runs, ge=1)
-    aligned_twin: bool = _RUNTIME.aligned_twin
+    aligned_twin_max_mib: int = Field(default=_RUNTIME.aligned_twin_max_mib, ge=0)
     allow_cpu_nodes: bool = _RUNTIME.allow_cpu_nodes
     gpu_mem_limit_bytes: int = Field(default=_RUNTIME.gpu_mem_limit_bytes, ge=0)
     cuda_graphs: bool = _RUNTIME.cuda_graphs

@@ -14,6 +14,7 @@ import pytest
 from service import runtime as runtime_module
 from service.aligned import aligned_twin, is_aligned, twin_mismatch
 from service.bundle import Bundle
+from service.config import RuntimeSettings
 from service.runtime import Runtime
 from service.settings import Settings
 
@@ -34,8 +35,8 @@ def _pixels(height: int, width: int, seed: int = 0) -> np.ndarray:
     return rng.integers(0, 256, (1, 3, height, width), dtype=np.uint8)
 
 
-def _runtime(bundle: Bundle, aligned_twin: bool = True, **settings: object) -> Runtime:
-    config = Settings(providers=("cpu",), aligned_twin=aligned_twin, **settings)
+def _runtime(bundle: Bundle, **settings: object) -> Runtime:
+    config = Settings(providers=("cpu",), **settings)
     meta = bundle.metadata
     return Runtime(
         bundle.model_path,
@@ -135,13 +136,23 @@ def test_runs_beside_others_have_twins_too(segformer_b0_bundle: Bundle) -> None:
     assert beside.twin.get_session_options().intra_op_num_threads == 1
 
 
-@pytest.mark.parametrize("setting", [False, True])
-def test_no_twin_when_switched_off_or_without_an_aligned_side(
-    segformer_b0_bundle: Bundle, tiny_bundle: Bundle, setting: bool
+def test_no_twin_for_a_model_file_over_the_size_setting(
+    segformer_b0_bundle: Bundle, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Off by setting; and the tiny graph (no Resize) has nothing to make constant."""
-    bundle = tiny_bundle if setting else segformer_b0_bundle
-    runtime = _runtime(bundle, aligned_twin=setting)
+    """The twin doubles the CPU sessions' memory, so big model files get none: B0's 14 MB file
+    is over a 13 MiB cap, under the default, and 0 means no twin at all."""
+    size = segformer_b0_bundle.model_path.stat().st_size
+    assert 13 << 20 < size < RuntimeSettings.aligned_twin_max_mib << 20
+    for cap in (13, 0):
+        with caplog.at_level(logging.INFO, logger="service.runtime"):
+            runtime = _runtime(segformer_b0_bundle, aligned_twin_max_mib=cap)
+        assert runtime.aligned_side == 0 and runtime._alone.twin is None
+        assert f"over aligned_twin_max_mib ({cap}): no aligned twin" in caplog.text
+    assert _runtime(segformer_b0_bundle, aligned_twin_max_mib=14).aligned_side == SIDE
+
+
+def test_no_twin_without_an_upsampling_to_make_constant(tiny_bundle: Bundle) -> None:
+    runtime = _runtime(tiny_bundle)  # the tiny graph has no Resize
     assert runtime.aligned_side == 0 and runtime._alone.twin is None
 
 

@@ -203,7 +203,7 @@ def test_a_servers_forwards_fault_almost_nothing(hf_b0_bundle: Bundle, tmp_path:
         hf_b0_bundle.path.parent,
         tmp_path / "server.log",
         intra_op_threads=2,
-        aligned_twin=False,
+        aligned_twin_max_mib=0,
     )
     try:
         server.wait_ready(timeout_s=120)
