@@ -26,6 +26,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
+from onnx.external_data_helper import uses_external_data
 from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidArgument, RuntimeException
 
 # The twin's logits against the graph's, relative to their largest magnitude: the blocked
@@ -39,10 +40,13 @@ def is_aligned(shape: tuple[int, ...], side: int) -> bool:
 
 
 def aligned_twin(model_path: Path, input_dtype: np.dtype, side: int) -> bytes | None:
-    """The serialized twin of the graph at ``model_path``, or None when it would not differ: no
-    ``Resize`` to a size whose ratio is one integer at both probe shapes. Check it against the
-    graph with ``twin_mismatch`` before serving from it."""
-    model = onnx.load(str(model_path))
+    """The serialized twin of the graph at ``model_path``, or None when it would not differ (no
+    ``Resize`` to a size whose ratio is one integer at both probe shapes) or could not be held
+    in one serialized model (weights in external files: models near protobuf's 2 GB limit).
+    Check it against the graph with ``twin_mismatch`` before serving from it."""
+    model = onnx.load(str(model_path), load_external_data=False)
+    if any(uses_external_data(tensor) for tensor in model.graph.initializer):
+        return None
     resizes = [n for n in model.graph.node if n.op_type == "Resize" and _sized(n)]
     if not resizes:
         return None

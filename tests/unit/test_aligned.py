@@ -190,3 +190,13 @@ def test_a_twin_that_does_not_match_is_not_used(
         runtime = _runtime(segformer_b0_bundle)
     assert runtime.aligned_side == 0 and runtime._alone.twin is None
     assert "aligned twin not used" in caplog.text
+
+
+def test_no_twin_for_weights_in_external_files(segformer_b0_bundle: Bundle, tmp_path: Path) -> None:
+    """A model saved with its weights beside it (how models near protobuf's 2 GB limit are
+    saved) is not copied into a twin: one serialized copy could not hold it."""
+    model = onnx.load(str(segformer_b0_bundle.model_path))
+    path = tmp_path / "model.onnx"
+    onnx.save_model(model, str(path), save_as_external_data=True, location="weights.bin")
+    assert (tmp_path / "weights.bin").stat().st_size > path.stat().st_size
+    assert aligned_twin(path, np.dtype(np.uint8), SIDE) is None
