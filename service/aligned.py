@@ -1,5 +1,5 @@
 """A CPU twin of a bundle's graph whose upsamplings run at constant integer scales, for inputs
-whose sides are multiples of the model's stride (``ALIGNED_SIDE`` in ``service/bundle.py``).
+whose sides are multiples of the model's stride (``STRIDE`` in ``service/bundle.py``).
 
 Why: the exporter writes each bilinear upsampling as a ``Resize`` to a size computed from the
 shapes, so one graph serves any input size. onnxruntime's CPU provider runs convolutions in a
@@ -51,19 +51,18 @@ def aligned_twin(model_path: Path, input_dtype: np.dtype, side: int) -> bytes | 
     if not resizes:
         return None
     first, second = (_ratios(model, resizes, shape, input_dtype) for shape in _probes(side))
-    constant = {
-        node.name: ratio
+    constant = [
+        (node, ratio)
         for node, ratio, other in zip(resizes, first, second, strict=True)
         if ratio == other and ratio is not None
-    }
+    ]
     if not constant:
         return None
-    for node in resizes:
-        if node.name in constant:
-            name = f"{node.name}__aligned_scales"
-            scales = np.array([1, 1, *constant[node.name]], np.float32)
-            model.graph.initializer.append(numpy_helper.from_array(scales, name))
-            node.input[:] = [node.input[0], node.input[1], name]
+    for index, (node, ratio) in enumerate(constant):
+        name = f"__aligned_scales_{index}"
+        scales = np.array([1, 1, *ratio], np.float32)
+        model.graph.initializer.append(numpy_helper.from_array(scales, name))
+        node.input[:] = [node.input[0], node.input[1], name]
     _drop_unused(model.graph)
     return model.SerializeToString()
 

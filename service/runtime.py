@@ -200,6 +200,7 @@ class Runtime:
             self._beside_sessions = len(sessions)
             for index in range(self.parallel_runs):
                 self._beside.put(sessions[index % len(sessions)])
+        self._twin_graph = None  # made into sessions; kept, a copy of the model (100 MB for B2)
         self._providers = providers
         # Only the GPU has an arena to shrink: the CPU arena is off (see _session_options) and the
         # heap under CPU runs keeps freed activations for the next run (service/heap.py).
@@ -225,7 +226,10 @@ class Runtime:
             return None
         graph = aligned_twin(self._model_path, self.input_dtype, side)
         if graph is None:
-            log.info("%s: no upsampling to make constant, no aligned twin", self._model_path)
+            log.info(
+                "%s: no aligned twin (no upsampling to make constant, or external weights)",
+                self._model_path,
+            )
             return None
         twin = self._cpu_session(self.intra_op_threads, graph)
         mismatch = twin_mismatch(twin, self._session, self.input_name, self.input_dtype, side)
