@@ -130,10 +130,9 @@ class _Sessions:
 
     graph: ort.InferenceSession
     twin: ort.InferenceSession | None = None
-    side: int = 0
 
-    def pick(self, shape: tuple[int, ...]) -> ort.InferenceSession:
-        if self.twin is not None and is_aligned(shape, self.side):
+    def pick(self, shape: tuple[int, ...], side: int) -> ort.InferenceSession:
+        if self.twin is not None and is_aligned(shape, side):
             return self.twin
         return self.graph
 
@@ -184,7 +183,7 @@ class Runtime:
         twin = None
         if self.provider == CPU and aligned_side:
             twin = self._aligned_twin(aligned_side, settings.aligned_twin_max_mib)
-        self._alone = _Sessions(self._session, twin, self.aligned_side)
+        self._alone = _Sessions(self._session, twin)
         # Sessions for runs beside others, one per run that may be in flight (the same one
         # repeated where a share is one thread); none under CUDA.
         self.parallel_runs = 1
@@ -249,7 +248,7 @@ class Runtime:
         graph = self._cpu_session(threads, str(self._model_path))
         if self._twin_graph is None:
             return _Sessions(graph)
-        return _Sessions(graph, self._cpu_session(threads, self._twin_graph), self.aligned_side)
+        return _Sessions(graph, self._cpu_session(threads, self._twin_graph))
 
     def _cpu_session(self, threads: int, model: str | bytes) -> ort.InferenceSession:
         return ort.InferenceSession(
@@ -369,11 +368,11 @@ class Runtime:
     @contextmanager
     def _session_for(self, alone: bool, shape: tuple[int, ...]) -> Iterator[ort.InferenceSession]:
         if alone or self.parallel_runs == 1:
-            yield self._alone.pick(shape)
+            yield self._alone.pick(shape, self.aligned_side)
             return
         sessions = self._beside.get_nowait()  # never empty: at most parallel_runs runs beside
         try:
-            yield sessions.pick(shape)
+            yield sessions.pick(shape, self.aligned_side)
         finally:
             self._beside.put(sessions)
 

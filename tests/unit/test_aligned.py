@@ -120,7 +120,7 @@ def test_the_runtime_runs_aligned_inputs_in_the_twin(segformer_b0_bundle: Bundle
     assert runtime.aligned_side == SIDE
     graph = _graph_session(segformer_b0_bundle.model_path)
     for shape, in_twin in (((1, 3, 64, 96), True), ((1, 3, 70, 96), False), ((2, 3, 96, 64), True)):
-        assert (runtime._alone.pick(shape) is runtime._alone.twin) is in_twin
+        assert (runtime._alone.pick(shape, runtime.aligned_side) is runtime._alone.twin) is in_twin
         pixels = np.concatenate([_pixels(*shape[2:], seed=s) for s in range(shape[0])])
         expected = graph.run(None, {"pixels": pixels})[0]
         for alone in (True, False):

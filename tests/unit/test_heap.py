@@ -42,8 +42,21 @@ def _rss() -> int:
         return int(statm.read().split()[1]) * resource.getpagesize()
 
 
-# Run in a fresh process: in a heap that earlier work left full of free blocks, allocations reuse
-# those whatever the thresholds say.
+def _in_fresh_process(script: str, path: Path) -> list[str]:
+    """What ``script`` prints, split, run on ``path`` in a fresh process: in a heap that earlier
+    work left full of free blocks, allocations reuse those whatever the thresholds say."""
+    found = subprocess.run(
+        [sys.executable, "-c", script, str(path)],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=Path(__file__).parents[2],
+        timeout=120,
+    )
+    return found.stdout.split()
+
+
+# Run in a fresh process (_in_fresh_process).
 _REUSE = """
 import resource, sys
 from pathlib import Path
@@ -83,15 +96,7 @@ print(unkept, faults_per_run(runtime, batch))
 def test_forwards_reuse_freed_activations(tiny_bundle: Bundle) -> None:
     """With glibc's default thresholds every run maps its big buffers afresh (thousands of page
     faults); once the heap keeps them, a repeated run faults almost nothing."""
-    found = subprocess.run(
-        [sys.executable, "-c", _REUSE, str(tiny_bundle.model_path)],
-        capture_output=True,
-        text=True,
-        check=True,
-        cwd=Path(__file__).parents[2],
-        timeout=120,
-    )
-    unkept, kept = map(float, found.stdout.split())
+    unkept, kept = map(float, _in_fresh_process(_REUSE, tiny_bundle.model_path))
     assert unkept > 2000, unkept  # 12 MiB of float input alone is 3000 pages
     assert kept < unkept / 10, (kept, unkept)
 
@@ -160,15 +165,7 @@ def test_a_b0_forward_faults_almost_nothing_once_warm(segformer_b0_bundle: Bundl
     """With onnxruntime's memory pattern, a session puts a shape's activations in one block (93 MB
     for B0's aligned twin at 512x512): over what the heap keeps, it was mapped afresh and faulted
     every run (~22000 faults, a third slower). Tensor by tensor, the heap reuses them."""
-    found = subprocess.run(
-        [sys.executable, "-c", _STEADY, str(segformer_b0_bundle.path)],
-        capture_output=True,
-        text=True,
-        check=True,
-        cwd=Path(__file__).parents[2],
-        timeout=120,
-    )
-    side, faults = map(int, found.stdout.split())
+    side, faults = map(int, _in_fresh_process(_STEADY, segformer_b0_bundle.path))
     assert side == 32  # the twin served these runs
     assert faults < 2000, faults  # 93 MB is ~22700 pages
 
