@@ -11,9 +11,11 @@ left with one candidate is that class with no arithmetic; the others compute mms
 exactly (torch's bilinear formula, float32), for their candidates only. Only strictly beaten
 classes are dropped, so argmax's first-index tie order holds.
 
-Whole mode (one window covering the image) goes one step finer: cells, runs of output pixels
-that read the same logits, are bounded the same way, and its tiles are cut at cell starts so that
-no cell is bounded twice.
+Whole mode (one window covering the image) computes a contested tile class by class over the
+whole tile, each resize step a loop along pixel rows that vectorises, with a running argmax: on
+untrained logits a tile keeps ~18 classes, and bounding each 4x4 cell again (to ~3) cost more than
+the arithmetic it saved. Its tiles are cut at cell starts (cells: runs of output pixels that read
+the same logits), so a tile reads as few logit rows and columns as its pixels need.
 
 The per-tile work is a Numba kernel (compiled once, cached on disk), run over bands of output
 rows in a small thread pool: in NumPy the calls per tile cost more than the arithmetic.
@@ -94,7 +96,7 @@ def pass_labels(
     rows, cols = axis_taps(scaled[0], original[0]), axis_taps(scaled[1], original[1])
     same_size = tuple(scaled) == tuple(original)
     whole = len(windows) == 1 and (windows[0].y1, windows[0].x1, height, width) == (0, 0, *scaled)
-    if whole:  # tiles of whole cells, so no cell's bounds are taken twice
+    if whole:  # tiles of whole cells: no logit row or column read for a pixel outside
         row_cuts = tile_cuts(cell_starts(rows, window_rows, same_size), original[0], tile)
         col_cuts = tile_cuts(cell_starts(cols, window_cols, same_size), original[1], tile)
     else:
@@ -137,8 +139,8 @@ def pass_labels(
 
 
 def cell_starts(image: AxisTaps, window: AxisTaps, same_size: bool) -> np.ndarray:
-    """Whole mode, along one axis: the output pixels where a cell starts (as ``_cell`` cuts
-    them: where the logits a pixel reads change, or through both resizes the first of them)."""
+    """Whole mode, along one axis: the output pixels where a cell starts (where the logits a
+    pixel reads change, or through both resizes the first of them)."""
     if same_size:
         first, last = window.low, window.high
         changed = (first[1:] != first[:-1]) | (last[1:] != last[:-1])
@@ -336,7 +338,7 @@ def _label_tile(logits, windows, window_taps, image_taps, same_size, whole, tile
     ``k`` candidates; returns 1 if they needed exact arithmetic. ``cand``, ``hi``, ``lo`` are
     scratch. With ``same_size`` (the resized image is the original) the last resize is the
     identity, and skipped; with ``whole`` (one window covering the resized image) the exact
-    labels are taken cell by cell (``_label_cells``)."""
+    labels are computed class by class over the tile (``_label_whole_tile``)."""
     win_y, win_x, win_h, win_w = windows
     wr_lo, wr_hi, _, wc_lo, wc_hi, _ = window_taps
     r_lo, r_hi, r_w, c_lo, c_hi, c_w = image_taps
@@ -364,14 +366,14 @@ def _label_tile(logits, windows, window_taps, image_taps, same_size, whole, tile
                         low = v if v < low else low
                 hi[q], lo[q] = h, low
         k = _beaten_out(hi, lo, cand, k, cand)
-    if k > 1 and not whole:  # whole mode prunes cell by cell instead (_label_cells)
+    if k > 1 and not whole:  # whole mode's tiles hold few taps: this pruning costs more
         k = _undominated(logits, windows, window_taps, (y0, y1, x0, x1), cand, k, taps)
     if k <= 1:  # one class wins the whole tile (none: every logit is NaN)
         labels[oy0:oy1, ox0:ox1] = cand[0] if k == 1 else 0
         return 0
     if whole:
-        _label_cells(logits, window_taps, image_taps, same_size, tile_rows, tile_cols, cand, k,
-                     hi, lo, labels)  # fmt: skip
+        _label_whole_tile(logits, window_taps, image_taps, same_size, tile_rows, tile_cols, cand,
+                          k, labels)  # fmt: skip
         return 1
 
     # mmseg's sum over windows divided by the number covering each pixel, then the resize to the
@@ -400,128 +402,84 @@ def _label_tile(logits, windows, window_taps, image_taps, same_size, whole, tile
 
 
 @njit(nogil=True, cache=True, boundscheck=False)
-def _cell(pixel, end, image_low, image_high, window_low, window_high, same_size):
-    """Whole mode, along one axis: the cell starting at output ``pixel`` (before ``end``), as
-    its end and the first and last logits index it reads. At the same size a cell's pixels read
-    the same logits (so a cell's logit rows are resized across once); through both resizes they
-    share their first logit, and the cell reads up to its last pixel's (a cell of one or two
-    pixels otherwise, whose bounds would cost more than its arithmetic)."""
-    if same_size:
-        first, last = window_low[pixel], window_high[pixel]
-        stop = pixel + 1
-        while stop < end and window_low[stop] == first and window_high[stop] == last:
-            stop += 1
-        return stop, first, last
-    first = window_low[image_low[pixel]]
-    stop = pixel + 1
-    while stop < end and window_low[image_low[stop]] == first:
-        stop += 1
-    return stop, first, window_high[image_high[stop - 1]]
-
-
-@njit(nogil=True, cache=True, boundscheck=False)
-def _label_cells(logits, window_taps, image_taps, same_size, tile_rows, tile_cols, cand, k, hi,
-                 lo, labels):  # fmt: skip
-    """Whole mode's exact labels of a tile, cell by cell (``_cell``: 4x4 pixels on 2x2 logits
-    when the logits are resized 4x to the image): a cell's candidates are those of the tile's
-    ``cand[:k]`` whose max there reaches the best min there (every class, where a logit there is
-    NaN); on untrained logits a cell keeps ~3 of the tile's ~25. Their values are torch's
-    bilinear steps in float32, as ``_merged_windows`` and ``_label_tile`` compute them (so the
-    labels are the same), each intermediate value computed once per cell: logit rows resized
-    across, then down to the window's rows, then, through both resizes, across and down again
-    to the output's."""
+def _label_whole_tile(logits, window_taps, image_taps, same_size, tile_rows, tile_cols, cand, k,
+                      labels):  # fmt: skip
+    """Whole mode's exact labels of output pixels ``tile_rows`` x ``tile_cols`` among the
+    candidates ``cand[:k]`` (ascending). Class by class, torch's bilinear steps in float32 over
+    the whole tile, columns first, then rows, as ``_merged_windows`` computes them (so the
+    labels are the same): the logit rows the tile reads resized across, then down (at the same
+    size, straight to the output's rows; through both resizes, to the window's rows, then across
+    and down again to the output's). Each value is compared with the best so far, strictly, so
+    the first of tied classes wins and NaN never does, as ``_first_argmax``."""
     wr_lo, wr_hi, wr_w, wc_lo, wc_hi, wc_w = window_taps
     r_lo, r_hi, r_w, c_lo, c_hi, c_w = image_taps
     (oy0, oy1), (ox0, ox1) = tile_rows, tile_cols
+    if same_size:  # the resized-image pixels the tile reads: its own
+        sy0, sy1, sx0, sx1 = oy0, oy1, ox0, ox1
+    else:
+        sy0, sy1, sx0, sx1 = r_lo[oy0], r_hi[oy1 - 1] + 1, c_lo[ox0], c_hi[ox1 - 1] + 1
+    a0 = wr_lo[sy0]
+    logit_rows = np.empty((wr_hi[sy1 - 1] + 1 - a0, sx1 - sx0), np.float32)
+    # Through both resizes: the window's pixels, then across to the output's columns.
+    between = (0, 0) if same_size else (sy1 - sy0, sx1 - sx0)
+    window = np.empty(between, np.float32)
+    across = np.empty((between[0], ox1 - ox0), np.float32)
+    best = np.full((oy1 - oy0, ox1 - ox0), -np.inf, np.float32)
+    best_class = np.zeros((oy1 - oy0, ox1 - ox0), np.int32)
+    for q in range(k):
+        plane = logits[0, cand[q]]
+        _resize_across(plane, a0, wc_lo[sx0:sx1], wc_hi[sx0:sx1], wc_w[sx0:sx1], 0, logit_rows)
+        if same_size:
+            _down_argmax(logit_rows, wr_lo[oy0:oy1], wr_hi[oy0:oy1], wr_w[oy0:oy1], a0, q, best,
+                         best_class)  # fmt: skip
+        else:
+            _resize_down(logit_rows, wr_lo[sy0:sy1], wr_hi[sy0:sy1], wr_w[sy0:sy1], a0, window)
+            _resize_across(window, 0, c_lo[ox0:ox1], c_hi[ox0:ox1], c_w[ox0:ox1], sx0, across)
+            _down_argmax(across, r_lo[oy0:oy1], r_hi[oy0:oy1], r_w[oy0:oy1], sy0, q, best,
+                         best_class)  # fmt: skip
+    for y in range(oy1 - oy0):
+        for x in range(ox1 - ox0):
+            labels[oy0 + y, ox0 + x] = cand[best_class[y, x]]
+
+
+@njit(nogil=True, cache=True, boundscheck=False)
+def _resize_across(source, first_row, low, high, weight, first_column, out):
+    """Rows ``first_row`` on of ``source`` resized along their columns to ``out``'s: taps
+    ``low``, ``high`` (less ``first_column``) and ``weight``, in torch's float32 formula."""
     one = np.float32(1.0)
-    cell = np.empty(k, np.int64)
-    upper = np.empty((ox1 - ox0, k), np.float32)  # a cell's rows resized across, by column
-    lower = np.empty((ox1 - ox0, k), np.float32)
-    # Through both resizes: a cell's window values, resized across, and each pixel's best.
-    window = np.empty((r_hi[oy1 - 1] + 1 - r_lo[oy0], c_hi[ox1 - 1] + 1 - c_lo[ox0]), np.float32)
-    across = np.empty((window.shape[0], ox1 - ox0), np.float32)
-    logit_rows = np.empty(
-        (wr_hi[r_hi[oy1 - 1]] + 1 - wr_lo[r_lo[oy0]], window.shape[1]), np.float32
-    )
-    top_value = np.empty((oy1 - oy0, ox1 - ox0), np.float32)
-    top_class = np.empty((oy1 - oy0, ox1 - ox0), np.int64)
-    y = oy0
-    while y < oy1:
-        y_end, ra, rb = _cell(y, oy1, r_lo, r_hi, wr_lo, wr_hi, same_size)
-        x = ox0
-        while x < ox1:
-            x_end, ca, cb = _cell(x, ox1, c_lo, c_hi, wc_lo, wc_hi, same_size)
-            nan = False
-            best_lo = -np.inf
-            for q in range(k):
-                h, low = -np.inf, np.inf
-                for a in range(ra, rb + 1):
-                    for b in range(ca, cb + 1):
-                        v = logits[0, cand[q], a, b]
-                        nan = nan or v != v
-                        h = v if v > h else h
-                        low = v if v < low else low
-                hi[q], lo[q] = h, low
-                best_lo = low if low > best_lo else best_lo
-            kc = 0
-            for q in range(k):
-                if nan or hi[q] >= best_lo:
-                    cell[kc] = cand[q]
-                    kc += 1
-            if kc == 1:
-                labels[y:y_end, x:x_end] = cell[0]
-            elif same_size:  # columns first for the whole cell, then each row, as torch
-                a, a2 = wr_lo[y], wr_hi[y]
-                for q in range(kc):
-                    plane = logits[0, cell[q]]
-                    for px in range(x, x_end):
-                        b, b2, wb = wc_lo[px], wc_hi[px], wc_w[px]
-                        upper[px - x, q] = (one - wb) * plane[a, b] + wb * plane[a, b2]
-                        lower[px - x, q] = (one - wb) * plane[a2, b] + wb * plane[a2, b2]
-                for py in range(y, y_end):
-                    wa = wr_w[py]
-                    for px in range(x_end - x):
-                        best, index = -np.inf, 0
-                        for q in range(kc):
-                            v = (one - wa) * upper[px, q] + wa * lower[px, q]
-                            if v > best:  # strict: the first of tied classes wins, as argmax
-                                best, index = v, q
-                        labels[py, px + x] = cell[index]
-            else:  # each value once: window values, across to the columns, down to the rows
-                sy0, sy1, sx0 = r_lo[y], r_hi[y_end - 1] + 1, c_lo[x]
-                top_value[: y_end - y, : x_end - x] = -np.inf  # as _first_argmax: NaN never wins
-                top_class[: y_end - y, : x_end - x] = 0
-                sx1 = c_hi[x_end - 1] + 1
-                for q in range(kc):
-                    plane = logits[0, cell[q]]
-                    for a in range(ra, rb + 1):  # the logits resized to the window
-                        for sx in range(sx0, sx1):
-                            b, b2, wb = wc_lo[sx], wc_hi[sx], wc_w[sx]
-                            logit_rows[a - ra, sx - sx0] = (one - wb) * plane[a, b] + wb * (
-                                plane[a, b2]
-                            )
-                    for sy in range(sy0, sy1):  # down to the window's rows, across to the output's
-                        a, a2, wa = wr_lo[sy] - ra, wr_hi[sy] - ra, wr_w[sy]
-                        for sx in range(sx1 - sx0):
-                            window[sy - sy0, sx] = (one - wa) * logit_rows[a, sx] + wa * (
-                                logit_rows[a2, sx]
-                            )
-                        for px in range(x, x_end):
-                            t1, t2, wt = c_lo[px] - sx0, c_hi[px] - sx0, c_w[px]
-                            across[sy - sy0, px - x] = (one - wt) * window[sy - sy0, t1] + wt * (
-                                window[sy - sy0, t2]
-                            )
-                    for py in range(y, y_end):
-                        s1, s2, ws = r_lo[py] - sy0, r_hi[py] - sy0, r_w[py]
-                        for px in range(x_end - x):
-                            v = (one - ws) * across[s1, px] + ws * across[s2, px]
-                            if v > top_value[py - y, px]:  # strict: the first of ties wins
-                                top_value[py - y, px], top_class[py - y, px] = v, q
-                for py in range(y, y_end):
-                    for px in range(x, x_end):
-                        labels[py, px] = cell[top_class[py - y, px - x]]
-            x = x_end
-        y = y_end
+    for row in range(out.shape[0]):
+        values, into = source[first_row + row], out[row]
+        for x in range(out.shape[1]):
+            w = weight[x]
+            into[x] = (one - w) * values[low[x] - first_column] + w * values[high[x] - first_column]
+
+
+@njit(nogil=True, cache=True, boundscheck=False)
+def _resize_down(source, low, high, weight, first_row, out):
+    """``source``'s rows resized to ``out``'s: taps ``low``, ``high`` (less ``first_row``)
+    and ``weight``."""
+    one = np.float32(1.0)
+    for row in range(out.shape[0]):
+        upper, lower = source[low[row] - first_row], source[high[row] - first_row]
+        w, into = weight[row], out[row]
+        for x in range(out.shape[1]):
+            into[x] = (one - w) * upper[x] + w * lower[x]
+
+
+@njit(nogil=True, cache=True, boundscheck=False)
+def _down_argmax(source, low, high, weight, first_row, q, best, best_class):
+    """``_resize_down`` into a running argmax: where class ``q``'s value beats ``best``
+    (strictly), it becomes the best and ``q`` the best class."""
+    one = np.float32(1.0)
+    q = np.int32(q)
+    for row in range(best.shape[0]):
+        upper, lower = source[low[row] - first_row], source[high[row] - first_row]
+        w, top, top_class = weight[row], best[row], best_class[row]
+        for x in range(best.shape[1]):
+            value = (one - w) * upper[x] + w * lower[x]
+            wins = value > top[x]
+            top[x] = value if wins else top[x]
+            top_class[x] = q if wins else top_class[x]
 
 
 @njit(nogil=True, cache=True, boundscheck=False)

@@ -235,9 +235,10 @@ def test_region_logits_match_and_skip_most_tiles() -> None:
     assert 0 < exact_tiles < 0.3 * (400 // 16) * (800 // 16)  # most tiles: no arithmetic
 
 
-def test_exact_ties_keep_the_first_class() -> None:
+@pytest.mark.parametrize("crop", [(48, 48), (64, 96)])  # slide, whole
+def test_exact_ties_keep_the_first_class(crop: tuple[int, int]) -> None:
     rng = np.random.default_rng(5)
-    windows = window_grid(64, 96, (48, 48), (32, 32))
+    windows = window_grid(64, 96, crop, (32, 32))
     logits = []
     for w in windows:
         values = noise_logits(rng, 6, (w.height // 4, w.width // 4))
