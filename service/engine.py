@@ -304,7 +304,9 @@ class Engine:
                 return await self._compute(
                     request, partial(single_pass_probabilities, logits, pass_plan, original)
                 )
-            one = await self._compute(request, merge.pass_logits)
+            # A single window's output is handed over as it came: no pool hop (0.1-0.2 ms) for it.
+            single = len(pass_plan.windows) == 1
+            one = merge.pass_logits() if single else await self._compute(request, merge.pass_logits)
             labelled = await self._compute(
                 request,
                 partial(labelmap.pass_labels, one.windows, one.logits, one.scaled, original, dtype),
@@ -365,7 +367,8 @@ class Engine:
             scaled = resize_image(image, pass_plan.width, pass_plan.height)
             return scaled[:, ::-1] if pass_plan.flip else scaled
 
-        scaled = await self._compute(request, prepare, pre=True)
+        unchanged = (pass_plan.height, pass_plan.width) == image.shape[:2] and not pass_plan.flip
+        scaled = image if unchanged else await self._compute(request, prepare, pre=True)
         await _all_or_none(
             self._run_window(scaled, index, merge, request)
             for index in range(len(pass_plan.windows))
@@ -399,7 +402,10 @@ class Engine:
             if padded != size:
                 unpad = unpad_logits if self._device_post is None else self._device_post.unpad
                 logits = await self._compute(request, partial(unpad, logits, padded, size))
-            await self._compute(request, lambda: merge.add(index, logits))
+            if len(merge.plan.windows) == 1:  # kept as it came (both merges): nothing to compute
+                merge.add(index, logits)
+            else:
+                await self._compute(request, lambda: merge.add(index, logits))
 
     def _stopped_error(self) -> OverloadedError:
         return OverloadedError(
