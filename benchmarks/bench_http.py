@@ -6,11 +6,13 @@ on the same 512x512 photograph (scikit-image's astronaut):
 
 - the bare forward: the bundle's ``model.onnx`` in a ``service.runtime.Runtime`` made as the
   server makes it, fed the preprocessed tensor (no decode, resize, merge, encode or HTTP);
+- the same ``model.onnx`` in a plain ``onnxruntime.InferenceSession`` with default options, as a
+  user would run the file (the runtime's aligned twin and session options are what differ);
 - segserve through a real ``python -m service`` process (whole mode, JSON answer, multipart);
 - HF ``pipeline("image-segmentation")`` in this process.
 
-The bare forward and the sequential HTTP requests alternate in rounds, so drift on a shared
-machine hits both alike. Each system is also timed at concurrency 4 (four threads).
+The forwards and the sequential HTTP requests alternate in rounds, so drift on a shared
+machine hits them alike. Each system is also timed at concurrency 4 (four threads).
 
     .venv/bin/python -m benchmarks.bench_http [--requests 40] [--work DIR] [--precision int8]
         [--spinning] [--weights region-like] [--no-aligned-twin]
@@ -20,8 +22,9 @@ photo gets region-like masks, as from a trained model, instead of random init's 
 competing at every pixel: segserve's label step costs less on such logits, the pipeline's not.
 
 Prints median / p95 latency and throughput per row, then the ratios the targets name: HTTP median
-over the bare forward's, segserve over the pipeline's throughput, segserve at concurrency 4 over
-the bare single-stream throughput.
+over the bare forward's (the HTTP path's own cost) and over the plain session's (against running
+the file yourself), segserve over the pipeline's throughput, segserve at concurrency 4 over the
+bare single-stream throughput.
 """
 
 from __future__ import annotations
@@ -50,7 +53,8 @@ from tests.servers import SegserveServer
 
 NUM_CLASSES = 150
 CONCURRENCY = 4
-BARE = "bare forward (model.onnx, onnxruntime)"
+BARE = "bare forward (model.onnx, segserve's runtime)"
+PLAIN = "model.onnx, plain onnxruntime session"
 
 
 @dataclass(frozen=True)
@@ -214,6 +218,25 @@ def bare_forward(
     return forward
 
 
+def plain_session(bundle_path: Path, photo: bytes) -> Callable[[], None]:
+    """One forward of the bundle's ``model.onnx`` in an ``InferenceSession`` with default
+    options (all cores, spinning on), on the same input tensor as the bare forward."""
+    import onnxruntime as ort
+
+    from service.bundle import load_bundle
+    from service.engine import Engine
+    from service.imageio import decode_image
+
+    bundle = load_bundle(bundle_path)
+    session = ort.InferenceSession(str(bundle.model_path), providers=["CPUExecutionProvider"])
+    feed = {bundle.metadata.input.name: Engine(bundle)._to_input(decode_image(photo, 10**8))[None]}
+
+    def forward() -> None:
+        session.run(None, feed)
+
+    return forward
+
+
 def bench_segserve(
     repository: Path,
     work: Path,
@@ -224,7 +247,8 @@ def bench_segserve(
     parallel_runs: int,
     aligned_twin: bool,
 ) -> list[Row]:
-    """Bare forward and sequential HTTP alternating, then HTTP at concurrency 4."""
+    """Plain session, bare forward and sequential HTTP alternating, then HTTP at
+    concurrency 4."""
     server = SegserveServer(
         repository,
         work / "server.log",
@@ -238,6 +262,7 @@ def bench_segserve(
     try:
         server.wait_ready(timeout_s=300)
         bare = bare_forward(repository / "segformer-b0", photo, spinning, aligned_twin)
+        plain = plain_session(repository / "segformer-b0", photo)
         with httpx.Client(base_url=server.url, timeout=120) as client:
 
             def call() -> None:
@@ -246,12 +271,18 @@ def bench_segserve(
                 assert response.json()["width"] == 512
 
             for _ in range(3):
+                plain()
                 bare()
                 call()
             http_name = "segserve (HTTP, onnxruntime)"
-            rows = alternate({BARE: bare, http_name: call}, requests)
+            rows = alternate({PLAIN: plain, BARE: bare, http_name: call}, requests)
             latencies, wall = timed_run(call, requests, CONCURRENCY)
-            return [rows[BARE], rows[http_name], Row(http_name, CONCURRENCY, latencies, wall)]
+            return [
+                rows[PLAIN],
+                rows[BARE],
+                rows[http_name],
+                Row(http_name, CONCURRENCY, latencies, wall),
+            ]
     finally:
         server.terminate()
 
@@ -327,13 +358,14 @@ def main() -> None:
     print("| --- | --- | --- | --- | --- |")
     for row in ours + theirs:
         print(row.line())
-    bare, http_sequential, http_concurrent = ours
+    plain, bare, http_sequential, http_concurrent = ours
     print(
         f"HTTP / bare forward, sequential median: {median(http_sequential) / median(bare):.2f}x; "
+        f"HTTP / plain session: {median(http_sequential) / median(plain):.2f}x; "
         f"HTTP at concurrency {CONCURRENCY} / bare single-stream throughput: "
         f"{http_concurrent.throughput / bare.throughput:.2f}x"
     )
-    for mine, base in zip(ours[1:], theirs, strict=False):
+    for mine, base in zip(ours[2:], theirs, strict=False):
         ratio = mine.throughput / base.throughput
         print(f"segserve / HF pipeline throughput at concurrency {mine.concurrency}: {ratio:.2f}x")
 

@@ -420,60 +420,66 @@ def _label_whole_tile(logits, window_taps, image_taps, same_size, tile_rows, til
         sy0, sy1, sx0, sx1 = r_lo[oy0], r_hi[oy1 - 1] + 1, c_lo[ox0], c_hi[ox1 - 1] + 1
     a0 = wr_lo[sy0]
     logit_rows = np.empty((wr_hi[sy1 - 1] + 1 - a0, sx1 - sx0), np.float32)
-    # Through both resizes: the window's pixels, then across to the output's columns.
-    between = (0, 0) if same_size else (sy1 - sy0, sx1 - sx0)
-    window = np.empty(between, np.float32)
-    across = np.empty((between[0], ox1 - ox0), np.float32)
+    # Taps as views made once: a view made per class costs more than the class's arithmetic.
+    to_window_columns = (wc_lo[sx0:sx1], wc_hi[sx0:sx1], wc_w[sx0:sx1], 0)
+    if same_size:
+        to_output_rows = (wr_lo[oy0:oy1], wr_hi[oy0:oy1], wr_w[oy0:oy1], a0)
+    else:  # through the window's rows, then across to the output's columns
+        to_window_rows = (wr_lo[sy0:sy1], wr_hi[sy0:sy1], wr_w[sy0:sy1], a0)
+        to_output_columns = (c_lo[ox0:ox1], c_hi[ox0:ox1], c_w[ox0:ox1], sx0)
+        to_output_rows = (r_lo[oy0:oy1], r_hi[oy0:oy1], r_w[oy0:oy1], sy0)
+        window = np.empty((sy1 - sy0, sx1 - sx0), np.float32)
+        across = np.empty((sy1 - sy0, ox1 - ox0), np.float32)
     best = np.full((oy1 - oy0, ox1 - ox0), -np.inf, np.float32)
     best_class = np.zeros((oy1 - oy0, ox1 - ox0), np.int32)
     for q in range(k):
-        plane = logits[0, cand[q]]
-        _resize_across(plane, a0, wc_lo[sx0:sx1], wc_hi[sx0:sx1], wc_w[sx0:sx1], 0, logit_rows)
+        _resize_across(logits[0, cand[q]], a0, to_window_columns, logit_rows)
         if same_size:
-            _down_argmax(logit_rows, wr_lo[oy0:oy1], wr_hi[oy0:oy1], wr_w[oy0:oy1], a0, q, best,
-                         best_class)  # fmt: skip
+            _down_argmax(logit_rows, to_output_rows, q, best, best_class)
         else:
-            _resize_down(logit_rows, wr_lo[sy0:sy1], wr_hi[sy0:sy1], wr_w[sy0:sy1], a0, window)
-            _resize_across(window, 0, c_lo[ox0:ox1], c_hi[ox0:ox1], c_w[ox0:ox1], sx0, across)
-            _down_argmax(across, r_lo[oy0:oy1], r_hi[oy0:oy1], r_w[oy0:oy1], sy0, q, best,
-                         best_class)  # fmt: skip
+            _resize_down(logit_rows, to_window_rows, window)
+            _resize_across(window, 0, to_output_columns, across)
+            _down_argmax(across, to_output_rows, q, best, best_class)
     for y in range(oy1 - oy0):
         for x in range(ox1 - ox0):
             labels[oy0 + y, ox0 + x] = cand[best_class[y, x]]
 
 
 @njit(nogil=True, cache=True, boundscheck=False)
-def _resize_across(source, first_row, low, high, weight, first_column, out):
-    """Rows ``first_row`` on of ``source`` resized along their columns to ``out``'s: taps
-    ``low``, ``high`` (less ``first_column``) and ``weight``, in torch's float32 formula."""
+def _resize_across(source, first_row, taps, out):
+    """Rows ``first_row`` on of ``source`` resized along their columns to ``out``'s, in
+    torch's float32 formula; ``taps`` are (low, high, weight, first column of ``source``)."""
+    low, high, weight, first = taps
     one = np.float32(1.0)
     for row in range(out.shape[0]):
         values, into = source[first_row + row], out[row]
         for x in range(out.shape[1]):
             w = weight[x]
-            into[x] = (one - w) * values[low[x] - first_column] + w * values[high[x] - first_column]
+            into[x] = (one - w) * values[low[x] - first] + w * values[high[x] - first]
 
 
 @njit(nogil=True, cache=True, boundscheck=False)
-def _resize_down(source, low, high, weight, first_row, out):
-    """``source``'s rows resized to ``out``'s: taps ``low``, ``high`` (less ``first_row``)
-    and ``weight``."""
+def _resize_down(source, taps, out):
+    """``source``'s rows resized to ``out``'s; ``taps`` are (low, high, weight, first row of
+    ``source``)."""
+    low, high, weight, first = taps
     one = np.float32(1.0)
     for row in range(out.shape[0]):
-        upper, lower = source[low[row] - first_row], source[high[row] - first_row]
+        upper, lower = source[low[row] - first], source[high[row] - first]
         w, into = weight[row], out[row]
         for x in range(out.shape[1]):
             into[x] = (one - w) * upper[x] + w * lower[x]
 
 
 @njit(nogil=True, cache=True, boundscheck=False)
-def _down_argmax(source, low, high, weight, first_row, q, best, best_class):
+def _down_argmax(source, taps, q, best, best_class):
     """``_resize_down`` into a running argmax: where class ``q``'s value beats ``best``
     (strictly), it becomes the best and ``q`` the best class."""
+    low, high, weight, first = taps
     one = np.float32(1.0)
     q = np.int32(q)
     for row in range(best.shape[0]):
-        upper, lower = source[low[row] - first_row], source[high[row] - first_row]
+        upper, lower = source[low[row] - first], source[high[row] - first]
         w, top, top_class = weight[row], best[row], best_class[row]
         for x in range(best.shape[1]):
             value = (one - w) * upper[x] + w * lower[x]
