@@ -6,13 +6,16 @@ on the same 512x512 photograph (scikit-image's astronaut):
 
 - the bare forward: the bundle's ``model.onnx`` in a ``service.runtime.Runtime`` made as the
   server makes it, fed the preprocessed tensor (no decode, resize, merge, encode or HTTP);
-- the same ``model.onnx`` in a plain ``onnxruntime.InferenceSession`` with default options, as a
-  user would run the file (the runtime's aligned twin and session options are what differ);
+- the same ``model.onnx`` in a plain ``onnxruntime.InferenceSession`` (default options, spinning
+  off as in the server), as a user would run the file: the runtime's aligned twin and session
+  options are what differ;
 - segserve through a real ``python -m service`` process (whole mode, JSON answer, multipart);
 - HF ``pipeline("image-segmentation")`` in this process.
 
-The forwards and the sequential HTTP requests alternate in rounds, so drift on a shared
-machine hits them alike. Each system is also timed at concurrency 4 (four threads).
+The sequential rows of the two forwards and HTTP come from calls alternating two at a time, so a
+slow spell of a shared machine hits them alike; HTTP is also timed at concurrency 4 (four
+threads). The pipeline runs last, in this process, sequentially and at concurrency 4: its
+PyTorch threads would slow the forwards if its calls alternated with theirs.
 
     .venv/bin/python -m benchmarks.bench_http [--requests 40] [--work DIR] [--precision int8]
         [--spinning] [--weights region-like] [--no-aligned-twin]
@@ -53,8 +56,11 @@ from tests.servers import SegserveServer
 
 NUM_CLASSES = 150
 CONCURRENCY = 4
+CHUNK = 2  # sequential calls per system in turn
 BARE = "bare forward (model.onnx, segserve's runtime)"
 PLAIN = "model.onnx, plain onnxruntime session"
+HTTP = "segserve (HTTP, onnxruntime)"
+PIPELINE = "HF pipeline (PyTorch)"
 
 
 @dataclass(frozen=True)
@@ -93,27 +99,14 @@ def timed_run(
     return latencies, time.perf_counter() - started
 
 
-def measure(system: str, call: Callable[[], None], requests: int, warmup: int) -> list[Row]:
-    """Warm ``call`` up, then one row sequentially and one at ``CONCURRENCY``."""
-    for _ in range(warmup):
-        call()
-    rows = []
-    for concurrency in (1, CONCURRENCY):
-        latencies, wall = timed_run(call, requests, concurrency)
-        rows.append(Row(system, concurrency, latencies, wall))
-    return rows
-
-
-def alternate(
-    calls: dict[str, Callable[[], None]], requests: int, rounds: int = 5
-) -> dict[str, Row]:
-    """Sequential rows for several systems, their calls alternating in ``rounds`` chunks."""
+def alternate(calls: dict[str, Callable[[], None]], requests: int) -> dict[str, Row]:
+    """Sequential rows for several systems, their calls alternating ``CHUNK`` at a time: this
+    VM slows down by a third for seconds at a time, and a slow spell must hit every row alike."""
     latencies: dict[str, list[float]] = {name: [] for name in calls}
     walls = dict.fromkeys(calls, 0.0)
-    for round_index in range(rounds):
-        chunk = requests // rounds + (round_index < requests % rounds)
+    for start in range(0, requests, CHUNK):
         for name, call in calls.items():
-            chunk_latencies, wall = timed_run(call, chunk, 1)
+            chunk_latencies, wall = timed_run(call, min(CHUNK, requests - start), 1)
             latencies[name] += chunk_latencies
             walls[name] += wall
     return {name: Row(name, 1, latencies[name], walls[name]) for name in calls}
@@ -220,7 +213,8 @@ def bare_forward(
 
 def plain_session(bundle_path: Path, photo: bytes) -> Callable[[], None]:
     """One forward of the bundle's ``model.onnx`` in an ``InferenceSession`` with default
-    options (all cores, spinning on), on the same input tensor as the bare forward."""
+    options but spinning off (its threads would spin into the calls alternating with it), on
+    the same input tensor as the bare forward."""
     import onnxruntime as ort
 
     from service.bundle import load_bundle
@@ -228,7 +222,11 @@ def plain_session(bundle_path: Path, photo: bytes) -> Callable[[], None]:
     from service.imageio import decode_image
 
     bundle = load_bundle(bundle_path)
-    session = ort.InferenceSession(str(bundle.model_path), providers=["CPUExecutionProvider"])
+    options = ort.SessionOptions()
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    session = ort.InferenceSession(
+        str(bundle.model_path), options, providers=["CPUExecutionProvider"]
+    )
     feed = {bundle.metadata.input.name: Engine(bundle)._to_input(decode_image(photo, 10**8))[None]}
 
     def forward() -> None:
@@ -237,57 +235,10 @@ def plain_session(bundle_path: Path, photo: bytes) -> Callable[[], None]:
     return forward
 
 
-def bench_segserve(
-    repository: Path,
-    work: Path,
-    photo: bytes,
-    requests: int,
-    batch: int,
-    spinning: bool,
-    parallel_runs: int,
-    aligned_twin: bool,
-) -> list[Row]:
-    """Plain session, bare forward and sequential HTTP alternating, then HTTP at
-    concurrency 4."""
-    server = SegserveServer(
-        repository,
-        work / "server.log",
-        intra_op_threads=0,
-        intra_op_spinning=spinning,
-        parallel_runs=parallel_runs,
-        worker_threads=2,
-        max_batch_size=batch,
-        **({} if aligned_twin else {"aligned_twin_max_mib": 0}),
-    )
-    try:
-        server.wait_ready(timeout_s=300)
-        bare = bare_forward(repository / "segformer-b0", photo, spinning, aligned_twin)
-        plain = plain_session(repository / "segformer-b0", photo)
-        with httpx.Client(base_url=server.url, timeout=120) as client:
-
-            def call() -> None:
-                response = client.post("/segment", files={"image": ("astronaut.jpg", photo)})
-                response.raise_for_status()
-                assert response.json()["width"] == 512
-
-            for _ in range(3):
-                plain()
-                bare()
-                call()
-            http_name = "segserve (HTTP, onnxruntime)"
-            rows = alternate({PLAIN: plain, BARE: bare, http_name: call}, requests)
-            latencies, wall = timed_run(call, requests, CONCURRENCY)
-            return [
-                rows[PLAIN],
-                rows[BARE],
-                rows[http_name],
-                Row(http_name, CONCURRENCY, latencies, wall),
-            ]
-    finally:
-        server.terminate()
-
-
 def bench_pipeline(hf_dir: Path, photo: bytes, requests: int) -> list[Row]:
+    """HF ``pipeline("image-segmentation")`` on the photo, sequential then at concurrency 4, in
+    this process once the segserve rows are done (PyTorch's threads would slow the forwards
+    if its calls alternated with theirs)."""
     from transformers import pipeline
 
     segmenter = pipeline("image-segmentation", model=str(hf_dir), device="cpu")
@@ -297,7 +248,51 @@ def bench_pipeline(hf_dir: Path, photo: bytes, requests: int) -> list[Row]:
         segments = segmenter(image)
         assert segments and np.asarray(segments[0]["mask"]).shape == (512, 512)
 
-    return measure("HF pipeline (PyTorch)", call, requests, warmup=2)
+    for _ in range(2):
+        call()
+    return [Row(PIPELINE, c, *timed_run(call, requests, c)) for c in (1, CONCURRENCY)]
+
+
+def bench(
+    repository: Path,
+    work: Path,
+    photo: bytes,
+    requests: int,
+    server_settings: dict[str, Any],
+    aligned_twin: bool,
+) -> list[Row]:
+    """The sequential rows of the plain session, the bare forward and HTTP from alternating
+    calls, then HTTP at concurrency 4."""
+    server = SegserveServer(
+        repository,
+        work / "server.log",
+        intra_op_threads=0,
+        worker_threads=2,
+        **server_settings,
+        **({} if aligned_twin else {"aligned_twin_max_mib": 0}),
+    )
+    try:
+        server.wait_ready(timeout_s=300)
+        spinning = server_settings["intra_op_spinning"]
+        calls = {
+            PLAIN: plain_session(repository / "segformer-b0", photo),
+            BARE: bare_forward(repository / "segformer-b0", photo, spinning, aligned_twin),
+        }
+        with httpx.Client(base_url=server.url, timeout=120) as client:
+
+            def post() -> None:
+                response = client.post("/segment", files={"image": ("astronaut.jpg", photo)})
+                response.raise_for_status()
+                assert response.json()["width"] == 512
+
+            calls[HTTP] = post
+            for call in calls.values():  # warm-up
+                for _ in range(3):
+                    call()
+            rows = list(alternate(calls, requests).values())
+            return [*rows, Row(HTTP, CONCURRENCY, *timed_run(post, requests, CONCURRENCY))]
+    finally:
+        server.terminate()
 
 
 def main() -> None:
@@ -337,37 +332,43 @@ def main() -> None:
     Image.fromarray(data.astronaut()).save(buffer, format="JPEG", quality=90)
     photo = buffer.getvalue()
 
-    ours = bench_segserve(
+    rows = bench(
         repository,
         work,
         photo,
         args.requests,
-        args.batch,
-        args.spinning,
-        args.parallel_runs,
+        {
+            "max_batch_size": args.batch,
+            "intra_op_spinning": args.spinning,
+            "parallel_runs": args.parallel_runs,
+        },
         not args.no_aligned_twin,
     )
-    theirs = [] if args.skip_pipeline else bench_pipeline(hf_dir, photo, args.requests)
+    if not args.skip_pipeline:
+        rows += bench_pipeline(hf_dir, photo, args.requests)
     machine = f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}"
     print(f"\nmachine: {machine}; {args.requests} requests per row, 512x512 JPEG, SegFormer-B0, "
           f"{args.weights} weights, {args.precision} bundle, SEGSERVE_MAX_BATCH_SIZE={args.batch}, "
           f"SEGSERVE_INTRA_OP_SPINNING={int(args.spinning)}, "
           f"SEGSERVE_PARALLEL_RUNS={args.parallel_runs}, "
-          f"aligned twin {'off' if args.no_aligned_twin else 'on'}")  # fmt: skip
+          f"aligned twin {'off' if args.no_aligned_twin else 'on'}; sequential rows alternating "
+          f"{CHUNK} calls at a time")  # fmt: skip
     print("| system | concurrency | median ms | p95 ms | images/s |")
     print("| --- | --- | --- | --- | --- |")
-    for row in ours + theirs:
+    for row in rows:
         print(row.line())
-    plain, bare, http_sequential, http_concurrent = ours
+    by_key = {(row.system, row.concurrency): row for row in rows}
+    bare, plain, http = by_key[BARE, 1], by_key[PLAIN, 1], by_key[HTTP, 1]
     print(
-        f"HTTP / bare forward, sequential median: {median(http_sequential) / median(bare):.2f}x; "
-        f"HTTP / plain session: {median(http_sequential) / median(plain):.2f}x; "
+        f"HTTP / bare forward, sequential median: {median(http) / median(bare):.2f}x; "
+        f"HTTP / plain session: {median(http) / median(plain):.2f}x; "
         f"HTTP at concurrency {CONCURRENCY} / bare single-stream throughput: "
-        f"{http_concurrent.throughput / bare.throughput:.2f}x"
+        f"{by_key[HTTP, CONCURRENCY].throughput / bare.throughput:.2f}x"
     )
-    for mine, base in zip(ours[2:], theirs, strict=False):
-        ratio = mine.throughput / base.throughput
-        print(f"segserve / HF pipeline throughput at concurrency {mine.concurrency}: {ratio:.2f}x")
+    for concurrency in (1, CONCURRENCY):
+        if (PIPELINE, concurrency) in by_key:
+            ratio = by_key[HTTP, concurrency].throughput / by_key[PIPELINE, concurrency].throughput
+            print(f"segserve / HF pipeline throughput at concurrency {concurrency}: {ratio:.2f}x")
 
 
 def median(row: Row) -> float:
