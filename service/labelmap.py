@@ -12,10 +12,11 @@ exactly (torch's bilinear formula, float32), for their candidates only. Only str
 classes are dropped, so argmax's first-index tie order holds.
 
 Whole mode (one window covering the image) computes a contested tile class by class over the
-whole tile, each resize step a loop along pixel rows that vectorises, with a running argmax: on
-untrained logits a tile keeps ~18 classes, and bounding each 4x4 cell again (to ~3) cost more than
-the arithmetic it saved. Its tiles are cut at cell starts (cells: runs of output pixels that read
-the same logits), so a tile reads as few logit rows and columns as its pixels need.
+whole tile, each resize step a loop along pixel rows (the steps down vectorise), with a running
+argmax: on untrained logits a tile keeps ~18 classes, and bounding each 4x4 cell again (to ~3)
+cost more than the arithmetic it saved. Its tiles are cut at cell starts (cells: runs of output
+pixels that read the same logits), so a tile reads as few logit rows and columns as its pixels
+need.
 
 The per-tile work is a Numba kernel (compiled once, cached on disk), run over bands of output
 rows in a small thread pool: in NumPy the calls per tile cost more than the arithmetic.
