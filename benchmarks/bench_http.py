@@ -27,7 +27,8 @@ competing at every pixel: segserve's label step costs less on such logits, the p
 Prints median / p95 latency and throughput per row, then the ratios the targets name: HTTP median
 over the bare forward's (the HTTP path's own cost) and over the plain session's (against running
 the file yourself), segserve over the pipeline's throughput, segserve at concurrency 4 over the
-bare single-stream throughput.
+bare single-stream throughput; and where the sequential requests' time went (their median
+``Server-Timing`` stages, and what the client saw beyond the server's ``total``).
 """
 
 from __future__ import annotations
@@ -260,9 +261,10 @@ def bench(
     requests: int,
     server_settings: dict[str, Any],
     aligned_twin: bool,
-) -> list[Row]:
+) -> tuple[list[Row], dict[str, float]]:
     """The sequential rows of the plain session, the bare forward and HTTP from alternating
-    calls, then HTTP at concurrency 4."""
+    calls, then HTTP at concurrency 4; and the sequential requests' median ``Server-Timing``
+    stages in ms, with ``client`` the whole call's median as the client saw it."""
     server = SegserveServer(
         repository,
         work / "server.log",
@@ -278,21 +280,37 @@ def bench(
             PLAIN: plain_session(repository / "segformer-b0", photo),
             BARE: bare_forward(repository / "segformer-b0", photo, spinning, aligned_twin),
         }
+        stages: dict[str, list[float]] = {}
         with httpx.Client(base_url=server.url, timeout=120) as client:
 
             def post() -> None:
                 response = client.post("/segment", files={"image": ("astronaut.jpg", photo)})
                 response.raise_for_status()
                 assert response.json()["width"] == 512
+                for stage, ms in server_timing(response.headers["server-timing"]).items():
+                    stages.setdefault(stage, []).append(ms)
 
             calls[HTTP] = post
             for call in calls.values():  # warm-up
                 for _ in range(3):
                     call()
-            rows = list(alternate(calls, requests).values())
-            return [*rows, Row(HTTP, CONCURRENCY, *timed_run(post, requests, CONCURRENCY))]
+            stages.clear()
+            rows = alternate(calls, requests)
+            sequential = {stage: statistics.median(ms) for stage, ms in stages.items()}
+            sequential["client"] = 1000 * median(rows[HTTP])
+            concurrent = Row(HTTP, CONCURRENCY, *timed_run(post, requests, CONCURRENCY))
+            return [*rows.values(), concurrent], sequential
     finally:
         server.terminate()
+
+
+def server_timing(header: str) -> dict[str, float]:
+    """``{stage: ms}`` from a ``Server-Timing`` header (``name;dur=ms, ...``)."""
+    timings = {}
+    for entry in header.split(","):
+        name, _, duration = entry.strip().partition(";dur=")
+        timings[name] = float(duration)
+    return timings
 
 
 def main() -> None:
@@ -332,7 +350,7 @@ def main() -> None:
     Image.fromarray(data.astronaut()).save(buffer, format="JPEG", quality=90)
     photo = buffer.getvalue()
 
-    rows = bench(
+    rows, stages = bench(
         repository,
         work,
         photo,
@@ -364,6 +382,12 @@ def main() -> None:
         f"HTTP / plain session: {median(http) / median(plain):.2f}x; "
         f"HTTP at concurrency {CONCURRENCY} / bare single-stream throughput: "
         f"{by_key[HTTP, CONCURRENCY].throughput / bare.throughput:.2f}x"
+    )
+    client_beyond = stages["client"] - stages["total"]
+    print(
+        "sequential HTTP, median Server-Timing ms: "
+        + ", ".join(f"{stage} {ms:.2f}" for stage, ms in stages.items() if stage != "client")
+        + f"; the client saw {client_beyond:.2f} more than total"
     )
     for concurrency in (1, CONCURRENCY):
         if (PIPELINE, concurrency) in by_key:
