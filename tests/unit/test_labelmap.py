@@ -8,6 +8,7 @@ float32 noise of each other may differ; every other pixel must match exactly.
 
 from __future__ import annotations
 
+import itertools
 import os
 import subprocess
 import sys
@@ -316,3 +317,13 @@ def test_whole_mode_tiles_are_whole_cells(source: int, destination: int) -> None
     assert cuts[0] == 0 and cuts[-1] == destination and (np.diff(cuts) > 0).all()
     assert set(cuts[:-1]) <= set(starts.tolist())
     assert (np.diff(cuts) <= 16).all()
+
+
+@pytest.mark.parametrize(("bands", "shares"), [(1, 4), (3, 4), (17, 4), (94, 4), (200, 16)])
+def test_guided_pieces_cover_the_bands_in_shrinking_shares(bands: int, shares: int) -> None:
+    pieces = labelmap._guided_pieces(bands, shares)
+    assert pieces[0][0] == 0 and pieces[-1][1] == bands
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(pieces))  # contiguous, no overlap
+    sizes = [last - first for first, last in pieces]
+    assert min(sizes) == 1 and sizes == sorted(sizes, reverse=True)
+    assert sizes[0] == -(-bands // shares)  # the first a full share: few pieces on large images
