@@ -46,7 +46,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import numpy as np
@@ -54,6 +54,9 @@ from PIL import Image
 from skimage import data
 
 from tests.servers import SegserveServer
+
+if TYPE_CHECKING:
+    from service.bundle import Bundle
 
 NUM_CLASSES = 150
 CONCURRENCY = 4
@@ -178,18 +181,22 @@ def refit_to_regions(model: Any, processor: Any) -> None:
     classifier.bias.data = torch.from_numpy(bias)
 
 
-def bare_forward(
-    bundle_path: Path, photo: bytes, spinning: bool = False, aligned_twin: bool = True
-) -> Callable[[], None]:
-    """One forward of the bundle's model on the photo's input tensor, in a runtime made as the
-    server makes it (same session options, all cores, the aligned twin for the 512x512 input)."""
-    from service.bundle import load_bundle
-    from service.config import RuntimeSettings
+def model_input(bundle: Bundle, photo: bytes) -> np.ndarray:
+    """The photo as the bundle's model takes it, a batch of one (what the server feeds it)."""
     from service.engine import Engine
     from service.imageio import decode_image
+
+    return Engine(bundle)._to_input(decode_image(photo, 10**8))[None]
+
+
+def bare_forward(
+    bundle: Bundle, tensor: np.ndarray, spinning: bool = False, aligned_twin: bool = True
+) -> Callable[[], None]:
+    """One forward of the bundle's model on ``tensor``, in a runtime made as the server makes
+    it (same session options, all cores, the aligned twin for the 512x512 input)."""
+    from service.config import RuntimeSettings
     from service.runtime import Runtime
 
-    bundle = load_bundle(bundle_path)
     meta = bundle.metadata
     runtime = Runtime(
         bundle.model_path,
@@ -204,7 +211,6 @@ def bare_forward(
         ),
         aligned_side=meta.aligned_side,
     )
-    tensor = Engine(bundle)._to_input(decode_image(photo, 10**8))[None]
 
     def forward() -> None:
         runtime.run(tensor)
@@ -212,23 +218,18 @@ def bare_forward(
     return forward
 
 
-def plain_session(bundle_path: Path, photo: bytes) -> Callable[[], None]:
-    """One forward of the bundle's ``model.onnx`` in an ``InferenceSession`` with default
-    options but spinning off (its threads would spin into the calls alternating with it), on
-    the same input tensor as the bare forward."""
+def plain_session(bundle: Bundle, tensor: np.ndarray) -> Callable[[], None]:
+    """One forward of the bundle's ``model.onnx`` on ``tensor`` in an ``InferenceSession`` with
+    default options but spinning off (its threads would spin into the calls alternating with
+    it)."""
     import onnxruntime as ort
 
-    from service.bundle import load_bundle
-    from service.engine import Engine
-    from service.imageio import decode_image
-
-    bundle = load_bundle(bundle_path)
     options = ort.SessionOptions()
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     session = ort.InferenceSession(
         str(bundle.model_path), options, providers=["CPUExecutionProvider"]
     )
-    feed = {bundle.metadata.input.name: Engine(bundle)._to_input(decode_image(photo, 10**8))[None]}
+    feed = {bundle.metadata.input.name: tensor}
 
     def forward() -> None:
         session.run(None, feed)
@@ -265,6 +266,8 @@ def bench(
     """The sequential rows of the plain session, the bare forward and HTTP from alternating
     calls, then HTTP at concurrency 4; and the sequential requests' median ``Server-Timing``
     stages in ms, with ``client`` the whole call's median as the client saw it."""
+    from service.bundle import load_bundle
+
     server = SegserveServer(
         repository,
         work / "server.log",
@@ -276,9 +279,11 @@ def bench(
     try:
         server.wait_ready(timeout_s=300)
         spinning = server_settings["intra_op_spinning"]
+        bundle = load_bundle(repository / "segformer-b0")
+        tensor = model_input(bundle, photo)
         calls = {
-            PLAIN: plain_session(repository / "segformer-b0", photo),
-            BARE: bare_forward(repository / "segformer-b0", photo, spinning, aligned_twin),
+            PLAIN: plain_session(bundle, tensor),
+            BARE: bare_forward(bundle, tensor, spinning, aligned_twin),
         }
         stages: dict[str, list[float]] = {}
         with httpx.Client(base_url=server.url, timeout=120) as client:
