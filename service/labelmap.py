@@ -290,8 +290,8 @@ def _label_bands(logits, windows, window_taps, image_taps, row_cuts, col_cuts, p
                 for c in range(n_cls):
                     h, low = block_hi[j, c], block_lo[j, c]
                     for b in range(b0, b1):
-                        h = np.fmax(row_hi[c, b], h)
-                        low = np.fmin(row_lo[c, b], low)
+                        h = row_hi[c, b] if row_hi[c, b] > h else h
+                        low = row_lo[c, b] if row_lo[c, b] < low else low
                     block_hi[j, c], block_lo[j, c] = h, low
         for j in range(n_blocks):
             k_block = _beaten_out(block_hi[j], block_lo[j], every, n_cls, block_cand)
