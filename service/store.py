@@ -32,7 +32,10 @@ from typing import Protocol
 import numpy as np
 import redis.asyncio as aioredis
 import zstandard
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from redis.exceptions import AuthenticationError, OutOfMemoryError, RedisError
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from service.errors import MaskNotFoundError, StoreUnavailableError
 
@@ -310,11 +313,17 @@ class RedisMaskStore:
         self._mask_prefix = f"{prefix}mask:"
         self._index_key = f"{prefix}mask-index"
         self._total_key = f"{prefix}mask-bytes"
-        # redis-py replaces pooled connections that a Redis restart closed and retries a command
-        # cut off by one (its default Retry), so the store heals by itself; the put script
-        # tolerates being run twice.
+        # redis-py replaces the pooled connections it sees closed by a Redis restart; a command
+        # cut off by one (closed after the pool's check, or its reply lost) is retried once on a
+        # new connection, so the store heals by itself. The retry is explicit: connections made
+        # from a URL retry nothing by default. Only connection errors are retried (a timeout
+        # would double the wait); the put script tolerates being run twice.
         self._client = aioredis.from_url(
-            url, password=password, socket_timeout=timeout_s, socket_connect_timeout=timeout_s
+            url,
+            password=password,
+            socket_timeout=timeout_s,
+            socket_connect_timeout=timeout_s,
+            retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
         )
         self._put_script = self._client.register_script(_PUT_SCRIPT)
         self._url = _without_password(url)

@@ -394,6 +394,81 @@ def test_redis_put_retried_after_a_lost_reply_counts_once(redis_server: RedisPro
     assert client.zcard("t:mask-index") == 1
 
 
+class ReplyCuttingProxy:
+    """A TCP proxy in front of Redis that passes each of the next ``cuts_left`` ``EVALSHA``s on to
+    Redis and then closes that client connection before Redis's reply arrives: a put cut off by a
+    Redis restart after the pool found its connection alive."""
+
+    def __init__(self, redis_port: int) -> None:
+        self.redis_port = redis_port
+        self.cuts_left = 0
+        self.cut = 0
+
+    async def start(self) -> int:
+        server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self._server = server
+        port: int = server.sockets[0].getsockname()[1]
+        return port
+
+    async def _serve(self, client: asyncio.StreamReader, to_client: asyncio.StreamWriter) -> None:
+        upstream, to_redis = await asyncio.open_connection("127.0.0.1", self.redis_port)
+
+        async def replies() -> None:
+            while data := await upstream.read(65536):
+                to_client.write(data)
+                await to_client.drain()
+
+        relay = asyncio.ensure_future(replies())
+        try:
+            while data := await client.read(65536):
+                if self.cuts_left and b"EVALSHA" in data.upper():
+                    relay.cancel()  # the reply is lost
+                    await asyncio.gather(relay, return_exceptions=True)
+                    self.cuts_left -= 1
+                    to_redis.write(data)
+                    await to_redis.drain()
+                    await upstream.read(65536)  # Redis ran the script
+                    self.cut += 1
+                    break
+                to_redis.write(data)
+                await to_redis.drain()
+        finally:
+            relay.cancel()
+            to_client.close()
+            to_redis.close()
+
+
+def test_redis_put_cut_off_by_a_lost_connection_is_retried_once(
+    redis_server: RedisProcess,
+) -> None:
+    """A put whose connection dies after Redis ran it (the reply lost) succeeds on a new
+    connection, and the retried script counts the mask once; a put cut off twice in a row is
+    a 503, not a hang."""
+
+    async def scenario() -> None:
+        proxy = ReplyCuttingProxy(redis_server.port)
+        store = RedisMaskStore(
+            f"redis://127.0.0.1:{await proxy.start()}/0", 10_000_000, ttl_s=60, timeout_s=2
+        )
+        first = await store.put(mask_of(astronaut_labels(), model="first"))  # script loaded
+        proxy.cuts_left = 1
+        second = await store.put(mask_of(noise_labels(3), model="second"))
+        assert proxy.cut == 1
+        assert (await store.get(first)).model == "first"
+        assert (await store.get(second)).model == "second"
+        proxy.cuts_left = 2
+        with pytest.raises(StoreUnavailableError, match="Connection closed by server"):
+            await store.put(mask_of(noise_labels(4), model="lost"))
+        assert proxy.cut == 3
+        await store.close()
+
+    asyncio.run(scenario())
+    client = redis_server.client()
+    sizes = [len(client.get(key) or b"") for key in client.scan_iter("segserve:mask:*")]
+    # Three masks, the lost one too (Redis ran its put twice): each counted once.
+    assert len(sizes) == 3 and int(client.get("segserve:mask-bytes") or 0) == sum(sizes)
+
+
 def test_redis_errors_name_the_server_but_not_its_password() -> None:
     async def scenario() -> None:
         store = create_store("redis://user:s3cret@127.0.0.1:1/0", 1000, 10)  # nothing listens
