@@ -475,7 +475,8 @@ def test_int8_export_through_the_cli(tmp_path: Path, capsys: pytest.CaptureFixtu
     quantization = load_bundle(out).metadata.quantization
     assert quantization is not None and quantization.agreement_weights == "refitted classifier"
     assert f"agreement    {quantization.label_agreement:.2%}" in report
-    assert 0.85 < quantization.label_agreement < 1.0  # measured 94.2-95.9 %
+    # 94.2-95.9 % on a VNNI CPU, 94.3 % on one without (56 % there with 8-bit weights)
+    assert 0.85 < quantization.label_agreement < 1.0
     ops = [node.op_type for node in onnx.load(str(out / "1" / "model.onnx")).graph.node]
     assert ops.count("MultiHeadAttention") == 8 and ops.count("QuantizeLinear") > 100
     files = sorted(p.name for p in out.rglob("*"))
