@@ -402,6 +402,9 @@ def main() -> None:
             print(f"segserve / HF pipeline throughput at concurrency {concurrency}: {ratio:.2f}x")
 
 
+VECTOR_EXTENSIONS = (("avx512_vnni", "AVX-512 VNNI"), ("avx512f", "AVX-512"), ("avx2", "AVX2"))
+
+
 def cpu_description() -> str:
     """The CPU's model and widest vector extension: VMs of one name differ (an AVX2 EPYC runs
     the forward 1.3x and the label step 2x slower than an AVX-512 one), so figures say which."""
@@ -416,9 +419,6 @@ def cpu_description() -> str:
     flags = set(fields.get("flags", "").split())
     widest = next((name for flag, name in VECTOR_EXTENSIONS if flag in flags), "no AVX2")
     return f"{fields.get('model name', 'unknown CPU')}, {widest}"
-
-
-VECTOR_EXTENSIONS = (("avx512_vnni", "AVX-512 VNNI"), ("avx512f", "AVX-512"), ("avx2", "AVX2"))
 
 
 def median(row: Row) -> float:

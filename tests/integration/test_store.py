@@ -405,10 +405,13 @@ class ReplyCuttingProxy:
         self.cut = 0
 
     async def start(self) -> int:
-        server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        self._server = server
-        port: int = server.sockets[0].getsockname()[1]
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        port: int = self._server.sockets[0].getsockname()[1]
         return port
+
+    async def close(self) -> None:
+        self._server.close()
+        await self._server.wait_closed()
 
     async def _serve(self, client: asyncio.StreamReader, to_client: asyncio.StreamWriter) -> None:
         upstream, to_redis = await asyncio.open_connection("127.0.0.1", self.redis_port)
@@ -461,6 +464,7 @@ def test_redis_put_cut_off_by_a_lost_connection_is_retried_once(
             await store.put(mask_of(noise_labels(4), model="lost"))
         assert proxy.cut == 3
         await store.close()
+        await proxy.close()
 
     asyncio.run(scenario())
     client = redis_server.client()
