@@ -479,6 +479,15 @@ def test_int8_export_through_the_cli(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert 0.85 < quantization.label_agreement < 1.0
     ops = [node.op_type for node in onnx.load(str(out / "1" / "model.onnx")).graph.node]
     assert ops.count("MultiHeadAttention") == 8 and ops.count("QuantizeLinear") > 100
+    # As onnxruntime runs it: integer Convs and MatMuls, and no MatMulNBits (int8 weights on a
+    # float input, quantized again on every run: 3x slower than the float MatMuls kept instead).
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(out / "1" / "model.onnx"), options, providers=["CPUExecutionProvider"])
+    optimized = [node.op_type for node in onnx.load(options.optimized_model_filepath).graph.node]
+    (tmp_path / "optimized.onnx").unlink()
+    assert optimized.count("QLinearConv") > 30 and optimized.count("QLinearMatMul") >= 16
+    assert "MatMulNBits" not in optimized and optimized.count("MatMul") == 8
     files = sorted(p.name for p in out.rglob("*"))
     assert files == ["1", "config.pbtxt", "model.onnx", "segserve.json"]
     assert _leftovers(tmp_path) == []
