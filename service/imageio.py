@@ -22,7 +22,7 @@ from typing import Final
 
 import cv2
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 from pillow_heif import register_heif_opener
 
 from service.errors import InvalidImageError, PayloadTooLargeError, UnsupportedMediaError
@@ -72,8 +72,12 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
         image = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as exc:
         raise PayloadTooLargeError(f"image rejected as a decompression bomb: {exc}") from exc
-    # Pillow's AVIF decoder raises RuntimeError on corrupt files, at open or at load.
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, RuntimeError) as exc:
+    except MemoryError:
+        raise
+    # Pillow's parsers raise what a malformed header makes them raise: UnidentifiedImageError
+    # and OSError mostly, RuntimeError from the AVIF decoder, struct.error, TypeError and
+    # AssertionError from damaged tags and chunks. Every one is the bytes' fault.
+    except Exception as exc:
         if _looks_like_supported_image(data):
             raise InvalidImageError("corrupt image: the header does not decode") from exc
         raise UnsupportedMediaError(
@@ -107,7 +111,11 @@ def _check_decoding_cost(image: Image.Image, data: bytes) -> None:
         )
     if image.format == "TIFF":
         tags = getattr(image, "tag_v2", {})
-        tile_width, tile_height = int(tags.get(322, 0)), int(tags.get(323, 0))
+        tile_width, tile_height = tags.get(322, 0), tags.get(323, 0)
+        if not (isinstance(tile_width, int) and isinstance(tile_height, int)):
+            raise InvalidImageError(
+                f"corrupt TIFF: its tile size tags hold {tile_width!r} x {tile_height!r}"
+            )
         if tile_width * tile_height > max(width * height, TIFF_MIN_TILE_ALLOWANCE):
             raise PayloadTooLargeError(
                 f"TIFF tiles of {tile_width}x{tile_height} for a {width}x{height} image: a tile "
@@ -161,25 +169,63 @@ def _decode_jpeg(data: bytes) -> np.ndarray | None:
     return cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR_RGB)
 
 
+# EXIF orientation -> the transposition that shows the stored pixels upright.
+_UPRIGHT: Final = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+_ORIENTATION_TAG: Final = 0x0112
+
+
+def _exif_orientation(image: Image.Image) -> int:
+    """The orientation OpenCV (so ``mmcv.imread``) applies: the tag in the file's EXIF block, or
+    a TIFF's own tag. Not Pillow's ``getexif()``: it also takes XMP's ``tiff:Orientation`` and a
+    PNG's "Raw profile type exif" text, which OpenCV ignores (a photo would come out rotated
+    against mmseg's), and ``exif_transpose`` rewrites the whole block, raising on any tag with a
+    damaged type. A block or tag that does not parse counts as upright, as OpenCV reads it."""
+    try:
+        if "exif" in image.info:
+            exif = Image.Exif()
+            exif.load(image.info["exif"])
+            value = exif.get(_ORIENTATION_TAG, 1)
+        else:
+            value = getattr(image, "tag_v2", {}).get(_ORIENTATION_TAG, 1)
+    except Exception:  # a damaged EXIF block: OpenCV reads the pixels as stored
+        return 1
+    return value if isinstance(value, int) and value in _UPRIGHT else 1
+
+
 def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
     """Decode uploaded bytes to an upright (H, W, 3) uint8 RGB array of the frame Pillow opens
     at: the first, or a HEIF's primary image."""
     if not data:
         raise InvalidImageError("empty image: the request carried no bytes")
     image = _open(data, max_pixels)
+    kind = image.format
     try:
-        if image.format in ("JPEG", "MPO") and image.mode in ("RGB", "L"):
+        if kind in ("JPEG", "MPO") and image.mode in ("RGB", "L"):
             pixels = _decode_jpeg(data)
             if pixels is not None:
                 return pixels
         image.load()
-        # In place: otherwise an image without an orientation tag is copied (0.6 ms at 512x512).
-        ImageOps.exif_transpose(image, in_place=True)
+        orientation = _exif_orientation(image)
+        if orientation in _UPRIGHT:
+            with image:
+                image = image.transpose(_UPRIGHT[orientation])
         return _to_rgb(image)
     except Image.DecompressionBombError as exc:
         raise PayloadTooLargeError(f"image rejected as a decompression bomb: {exc}") from exc
-    except (OSError, ValueError, SyntaxError, EOFError, RuntimeError) as exc:
-        raise InvalidImageError(f"truncated or corrupt {image.format} image: {exc}") from exc
+    except MemoryError:
+        raise
+    # As at open: OSError for truncated data mostly, anything from damaged chunks and tags
+    # (an AssertionError from a palette PNG without its palette, say).
+    except Exception as exc:
+        raise InvalidImageError(f"truncated or corrupt {kind} image: {exc}") from exc
     finally:
         image.close()
 

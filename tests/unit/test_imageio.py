@@ -8,12 +8,13 @@ import struct
 import time
 import tracemalloc
 import zlib
+from typing import Literal
 
 import cv2
 import numpy as np
 import pytest
 import tifffile
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, PngImagePlugin
 from skimage import data
 
 from service.errors import InvalidImageError, PayloadTooLargeError, UnsupportedMediaError
@@ -484,3 +485,95 @@ def test_jpeg_decodes_as_pillow_reads_it_upright(
     with Image.open(io.BytesIO(payload)) as opened:
         expected = np.asarray(ImageOps.exif_transpose(opened).convert("RGB"))
     np.testing.assert_array_equal(decode_image(payload, MAX_PIXELS), expected)
+
+
+_XMP_ORIENTATION_6 = (
+    b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF '
+    b'xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#"><rdf:Description '
+    b'xmlns:tiff="http://ns.adobe.com/tiff/1.0/" tiff:Orientation="6"/></rdf:RDF></x:xmpmeta>'
+)
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "WEBP"])
+def test_xmp_orientation_is_not_applied_as_opencv_ignores_it(photo: np.ndarray, fmt: str) -> None:
+    """mmseg reads photos through OpenCV, which applies EXIF orientation only; Pillow's getexif
+    also takes XMP's tiff:Orientation, which turned these photos sideways against mmseg's."""
+    if fmt == "PNG":  # Pillow writes a PNG's XMP only as the iTXt chunk other tools write
+        text = PngImagePlugin.PngInfo()
+        text.add_itxt("XML:com.adobe.xmp", _XMP_ORIENTATION_6.decode())
+        payload = _save(Image.fromarray(photo), fmt, pnginfo=text)
+    else:
+        payload = _save(Image.fromarray(photo), fmt, xmp=_XMP_ORIENTATION_6, lossless=True)
+    assert Image.open(io.BytesIO(payload)).getexif()[0x0112] == 6  # Pillow reads it
+    decoded = decode_image(payload, MAX_PIXELS)
+    np.testing.assert_array_equal(decoded, photo)
+    np.testing.assert_array_equal(decoded, _cv2_rgb(payload))
+
+
+def _png_chunks_recrc(payload: bytes) -> bytes:
+    """Recompute every PNG chunk's CRC (after an edit inside one), as an editing tool would."""
+    out, position = bytearray(payload), 8
+    while position + 8 <= len(out):
+        length = int.from_bytes(out[position : position + 4], "big")
+        end = position + 8 + length
+        out[end : end + 4] = zlib.crc32(bytes(out[position + 4 : end])).to_bytes(4, "big")
+        position = end + 4
+    return bytes(out)
+
+
+def _retag_ascii_entry(payload: bytes, old_tag: int, new_tag: int) -> bytes:
+    """Give a real file's ASCII EXIF entry another tag's id (a two-byte edit): the entry keeps its
+    type, which the new tag does not allow, as in photos from some phones and editors."""
+    little = payload.find(b"II*\x00")
+    big = payload.find(b"MM\x00*")
+    order: Literal["little", "big"] = (
+        "big" if big >= 0 and (little < 0 or big < little) else "little"
+    )
+    entry = old_tag.to_bytes(2, order) + (2).to_bytes(2, order)
+    at = payload.find(entry)
+    assert at > 0
+    return payload[:at] + new_tag.to_bytes(2, order) + payload[at + 2 :]
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "WEBP", "CMYK JPEG"])
+def test_a_damaged_exif_tag_still_decodes_upright(photo: np.ndarray, fmt: str) -> None:
+    """Orientation 6 beside a camera-make entry re-tagged as PhotometricInterpretation (a SHORT
+    tag holding text): rewriting that EXIF (Pillow's exif_transpose) raised struct.error, a 500;
+    the orientation itself still reads, as OpenCV reads it."""
+    stored = np.ascontiguousarray(np.rot90(photo, 1))  # what a camera held sideways stores
+    image = Image.fromarray(stored)
+    if fmt == "CMYK JPEG":
+        image = image.convert("CMYK")
+    exif = image.getexif()
+    exif[0x0112], exif[0x010F] = 6, "ProbeCam"
+    options = {"quality": 95} if fmt == "CMYK JPEG" else {"lossless": True}
+    payload = _retag_ascii_entry(
+        _save(image, fmt.split()[-1], exif=exif, **options), 0x010F, 0x0106
+    )
+    if fmt == "PNG":
+        payload = _png_chunks_recrc(payload)
+    decoded = decode_image(payload, MAX_PIXELS)
+    assert decoded.shape == photo.shape
+    if fmt == "CMYK JPEG":  # lossy, and CMYK conversions differ by a level
+        assert np.abs(decoded.astype(int) - photo.astype(int)).mean() < 6
+    else:
+        np.testing.assert_array_equal(decoded, photo)
+        np.testing.assert_array_equal(decoded, _cv2_rgb(payload))
+
+
+def test_tiff_whose_tile_size_tag_holds_text_is_invalid(photo: np.ndarray) -> None:
+    """A Software tag re-tagged as TileWidth: int() of its text raised ValueError, a 500."""
+    payload = _save(Image.fromarray(photo), "TIFF", software="X")
+    damaged = _retag_ascii_entry(payload, 0x0131, 0x0142)
+    with pytest.raises(InvalidImageError, match="tile size"):
+        decode_image(damaged, MAX_PIXELS)
+
+
+def test_palette_png_without_its_palette_is_invalid(photo: np.ndarray) -> None:
+    """A palette PNG with transparency whose PLTE chunk is renamed: Pillow asserted in convert(),
+    a 500. OpenCV refuses the file too."""
+    payload = bytearray(_save(Image.fromarray(photo).quantize(16), "PNG", transparency=2))
+    at = payload.find(b"PLTE")
+    payload[at : at + 4] = b"PnTE"
+    with pytest.raises(InvalidImageError, match="corrupt PNG"):
+        decode_image(_png_chunks_recrc(bytes(payload)), MAX_PIXELS)
