@@ -225,7 +225,9 @@ def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
     # As at open: OSError for truncated data mostly, anything from damaged chunks and tags
     # (an AssertionError from a palette PNG without its palette, say).
     except Exception as exc:
-        raise InvalidImageError(f"truncated or corrupt {kind} image: {exc}") from exc
+        raise InvalidImageError(
+            f"truncated or corrupt {kind} image: {exc or type(exc).__name__}"
+        ) from exc
     finally:
         image.close()
 
