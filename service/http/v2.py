@@ -52,6 +52,11 @@ BINARY_OUTPUT_PARAMETER = "binary_data_output"
 # Most numbers one answer may carry as JSON data (as Python objects while written, then text:
 # about 130 MB for FP16); larger outputs must be asked for as binary data.
 MAX_JSON_ELEMENTS = 4_000_000
+# Most bytes of a request's JSON part (the header before any binary data). Parsed, a JSON number
+# becomes a list slot and an int64 (16 bytes for 2-4 of text: a 19 MB body of pixels took 540 MB),
+# so larger tensors must come as binary data; 4 MiB holds 1-2 million pixel values (a 600-800 px
+# square RGB image).
+MAX_JSON_REQUEST_BYTES = 4 * 1024 * 1024
 Parameters = dict[str, str | int | float | bool]
 
 
@@ -142,6 +147,8 @@ class ProtocolRoute(APIRoute):
             try:
                 return await handler(request)
             except errors.SegserveError as exc:
+                if isinstance(exc, errors.ClientClosedError):  # nobody to answer: logged
+                    log.info("%s %s: %s", request.method, request.url.path, exc)
                 body = ProtocolError(error=str(exc)).model_dump()
                 return JSONResponse(body, status_of(exc)[0], failure_headers(exc))
             except RequestValidationError as exc:
@@ -246,11 +253,19 @@ async def infer(request: Request, name: str, svc: ServicesDep) -> Response:
         body = await read_body_capped(
             request, settings.max_upload_bytes, holding, settings.body_timeout_s
         )
-        inference, binary = _split_body(body, request.headers.get(HEADER_LENGTH))
+        json_length = _header_length(request.headers.get(HEADER_LENGTH), len(body))
+        if json_length > MAX_JSON_REQUEST_BYTES:
+            raise errors.PayloadTooLargeError(
+                f"the request's JSON part is {json_length} bytes, more than "
+                f"{MAX_JSON_REQUEST_BYTES}: send the image as binary data (the binary tensor "
+                "data extension, as Triton's clients do by default)"
+            )
+        holding.grow(16 * json_length, "the parsed JSON request")
+        inference, binary = await svc.in_pool(_split_body, body, json_length)
         del body
         outputs = _requested_outputs(inference)
         options = _segment_options(inference.parameters or {}, PROBABILITIES_OUTPUT in outputs)
-        binary_default = bool((inference.parameters or {}).get(BINARY_OUTPUT_PARAMETER, False))
+        binary_default = _flag(inference.parameters or {}, BINARY_OUTPUT_PARAMETER, False)
         received = time.perf_counter()
 
         async def decode_and_run(
@@ -292,16 +307,29 @@ def _malformed(message: str) -> errors.MalformedRequestError:
     return errors.MalformedRequestError(f"malformed inference request: {message}")
 
 
-def _split_body(body: bytes, header_length: str | None) -> tuple[InferRequest, bytes]:
+def _header_length(value: str | None, body_length: int) -> int:
+    """Bytes of JSON before the binary tensor data (Triton's extension): all of them without
+    the header. Digits only: ``str.isdigit`` also takes "²", which ``int`` refuses."""
+    if value is None:
+        return body_length
+    if not (value.isascii() and value.isdigit()) or int(value) > body_length:
+        raise _malformed(f"{HEADER_LENGTH} is {value!r} for a body of {body_length} bytes")
+    return int(value)
+
+
+def _flag(parameters: Parameters, name: str, default: bool) -> bool:
+    """A boolean parameter: JSON true or false only (the string "false" is not false)."""
+    value = parameters.get(name, default)
+    if not isinstance(value, bool):
+        raise errors.InvalidParameterError(
+            f"parameter {name!r} must be true or false, got {value!r}"
+        )
+    return value
+
+
+def _split_body(body: bytes, header_length: int) -> tuple[InferRequest, bytes]:
     """The JSON request and the binary tensor data after it (Triton's extension)."""
-    if header_length is None:
-        header, binary = body, b""
-    else:
-        if not header_length.isdigit() or int(header_length) > len(body):
-            raise _malformed(
-                f"{HEADER_LENGTH} is {header_length!r} for a body of {len(body)} bytes"
-            )
-        header, binary = body[: int(header_length)], body[int(header_length) :]
+    header, binary = body[:header_length], body[header_length:]
     try:
         return InferRequest.model_validate_json(header), binary
     except ValidationError as exc:
@@ -403,7 +431,10 @@ def _input_image(inputs: list[RequestInput], binary: bytes, max_pixels: int) -> 
         if size != math.prod(shape):
             raise _malformed(f"{size} binary bytes for a UINT8 {shape} tensor")
         return np.frombuffer(binary, np.uint8).reshape(shape)
-    values = np.asarray(tensor.data if tensor.data is not None else [])
+    try:
+        values = np.asarray(tensor.data if tensor.data is not None else [])
+    except ValueError:  # nested lists of uneven lengths
+        values = np.asarray([])
     if values.size != math.prod(shape) or not np.issubdtype(values.dtype, np.integer):
         raise errors.InvalidParameterError(
             f"input {PIXELS_INPUT!r} data must be {math.prod(shape)} integers"
@@ -419,7 +450,7 @@ def _check_json_size(
     """Refuse, before inference, outputs too large to send as JSON numbers."""
     for name, parameters in outputs.items():
         elements = pixels * (num_classes if name == PROBABILITIES_OUTPUT else 1)
-        if not parameters.get("binary_data", binary_default) and elements > MAX_JSON_ELEMENTS:
+        if not _flag(parameters, "binary_data", binary_default) and elements > MAX_JSON_ELEMENTS:
             raise errors.PayloadTooLargeError(
                 f"output {name!r} has {elements} elements, more than {MAX_JSON_ELEMENTS} as JSON: "
                 "ask for it as binary data (output parameter binary_data: true)"
@@ -449,7 +480,7 @@ def _encode_outputs(
     for name, values, dtype in tensors:
         datatype = "FP16" if dtype.kind == "f" else _labels_datatype(engine)
         output = ResponseOutput(name=name, shape=list(values.shape), datatype=datatype)
-        if outputs[name].get("binary_data", binary_default):
+        if _flag(outputs[name], "binary_data", binary_default):
             output.parameters = {"binary_data_size": values.size * dtype.itemsize}
             binary_tensors.append((values, dtype))
             described.append(output.model_dump(exclude_none=True))

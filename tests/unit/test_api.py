@@ -29,17 +29,16 @@ MAX_PIXELS = 400_000
 
 
 def make_client(repository: Path, **overrides: object) -> TestClient:
-    settings = Settings(
-        model_repository=repository,
-        providers=("cpu",),
-        max_upload_bytes=MAX_UPLOAD,
-        max_pixels=MAX_PIXELS,
-        max_scales=4,
-        max_crop=256,
-        intra_op_threads=1,
-        worker_threads=2,
-        **overrides,
-    )
+    defaults: dict[str, object] = {
+        "providers": ("cpu",),
+        "max_upload_bytes": MAX_UPLOAD,
+        "max_pixels": MAX_PIXELS,
+        "max_scales": 4,
+        "max_crop": 256,
+        "intra_op_threads": 1,
+        "worker_threads": 2,
+    }
+    settings = Settings(model_repository=repository, **{**defaults, **overrides})
     return TestClient(create_app(settings), raise_server_exceptions=False)
 
 

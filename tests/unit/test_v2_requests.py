@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
+from service.errors import MalformedRequestError
+from service.http.v2 import MAX_JSON_REQUEST_BYTES, _header_length
 from tests.unit.test_api import make_client, wait_ready
 
 INFER = "/v2/models/tiny/infer"
@@ -103,6 +105,36 @@ CASES = [
         400,
         "for a body of 2 bytes",
     ),
+    # Nested lists of uneven lengths: numpy refused to make an array of them, a 500.
+    (
+        "pixels ragged",
+        json.dumps(pixels([1, 2, 3], [[0, 0, 0], [9, 9]])).encode(),
+        {},
+        422,
+        "6 integers",
+    ),
+    (
+        "binary output flag as text",  # "false" is a true string: binary data came back
+        json.dumps(
+            pixels([1, 1, 3], [0, 0, 0], parameters={"binary_data_output": "false"})
+        ).encode(),
+        {},
+        422,
+        "'binary_data_output' must be true or false, got 'false'",
+    ),
+    (
+        "output binary flag as text",
+        json.dumps(
+            pixels(
+                [1, 1, 3],
+                [0, 0, 0],
+                outputs=[{"name": "labels", "parameters": {"binary_data": "no"}}],
+            )
+        ).encode(),
+        {},
+        422,
+        "'binary_data' must be true or false, got 'no'",
+    ),
 ]
 
 
@@ -110,7 +142,12 @@ CASES = [
     ("name", "body", "headers", "status", "message"), CASES, ids=[c[0] for c in CASES]
 )
 def test_malformed_requests(
-    client: TestClient, name: str, body: bytes, headers: dict[str, str], status: int, message: str
+    client: TestClient,
+    name: str,
+    body: bytes,
+    headers: dict[str, str],
+    status: int,
+    message: str,
 ) -> None:
     response = client.post(
         INFER, content=body, headers={"content-type": "application/json", **headers}
@@ -168,3 +205,36 @@ def test_binary_pixels_answer_binary_labels(client: TestClient) -> None:
         "parameters": {"binary_data_size": 6},
     }
     assert len(response.content) == length + 6
+
+
+def test_a_json_part_over_its_limit_is_refused_before_parsing(model_repository: Path) -> None:
+    """Pixels as JSON numbers take 16 bytes each once parsed (a 19 MB body took 540 MB): a JSON
+    part over ``MAX_JSON_REQUEST_BYTES`` is a 413 naming the binary extension, before parsing."""
+    with make_client(model_repository, max_upload_bytes=8 << 20) as client:
+        wait_ready(client)
+        _json_part_limit(client)
+
+
+def _json_part_limit(client: TestClient) -> None:
+    side = 900
+    values = ",".join(["7"] * (side * side * 3))
+    tensor = f'{{"name":"pixels","datatype":"UINT8","shape":[{side},{side},3],"data":[{values}]}}'
+    body = f'{{"inputs":[{tensor}]}}'.encode()
+    assert len(body) > MAX_JSON_REQUEST_BYTES
+    response = client.post(INFER, content=body, headers={"content-type": "application/json"})
+    assert response.status_code == 413, response.text
+    assert "send the image as binary data" in response.json()["error"]
+    # Under the limit the same kind of request is served.
+    small = json.dumps(pixels([40, 50, 3], [7] * 6000)).encode()
+    response = client.post(INFER, content=small, headers={"content-type": "application/json"})
+    assert response.status_code == 200, response.text
+    assert response.json()["outputs"][0]["shape"] == [40, 50]
+
+
+def test_a_header_length_of_non_ascii_digits_is_malformed() -> None:
+    """A raw 0xB2 header byte reaches the app as "²" (Latin-1), which ``str.isdigit`` takes and
+    ``int`` refuses: that was a 500. (The test client re-encodes header bytes, so the function
+    is called directly.)"""
+    with pytest.raises(MalformedRequestError, match="'²' for a body of 2 bytes"):
+        _header_length("²", 2)
+    assert _header_length("2", 2) == 2 and _header_length(None, 7) == 7
