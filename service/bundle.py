@@ -25,10 +25,12 @@ TRITON_CONFIG_FILE = "config.pbtxt"
 
 RGB = tuple[int, int, int]
 
-# The smallest input side each architecture's graph accepts: SegFormer's stage-1 key/value
-# reduction is an 8x8 convolution of the stride-4 features (32 px); SETR needs one 16-px patch.
-# Smaller windows are padded up to it by the engine (see docs/api.md).
-MIN_INPUT_SIDE: dict[str, int] = {"segformer": 32, "setr": 16}
+# The smallest input side each architecture's graph accepts, as mmseg's own model does: SegFormer's
+# stage-1 key/value reduction is an 8x8 convolution of the stride-4 features, and the 7x7 patch
+# embedding (padding 3) gives ceil(side / 4) of them, so 29 px; SETR needs one 16-px patch.
+# Smaller windows are padded up to it by the engine (see docs/api.md). Padding from 29 up to 32
+# changed 2-16 % of the labels of 29-31 px inputs against mmseg, which runs them unpadded.
+MIN_INPUT_SIDE: dict[str, int] = {"segformer": 29, "setr": 16}
 # Each architecture's total stride: at input sides that are multiples of it every upsampling in
 # the graph has one integer scale, which the CPU's aligned twin makes constant (service/aligned.py).
 STRIDE: dict[str, int] = {"segformer": 32, "setr": 16}

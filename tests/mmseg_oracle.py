@@ -34,6 +34,9 @@ class Case:
     stride: tuple[int, int]
     tta_scales: tuple[float, ...]
     photos: tuple[str, ...] = ("chelsea", "astronaut", "coffee")
+    # (height, width) of the first photo resized thin, for whole inference at the graph's minimum
+    # side (mmseg runs SegFormer from 29 px unpadded).
+    thin_sizes: tuple[tuple[int, int], ...] = ()
 
 
 _VIT_B = {"embed_dims": 768, "num_layers": 12, "num_heads": 12, "out_indices": (4, 7, 9, 11)}
@@ -46,6 +49,7 @@ CASES = (
         crop=(128, 128),
         stride=(85, 85),
         tta_scales=(0.75, 1.0, 1.25),
+        thin_sizes=((29, 61), (30, 200), (97, 31)),
     ),
     Case(
         model_name="setr-pup-base",
@@ -176,7 +180,13 @@ def _training_state(model: Any, cfg: Any) -> dict[str, Any]:
     }
 
 
-def _run_case(case: Case, configs: Path, photos: dict[str, Any], out: Path) -> None:
+def _run_case(
+    case: Case,
+    configs: Path,
+    photos: dict[str, Any],
+    thin: dict[tuple[int, int], Any],
+    out: Path,
+) -> None:
     import mmengine
     import numpy as np
     import torch
@@ -234,6 +244,12 @@ def _run_case(case: Case, configs: Path, photos: dict[str, Any], out: Path) -> N
         for mode, sample in (("whole", whole), ("slide", slide), ("tta", merged)):
             labels = sample.pred_sem_seg.data[0].numpy().astype(np.uint8)
             np.save(out / f"{name}_{mode}.npy", labels)
+    for (height, width), rgb in thin.items():
+        bgr = np.ascontiguousarray(rgb[:, :, ::-1])
+        with torch.no_grad():
+            (whole,) = model.test_step(pseudo_collate([single({"img": bgr})]))
+        labels = whole.pred_sem_seg.data[0].numpy().astype(np.uint8)
+        np.save(out / f"thin_{height}x{width}_whole.npy", labels)
 
 
 def _write_options_case(configs: Path, photo: Any, out: Path) -> None:
@@ -285,6 +301,10 @@ def _write_layouts(configs: Path, out: Path) -> None:
         (out / f"{Path(config).stem}.json").write_text(json.dumps(layout))
 
 
+def thin_photo_name(case: Case, height: int, width: int) -> str:
+    return f"{case.photos[0]}_{case.model_name}_{height}x{width}"
+
+
 def main(out: Path, photo_dir: Path) -> None:
     import numpy as np
 
@@ -297,7 +317,8 @@ def main(out: Path, photo_dir: Path) -> None:
     photos = {path.stem: np.load(path) for path in photo_dir.glob("*.npy")}
     for case in CASES:
         sized = {name: photos[f"{name}_{case.model_name}"] for name in case.photos}
-        _run_case(case, configs, sized, out / case.model_name)
+        thin = {(h, w): photos[thin_photo_name(case, h, w)] for h, w in case.thin_sizes}
+        _run_case(case, configs, sized, thin, out / case.model_name)
     _write_layouts(configs, out / "layouts")
     _write_options_case(configs, photos[OPTIONS_PHOTO], out / "options")
 

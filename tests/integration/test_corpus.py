@@ -111,7 +111,7 @@ CASES = [
     Case("bmp-palette", lambda: _save(Image.fromarray(_photo()).quantize(16), "BMP")),
     Case("heic-phone", lambda: _save(Image.fromarray(_photo()), "HEIF", quality=80)),
     Case("avif", lambda: _save(Image.fromarray(_photo()), "AVIF", quality=80)),
-    # Shapes: padded up to the model's 32-px minimum where resizing leaves them under it.
+    # Shapes: padded up to the model's 29-px minimum where resizing leaves them under it.
     Case("1x1", _png(1, 1), size=(1, 1)),
     Case("3x700", _png(3, 700), size=(3, 700)),
     Case("700x3", _png(700, 3), size=(700, 3)),

@@ -34,7 +34,14 @@ from service.bundle import Bundle, load_bundle
 from service.config import EngineConfig, RuntimeSettings
 from service.engine import Engine
 from service.planning import SegmentOptions
-from tests.mmseg_oracle import CASES, LAYOUT_CONFIGS, OPTIONS_MODEL, OPTIONS_PHOTO, Case
+from tests.mmseg_oracle import (
+    CASES,
+    LAYOUT_CONFIGS,
+    OPTIONS_MODEL,
+    OPTIONS_PHOTO,
+    Case,
+    thin_photo_name,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 MMSEG_PYTHON = ROOT / ".venv-mmseg" / "bin" / "python"
@@ -56,6 +63,11 @@ def oracle(tmp_path_factory: pytest.TempPathFactory, photos: dict[str, np.ndarra
         for name in case.photos:
             sized = cv2.resize(photos[name], (width, height), interpolation=cv2.INTER_AREA)
             np.save(photo_dir / f"{name}_{case.model_name}.npy", sized)
+        for thin_height, thin_width in case.thin_sizes:
+            thin = cv2.resize(
+                photos[case.photos[0]], (thin_width, thin_height), interpolation=cv2.INTER_AREA
+            )
+            np.save(photo_dir / f"{thin_photo_name(case, thin_height, thin_width)}.npy", thin)
     done = subprocess.run(
         [str(MMSEG_PYTHON), str(ROOT / "tests" / "mmseg_oracle.py"), str(root / "out"), photo_dir],
         capture_output=True,
@@ -154,6 +166,29 @@ def test_labels_match_mmseg(
             print(f"{name} {mode} {photo}: {agreement:.4%} of pixels agree with mmseg")
             assert len(np.unique(expected)) >= 3
             assert agreement >= MIN_AGREEMENT[mode]
+    finally:
+        engine.stop()
+
+
+@pytest.mark.parametrize("name", [case.model_name for case in CASES if case.thin_sizes])
+def test_thin_inputs_run_unpadded_as_mmseg_runs_them(
+    oracle: Path, bundles: dict[str, tuple[Bundle, str]], name: str
+) -> None:
+    """Sides from the graph's minimum (29 px for SegFormer) up to 31: mmseg runs them as they
+    are, and padding them to 32 had changed 2-16 % of the labels."""
+    case = CASE_BY_NAME[name]
+    bundle, _ = bundles[name]
+    engine = Engine(bundle, EngineConfig(runtime=RuntimeSettings(providers=("cpu",))))
+    engine.start()
+    try:
+        for height, width in case.thin_sizes:
+            image = np.load(oracle / "photos" / f"{thin_photo_name(case, height, width)}.npy")
+            result = asyncio.run(engine.segment(image, SegmentOptions(mode="whole")))
+            expected = np.load(oracle / "out" / name / f"thin_{height}x{width}_whole.npy")
+            agreement = float((result.labels == expected).mean())
+            print(f"{name} whole {height}x{width}: {agreement:.4%} of pixels agree with mmseg")
+            assert len(np.unique(expected)) >= 2
+            assert agreement >= MIN_AGREEMENT["whole"]
     finally:
         engine.stop()
 

@@ -303,7 +303,7 @@ def test_fp16_contract_is_fed_and_read_as_declared(
 @pytest.mark.parametrize(
     ("engine_name", "size", "options"),
     [
-        ("whole_engine", (12, 200), SegmentOptions(scales=(1.0,))),  # 12 px high: padded to 32
+        ("whole_engine", (12, 200), SegmentOptions(scales=(1.0,))),  # 12 px high: padded to 29
         ("slide_engine", (20, 300), SegmentOptions(scales=(1.0,), return_probabilities=True)),
         ("slide_engine", (64, 80), SegmentOptions(crop=(16, 16), stride=(16, 16))),
         ("whole_engine", (200, 300), SegmentOptions(scales=(0.05, 1.0), flip=True)),  # 10x15
@@ -317,10 +317,10 @@ def test_inputs_under_the_minimum_are_padded_like_mmseg(
     size: tuple[int, int],
     options: SegmentOptions,
 ) -> None:
-    """Windows under the graph's 32-px minimum are padded with the mean colour and the padding
+    """Windows under the graph's 29-px minimum are padded with the mean colour and the padding
     cropped off their logits: the reference pads the same way (mmseg's test-time padding)."""
     engine: Engine = request.getfixturevalue(engine_name)
-    assert engine.bundle.metadata.min_input_side == 32
+    assert engine.bundle.metadata.min_input_side == 29
     image = sized(photos, "astronaut", *size)
     assert_matches_reference(engine, image, options)
     # The same with the post-processing as onnxruntime graphs (run here on the CPU provider).
