@@ -52,6 +52,10 @@ class Limits:
     max_scales: int = 8  # TTA ratios per request
     max_scale_ratio: float = 4.0  # largest TTA ratio
     max_crop: int = 2048  # slide window side
+    # One model input's pixels (a whole-mode pass, a slide window): onnxruntime's working memory
+    # grows with it, ~470 bytes a pixel for SegFormer-B0 on the CPU (1.9 GB at 2048x2048, not in
+    # peak_bytes), so a 12 MP photo at scale 1 in whole mode is refused: slide mode takes it.
+    max_input_pixels: int = 2048 * 2048
     max_tta_inputs: int = 64  # passes (scales x flips) per request
     max_inputs_per_request: int = 1024  # model inputs (windows x passes) per request
     # Estimated peak memory of one request (planning.peak_bytes): image, logits, class planes.

@@ -94,11 +94,30 @@ def _slide_window(
         stride = (min(test_config.stride[0], crop[0]), min(test_config.stride[1], crop[1]))
     else:
         stride = (max(1, crop[0] * 2 // 3), max(1, crop[1] * 2 // 3))
-    if min(stride) < 1 or stride[0] > crop[0] or stride[1] > crop[1]:
-        raise InvalidParameterError(
-            f"stride must be positive and at most the crop {crop}, got {stride}"
-        )
+    if min(stride) < 1:
+        raise InvalidParameterError(f"stride must be positive, got {stride}")
     return crop, stride
+
+
+def _check_coverage(
+    height: int, width: int, crop: tuple[int, int], stride: tuple[int, int]
+) -> None:
+    """Refuse a window grid that leaves pixels of an (already resized) pass uncovered, which is
+    where mmseg's ``slide_inference`` fails its ``count_mat`` assertion. A stride over the crop
+    is fine as long as no gap opens: along an axis the first window is ``[0, crop)`` and the last
+    is clamped to end at the edge, so the windows meet when the side is at most twice the crop;
+    a longer side puts a second window at ``stride``, past the first one's end."""
+    for axis, size, side, step in (
+        ("height", height, crop[0], stride[0]),
+        ("width", width, crop[1], stride[1]),
+    ):
+        if step > side and size > 2 * side:
+            gap_end = min(step, size - side)  # the second window's start, or the last one's
+            raise InvalidParameterError(
+                f"stride {stride} over the crop {crop} leaves pixels {side}..{gap_end} "
+                f"uncovered along the {axis} of a {width}x{height} pass: use a stride of at "
+                "most the crop"
+            )
 
 
 def plan_request(
@@ -160,7 +179,26 @@ def plan_request(
             raise InvalidParameterError(
                 f"a scale makes the image {scaled_w}x{scaled_h}, over {limits.max_pixels} pixels"
             )
+        input_h, input_w = (
+            (scaled_h, scaled_w)
+            if crop is None
+            else (
+                min(crop[0], scaled_h),
+                min(crop[1], scaled_w),
+            )
+        )
+        if input_h * input_w > limits.max_input_pixels:
+            raise InvalidParameterError(
+                f"{mode} mode would run the model on a {input_w}x{input_h} input, over the "
+                f"{limits.max_input_pixels} pixels one input may have (SEGSERVE_MAX_INPUT_PIXELS): "
+                + (
+                    "use mode=slide with a crop, or smaller scales"
+                    if crop is None
+                    else "use a smaller crop"
+                )
+            )
         if crop is not None and stride is not None:
+            _check_coverage(scaled_h, scaled_w, crop, stride)
             rows = grid_count(scaled_h, crop[0], stride[0])
             inputs += rows * grid_count(scaled_w, crop[1], stride[1]) * flips
         else:

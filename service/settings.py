@@ -53,6 +53,7 @@ class Settings(BaseSettings):
     max_scales: int = Field(default=_LIMITS.max_scales, ge=1)
     max_scale_ratio: float = Field(default=_LIMITS.max_scale_ratio, gt=0)
     max_crop: int = Field(default=_LIMITS.max_crop, ge=1)
+    max_input_pixels: int = Field(default=_LIMITS.max_input_pixels, ge=1)
     max_tta_inputs: int = Field(default=_LIMITS.max_tta_inputs, ge=1)
     max_inputs_per_request: int = Field(default=_LIMITS.max_inputs_per_request, ge=1)
     max_request_bytes: int = Field(default=_LIMITS.max_request_bytes, ge=1)

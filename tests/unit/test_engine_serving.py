@@ -200,7 +200,10 @@ def test_timeout_raises_and_frees_the_queue(
     ("options", "message"),
     [
         (SegmentOptions(mode="slide", crop=(64, 64), stride=(0, 32)), "stride must be positive"),
-        (SegmentOptions(mode="slide", crop=(64, 64), stride=(96, 32)), "at most the crop"),
+        (
+            SegmentOptions(mode="slide", crop=(64, 64), stride=(96, 32)),
+            r"leaves pixels 64\.\.96 uncovered along the height of a 192x160 pass",
+        ),
         (SegmentOptions(mode="slide", crop=(9000, 64), stride=(32, 32)), "crop sides"),
         (SegmentOptions(mode="slide", crop=(64.5, 64), stride=(32, 32)), "two integers"),  # type: ignore[arg-type]
         (SegmentOptions(mode="slide"), "no default one"),  # bundle has no window

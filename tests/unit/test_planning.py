@@ -42,6 +42,32 @@ def test_slide_without_crop_takes_the_bundles_window(windowed_bundle: Bundle) ->
     assert len(windows) == 5 * 6
 
 
+def test_a_stride_over_the_crop_runs_where_the_windows_still_cover_the_image(
+    windowed_bundle: Bundle,
+) -> None:
+    """mmseg runs such a grid when no pixel is left uncovered (its ``count_mat`` assertion):
+    along an axis at most twice the crop, the first window and the last, clamped to the edge,
+    meet. A 97x128 image with crop 64, stride 80: rows [0, 64) and [33, 97), columns [0, 64)
+    and [64, 128)."""
+    options = SegmentOptions(mode="slide", crop=(64, 64), stride=(80, 80))
+    windows = _plan(windowed_bundle, options, 97, 128).passes[0].windows
+    assert sorted((w.y1, w.y2, w.x1, w.x2) for w in windows) == [
+        (0, 64, 0, 64),
+        (0, 64, 64, 128),
+        (33, 97, 0, 64),
+        (33, 97, 64, 128),
+    ]
+    # One more column and the second window starts at 80: columns 64..66 are in no window.
+    with pytest.raises(
+        InvalidParameterError, match=r"leaves pixels 64\.\.66 uncovered along the width"
+    ):
+        _plan(windowed_bundle, options, 97, 130)
+    # Each pass is checked at its own size: the 1.5x pass of a covered image is not covered.
+    scaled = SegmentOptions(mode="slide", crop=(64, 64), stride=(80, 80), scales=(1.0, 1.5))
+    with pytest.raises(InvalidParameterError, match="of a 192x146 pass"):
+        _plan(windowed_bundle, scaled, 97, 128)
+
+
 def test_a_crop_without_stride_gets_the_bundle_stride_capped_at_the_crop(
     windowed_bundle: Bundle, tiny_bundle: Bundle
 ) -> None:
@@ -112,7 +138,7 @@ def test_over_budget_is_refused_before_allocating(windowed_bundle: Bundle) -> No
     """A 12 MP photo with flip on a 150-class model: its labels stream tile by tile, its
     probabilities alone would be 7 GB."""
     budget = 2 << 30
-    limits = Limits(max_request_bytes=budget)
+    limits = Limits(max_request_bytes=budget, max_input_pixels=12_000_000)
     ade = windowed_bundle.metadata.model_copy(
         update={"classes": ("c",) * 150, "palette": ((0, 0, 0),) * 150}
     )
@@ -131,3 +157,26 @@ def test_limits_default_is_written_once() -> None:
     from service.settings import Settings
 
     assert Settings().max_request_bytes == Limits().max_request_bytes == 2 << 30
+
+
+def test_a_model_input_over_its_pixel_limit_is_refused_by_name(windowed_bundle: Bundle) -> None:
+    """A 12 MP photo at scale 1 in whole mode is one 12 MP model input: onnxruntime's working
+    memory for it (~470 bytes a pixel for B0, 5.6 GB) is not in the request's estimate, so such
+    inputs are refused, and slide mode (windows under the limit) serves the photo."""
+    whole = SegmentOptions(mode="whole", scales=(1.0,))
+    with pytest.raises(
+        InvalidParameterError,
+        match=r"whole mode would run the model on a 4000x3000 input.*mode=slide",
+    ):
+        plan_request(windowed_bundle.metadata, whole, 3000, 4000, Limits())
+    assert plan_request(windowed_bundle.metadata, whole, 2048, 2048, Limits()).passes
+    slide = SegmentOptions(mode="slide", crop=(1024, 1024), stride=(1024, 1024))
+    assert (
+        len(plan_request(windowed_bundle.metadata, slide, 3000, 4000, Limits()).passes[0].windows)
+        == 12
+    )
+    big_windows = SegmentOptions(mode="slide", crop=(2048, 2048))
+    with pytest.raises(InvalidParameterError, match=r"2048x2048 input.*use a smaller crop"):
+        plan_request(
+            windowed_bundle.metadata, big_windows, 3000, 4000, Limits(max_input_pixels=1 << 20)
+        )
