@@ -107,15 +107,30 @@ def render_color_png(labels: np.ndarray, palette: np.ndarray) -> bytes:
     return encode_png(colorize(labels, palette))
 
 
+# Rows blended at once: the float32 temporaries are a band's, not the photo's (whole-image
+# temporaries took ~50 bytes a pixel, 2 GB for one 40 MP overlay).
+_BLEND_ROWS = 256
+
+
 def blend_overlay(
     labels: np.ndarray, photo: np.ndarray, palette: np.ndarray, opacity: float = OVERLAY_OPACITY
 ) -> np.ndarray:
-    """``(1 - opacity) * photo + opacity * colour``, rounded, as (H, W, 3) uint8."""
+    """``(1 - opacity) * photo + opacity * colour``, rounded, as (H, W, 3) uint8, a band of rows
+    at a time."""
     if photo.shape[:2] != labels.shape:
         raise ValueError(f"photo {photo.shape[:2]} and mask {labels.shape} differ in size")
-    colours = colorize(labels, palette).astype(np.float32)
-    mixed = (1.0 - opacity) * photo.astype(np.float32) + opacity * colours
-    return np.clip(np.rint(mixed), 0, 255).astype(np.uint8)
+    blended = np.empty(photo.shape, np.uint8)
+    for top in range(0, photo.shape[0], _BLEND_ROWS):
+        rows = slice(top, top + _BLEND_ROWS)
+        mixed = photo[rows].astype(np.float32)
+        mixed *= 1.0 - opacity
+        colours = colorize(labels[rows], palette).astype(np.float32)
+        colours *= opacity
+        mixed += colours
+        np.rint(mixed, out=mixed)
+        np.clip(mixed, 0, 255, out=mixed)
+        blended[rows] = mixed
+    return blended
 
 
 def render_overlay_png(

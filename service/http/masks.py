@@ -26,6 +26,9 @@ from service.render import (
 from service.store import StoredMask
 
 PNG = "image/png"
+# An overlay's memory beside its labels: the decoded photo and the blend (3 bytes a pixel each),
+# the blend's float32 bands, the PNG (up to 3 more for a noisy photo).
+OVERLAY_BYTES_PER_PIXEL = 10
 router = APIRouter(dependencies=[API_KEY], responses=ERROR_RESPONSES)
 
 
@@ -72,13 +75,20 @@ async def mask_overlay(
     svc: ServicesDep,
     opacity: Annotated[float, Query(ge=0, le=1)] = OVERLAY_OPACITY,
 ) -> Response:
-    """The mask blended over the photo it was made from, ``opacity`` of the mask's colour."""
-    mask, palette = await mask_for(request, svc, mask_id)
-    if mask.image_jpeg is None:
-        raise errors.MaskNotFoundError(f"mask {mask_id} was stored without its photo")
-    photo = await svc.in_pool(decode_image, mask.image_jpeg, svc.settings.max_pixels)
-    overlay = await svc.in_pool(render_overlay_png, mask.labels, photo, palette, opacity)
-    return cached(svc, overlay)
+    """The mask blended over the photo it was made from, ``opacity`` of the mask's colour.
+
+    The one rendering that holds the photo: it takes its bytes from the in-flight budget as
+    ``/segment`` does, so concurrent overlays of big photos wait their turn instead of
+    outgrowing the process."""
+    with svc.admission.request() as holding:
+        mask, palette = await mask_for(request, svc, mask_id)
+        if mask.image_jpeg is None:
+            raise errors.MaskNotFoundError(f"mask {mask_id} was stored without its photo")
+        needed = mask.labels.nbytes + OVERLAY_BYTES_PER_PIXEL * mask.labels.size
+        holding.hold(needed, "rendering this overlay")
+        photo = await svc.in_pool(decode_image, mask.image_jpeg, svc.settings.max_pixels)
+        overlay = await svc.in_pool(render_overlay_png, mask.labels, photo, palette, opacity)
+        return cached(svc, overlay)
 
 
 @router.get("/masks/{mask_id}/rle.json")

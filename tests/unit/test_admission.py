@@ -65,3 +65,26 @@ def test_requests_hold_their_plan_and_release_it(
         answer = client.post("/segment", content=body, headers={"content-type": "image/png"})
         assert answer.status_code == 200, answer.text
         assert admission.held == 0
+
+
+def test_an_overlay_holds_its_bytes_while_it_renders(
+    model_repository: Path, photos: dict[str, np.ndarray]
+) -> None:
+    """GET overlay.png decodes the stored photo and blends it (~10 bytes a pixel): it takes that
+    from the in-flight budget like /segment, so with other requests holding the budget it waits
+    (503), and it lets go when done. Four concurrent overlays of a 40 MP photo took 6.7 GB."""
+    body = _png(photos["chelsea"])  # 300x451
+    with make_client(model_repository, max_inflight_bytes=8 << 20) as client:
+        wait_ready(client)
+        admission = client.app.state.services.admission  # type: ignore[attr-defined]
+        answer = client.post("/segment", content=body, headers={"content-type": "image/png"})
+        assert answer.status_code == 200, answer.text
+        overlay = answer.json()["urls"]["overlay"]
+        assert client.get(overlay).status_code == 200 and admission.held == 0
+        with admission.request() as other:  # another request holds all but 1 MB
+            other.hold((8 << 20) - 1_000_000, "another request")
+            refused = client.get(overlay)
+            assert refused.status_code == 503, refused.text
+            assert "rendering this overlay needs" in refused.json()["message"]
+        assert admission.held == 0
+        assert client.get(overlay).status_code == 200
