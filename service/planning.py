@@ -3,8 +3,8 @@
 This is the one place where a request's options are checked against ``Limits``; the route plans
 once, and the engine runs that plan. A pass is one forward of the image at one TTA ratio and flip;
 whole mode is one window covering the resized image, slide mode mmseg's window grid. The memory a
-plan will take is estimated here (``peak_bytes``) and refused over ``Limits.max_request_bytes``
-before anything is allocated.
+plan will take, and then its answer, is estimated here (``request_bytes``) and refused over
+``Limits.max_request_bytes`` before anything is allocated.
 """
 
 from __future__ import annotations
@@ -219,7 +219,7 @@ def plan_request(
         for flip in (False, True) if options.flip else (False,):
             passes.append(PassPlan(scaled_h, scaled_w, flip, windows))
     plan = Plan(mode, tuple(passes), height, width, options.return_probabilities)
-    needed = peak_bytes(plan, metadata.num_classes, metadata.output.stride)
+    needed = request_bytes(plan, metadata.num_classes, metadata.output.stride)
     if needed > limits.max_request_bytes:
         raise PayloadTooLargeError(
             f"this request would take about {needed / MIB:.0f} MiB of memory, over the "
@@ -248,6 +248,19 @@ def _pass_logits_bytes(
     merged = (num_classes + 1) * pass_plan.height * pass_plan.width
     kept = sum(w.height * w.width for w in windows) // output_stride**2 * num_classes
     return (min(kept, merged) if may_keep else merged) * _FLOAT
+
+
+def request_bytes(plan: Plan, num_classes: int, output_stride: int) -> int:
+    """What one request is held to and refused over: running its plan, then its answer."""
+    return peak_bytes(plan, num_classes, output_stride) + answer_bytes(plan, num_classes)
+
+
+def answer_bytes(plan: Plan, num_classes: int) -> int:
+    """Memory the answer takes beside ``peak_bytes``: probabilities are sent as float16 (C, H, W)
+    (``.npy`` or the inference protocol's binary tensor), and a body that big is copied once more
+    into the socket's buffer while it goes out; labels-only answers are small. A 620x620
+    probabilities request took 590 MB against its plan's 220 MiB before this was held too."""
+    return 2 * 2 * num_classes * plan.height * plan.width if plan.probabilities else 0
 
 
 def peak_bytes(plan: Plan, num_classes: int, output_stride: int) -> int:

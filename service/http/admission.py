@@ -3,8 +3,8 @@
 Queue slots alone do not bound memory: eight 40-megapixel uploads being read, decoded and
 waiting for the model take gigabytes while the queue looks short. Each ``/segment`` request holds
 a count of bytes that follows it (the body as it arrives, then the decoded image, then its plan's
-estimated peak, ``planning.peak_bytes``); one that would take the total over the limit is refused
-at once with 503 and ``Retry-After``, and one that could never fit with 413.
+estimated peak with its answer, ``planning.request_bytes``); one that would take the total over
+the limit is refused at once with 503 and ``Retry-After``, and one that could never fit with 413.
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ from service.http.state import Services, ServicesDep
 from service.http.uploads import IMAGE_BODY, read_image, until_disconnect
 from service.imageio import decode_image, encode_jpeg
 from service.metrics import STAGE_LATENCY
-from service.planning import SegmentOptions, peak_bytes
+from service.planning import SegmentOptions, request_bytes
 from service.render import (
     class_statistics,
     palette_array,
@@ -131,7 +131,7 @@ async def segment(
             STAGE_LATENCY.labels(engine.name, "decode").observe(clock.decoded - received)
             plan = engine.plan(options, *image.shape[:2])
             meta = engine.bundle.metadata
-            needed = peak_bytes(plan, meta.num_classes, meta.output.stride)
+            needed = request_bytes(plan, meta.num_classes, meta.output.stride)
             holding.hold(needed + kept, "this request")
             return image, await engine.run(image, plan), clock
 

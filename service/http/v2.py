@@ -38,7 +38,7 @@ from service.http.uploads import read_body_capped, until_disconnect
 from service.imageio import decode_image
 from service.manager import ModelsState
 from service.metrics import STAGE_LATENCY
-from service.planning import SegmentOptions, peak_bytes
+from service.planning import SegmentOptions, request_bytes
 
 log = logging.getLogger("segserve.http")
 HEADER_LENGTH = "Inference-Header-Content-Length"
@@ -279,7 +279,7 @@ async def infer(request: Request, name: str, svc: ServicesDep) -> Response:
             plan = engine.plan(options, *image.shape[:2])
             meta = engine.bundle.metadata
             _check_json_size(outputs, binary_default, meta.num_classes, plan.height * plan.width)
-            holding.hold(peak_bytes(plan, meta.num_classes, meta.output.stride), "this request")
+            holding.hold(request_bytes(plan, meta.num_classes, meta.output.stride), "this request")
             return await engine.run(image, plan), time.perf_counter()
 
         work = decode_and_run(inference.inputs, binary)

@@ -16,7 +16,7 @@ from service.config import EngineConfig, Limits
 from service.engine import Engine
 from service.errors import InvalidParameterError, PayloadTooLargeError
 from service.geometry import resize_image
-from service.planning import Plan, SegmentOptions, peak_bytes, plan_request
+from service.planning import Plan, SegmentOptions, answer_bytes, peak_bytes, plan_request
 from tests.conftest import write_tiny_bundle
 
 WINDOWED = TestConfig(mode="whole", resize_scale=None, crop=(96, 96), stride=(64, 64))
@@ -143,7 +143,8 @@ def test_over_budget_is_refused_before_allocating(windowed_bundle: Bundle) -> No
         update={"classes": ("c",) * 150, "palette": ((0, 0, 0),) * 150}
     )
     flip = SegmentOptions(flip=True, return_probabilities=True)
-    with pytest.raises(PayloadTooLargeError, match=r"about 7\d{3} MiB.*budget of 2048 MiB"):
+    # 7.2 GB of float32 planes to compute them, 7.2 GB more to send them as float16 (and the copy)
+    with pytest.raises(PayloadTooLargeError, match=r"about 14\d{3} MiB.*budget of 2048 MiB"):
         plan_request(ade, flip, 3000, 4000, limits)
     for options in (SegmentOptions(), SegmentOptions(flip=True)):  # logits only
         assert peak_bytes(plan_request(ade, options, 3000, 4000, limits), 150, 4) < budget
@@ -180,3 +181,15 @@ def test_a_model_input_over_its_pixel_limit_is_refused_by_name(windowed_bundle: 
         plan_request(
             windowed_bundle.metadata, big_windows, 3000, 4000, Limits(max_input_pixels=1 << 20)
         )
+
+
+def test_a_probabilities_answer_is_held_with_its_encoding(windowed_bundle: Bundle) -> None:
+    """float16 (C, H, W) probabilities and the socket buffer's copy of them: 4 bytes a class and
+    pixel on top of the plan (a 620x620 request took 590 MB against 220 MiB held before)."""
+    metadata = windowed_bundle.metadata
+    plain = plan_request(metadata, SegmentOptions(), 620, 620, Limits())
+    probabilities = plan_request(
+        metadata, SegmentOptions(return_probabilities=True), 620, 620, Limits()
+    )
+    assert answer_bytes(plain, metadata.num_classes) == 0
+    assert answer_bytes(probabilities, metadata.num_classes) == 4 * metadata.num_classes * 620 * 620
