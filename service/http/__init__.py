@@ -6,7 +6,7 @@
 | ``state.py`` | ``Services`` (what routes use) and ``Lifecycle`` (draining) |
 | ``schemas.py`` | typed request and response bodies |
 | ``errors.py`` | the one table from typed failures to HTTP statuses, and the handlers |
-| ``middleware.py`` | request counters and latency by route template |
+| ``middleware.py`` | request counters and latency by route template; HEAD answered as GET |
 | ``uploads.py`` | the request body, size-capped, and the image inside it |
 | ``auth.py`` | the API key check |
 | ``segment.py``, ``masks.py``, ``models.py``, ``health.py`` | the routers |

@@ -19,7 +19,7 @@ from service.http import health, masks, models, segment, v2
 from service.http.admission import ByteAdmission
 from service.http.auth import OriginPolicy, require_configured_key
 from service.http.errors import install_error_handlers
-from service.http.middleware import RequestMetrics
+from service.http.middleware import HeadAsGet, RequestMetrics
 from service.http.state import Lifecycle, Services
 from service.manager import ModelManager
 from service.settings import Settings
@@ -73,6 +73,7 @@ def create_app(
         lifespan=lifespan,
     )
     install_error_handlers(app)
+    app.add_middleware(HeadAsGet)  # innermost: metrics and the origin policy see HEAD
     app.add_middleware(OriginPolicy, allowed_origins=settings.cors_origins)
     app.add_middleware(RequestMetrics)  # outermost: refused origins are counted too
     for feature in (health, models, segment, masks, v2):

@@ -1,4 +1,4 @@
-"""Request metrics as ASGI middleware."""
+"""Request metrics, and HEAD as GET, as ASGI middleware."""
 
 from __future__ import annotations
 
@@ -39,3 +39,25 @@ class RequestMetrics:
             model = scope.get("state", {}).get("model", "")
             REQUESTS.labels(model, endpoint, str(status)).inc()
             REQUEST_LATENCY.labels(model, endpoint).observe(time.perf_counter() - started)
+
+
+class HeadAsGet:
+    """Answer HEAD as GET without the body (RFC 9110 9.3.2): the same status and headers,
+    ``Content-Length`` included. Load balancers and uptime checks probe ``/healthz`` and
+    ``/readyz`` with HEAD, and FastAPI's routes take only the methods they name (HEAD was a 405
+    on every route). A HEAD of a POST-only route stays a 405."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "HEAD":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_headers_only(message: Message) -> None:
+            if message["type"] == "http.response.body":
+                message = {**message, "body": b""}
+            await send(message)
+
+        await self.app({**scope, "method": "GET"}, receive, send_headers_only)

@@ -45,6 +45,19 @@ def test_health_ready_and_openapi(server: SegserveServer) -> None:
     assert httpx.get(f"{server.url}/docs").status_code == 200
 
 
+def test_head_is_answered_as_get_without_a_body(server: SegserveServer) -> None:
+    """Load balancers probe with HEAD (it was a 405 everywhere): same status and headers as GET,
+    no body, through uvicorn's HTTP/1.1 framing; a POST-only route stays a 405."""
+    for path in ("/healthz", "/readyz", "/", "/v2/health/ready", "/models"):
+        get, head = httpx.get(f"{server.url}{path}"), httpx.head(f"{server.url}{path}")
+        assert (head.status_code, get.status_code) == (200, 200), path
+        assert head.content == b"" and get.content
+        assert head.headers["content-length"] == str(len(get.content))
+        assert head.headers["content-type"] == get.headers["content-type"]
+    assert httpx.head(f"{server.url}/segment").status_code == 405
+    assert httpx.head(f"{server.url}/masks/unknownmaskid0000000000.png").status_code == 404
+
+
 def test_unknown_route_is_a_json_404(server: SegserveServer) -> None:
     response = httpx.get(f"{server.url}/nope")
     assert response.status_code == 404
