@@ -4,7 +4,8 @@ Requests submit single model inputs (a window or a whole image, CHW) and get a
 ``concurrent.futures.Future`` per input. Inputs of several requests share a batch; one request's
 inputs may span several batches. A request first reserves queue places (``admit``), which is
 where a full queue refuses it; ``release`` (or cancelling a future) drops its inputs that have not
-run yet.
+run yet, and stops a running batch that no other request waits for (``RunStop``: onnxruntime's
+terminate flag, so a timed-out request's forward does not run on holding the cores and memory).
 
 Invariant (continuous batching, oldest first): whenever a batch thread is free it takes the
 oldest queued input and up to ``max_batch_size - 1`` more of the same shape, in arrival order (fewer
@@ -83,6 +84,30 @@ class _Item:
     enqueued_at: float
 
 
+class RunStop:
+    """Stops one batch's run from another thread once no request waits for its outputs (they
+    all ended: timed out, or their clients left). The runtime says how when the run starts
+    (onnxruntime: ``RunOptions.terminate``, checked between nodes); a run stopped before that
+    is stopped as soon as it says."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._how: Callable[[], None] | None = None
+        self.stopped = False
+
+    def on_stop(self, how: Callable[[], None]) -> None:
+        with self._lock:
+            self._how = how
+            if self.stopped:
+                how()
+
+    def stop(self) -> None:
+        with self._lock:
+            self.stopped = True
+            if self._how is not None:
+                self._how()
+
+
 class _Batch(NamedTuple):
     items: list[_Item]
     id: int
@@ -91,12 +116,12 @@ class _Batch(NamedTuple):
 
 
 class Batcher:
-    """Bounded multi-request batch queue in front of ``run_batch(batch, alone)``, called from
-    ``parallel_runs`` threads."""
+    """Bounded multi-request batch queue in front of ``run_batch(batch, alone, stop)``, called
+    from ``parallel_runs`` threads."""
 
     def __init__(
         self,
-        run_batch: Callable[[np.ndarray, bool], Any],  # outputs indexed per input (N, ...)
+        run_batch: Callable[[np.ndarray, bool, RunStop], Any],  # outputs per input (N, ...)
         *,
         model_name: str,
         max_batch_size: int,
@@ -128,6 +153,8 @@ class Batcher:
         self._runs = 0  # batches running
         self._running_pixels = 0  # their input pixels
         self._alone = False  # one of them runs alone
+        # batch id -> the requests still waiting for it, and how to stop it once none is
+        self._waiting_for: dict[int, tuple[set[Hashable], RunStop]] = {}
 
     @property
     def depth(self) -> int:
@@ -187,9 +214,14 @@ class Batcher:
         return future
 
     def release(self, owner: Hashable) -> int:
-        """End a request: drop its queued inputs, free its reservation; returns inputs dropped."""
+        """End a request: drop its queued inputs, free its reservation, stop a running batch that
+        no other request waits for; returns inputs dropped."""
         dropped = 0
         with self._condition:
+            for owners, stop in self._waiting_for.values():
+                owners.discard(owner)
+                if not owners:
+                    stop.stop()
             for key in list(self._buckets):
                 bucket = self._buckets[key]
                 kept = deque(item for item in bucket if item.owner != owner)
@@ -308,16 +340,27 @@ class Batcher:
                 item.stats.queue_wait_s += wait
                 item.stats.inputs += 1
                 metrics.QUEUE_WAIT.labels(self._model).observe(wait)
+            stop = RunStop()
+            waiting = {item.owner for item in items if item.owner in self._reservations}
+            self._waiting_for[batch_id] = (waiting, stop)
+            if not waiting:  # released between being taken and now
+                stop.stop()
         metrics.BATCH_SIZE.labels(self._model).observe(len(items))
         if not alone:
             metrics.RUNS_BESIDE.labels(self._model).inc()
         try:
-            outputs = self._run_batch(np.stack([item.tensor for item in items]), alone)
+            outputs = self._run_batch(np.stack([item.tensor for item in items]), alone, stop)
         except Exception as exc:
-            log.exception("batch of %d inputs failed", len(items))
+            if stop.stopped:  # every request it ran for had ended: nobody reads the error
+                log.info("batch of %d inputs stopped: no request waits for it", len(items))
+            else:
+                log.exception("batch of %d inputs failed", len(items))
             for item in items:
                 item.future.set_exception(exc)
             return
+        finally:
+            with self._condition:
+                del self._waiting_for[batch_id]
         ended = time.perf_counter()
         with self._condition:
             for item in items:

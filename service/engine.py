@@ -160,7 +160,7 @@ class Engine:
         self._batcher = Batcher(
             runtime.run
             if device_post is None
-            else lambda batch, alone: DeviceBatch(runtime.run_on_device(batch, alone)),
+            else lambda batch, alone, stop: DeviceBatch(runtime.run_on_device(batch, alone, stop)),
             model_name=self.name,
             max_batch_size=config.max_batch_size,
             max_batch_pixels=config.max_batch_pixels,

@@ -12,8 +12,9 @@ import logging
 import os
 import tempfile
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from queue import SimpleQueue
 from typing import Literal
@@ -22,9 +23,14 @@ import numpy as np
 import onnxruntime as ort
 
 from service.aligned import aligned_twin, is_aligned, twin_mismatch
+from service.batcher import RunStop
 from service.config import PROVIDER_NAMES, RuntimeSettings
 from service.cuda_graphs import CudaGraphs
 from service.heap import RELEASE_PIXELS, Heap, heap
+
+# The run config entries the shared run options set (arena shrinking, CUDA graphs' uncaptured
+# runs), copied into a run's own options when it may be stopped.
+_RUN_CONFIG_KEYS = ("memory.enable_memory_arena_shrinkage", "gpu_graph_id")
 
 log = logging.getLogger(__name__)
 
@@ -298,11 +304,12 @@ class Runtime:
             options["gpu_mem_limit"] = str(self.settings.gpu_mem_limit_bytes)
         return options
 
-    def run(self, batch: np.ndarray, alone: bool = True) -> np.ndarray:
+    def run(self, batch: np.ndarray, alone: bool = True, stop: RunStop | None = None) -> np.ndarray:
         """Logits (N, C, h, w) float32 on the host for an (N, 3, H, W) batch in the bundle's
-        input dtype; ``alone=False`` for a run beside others (one thread's share on the CPU)."""
+        input dtype; ``alone=False`` for a run beside others (one thread's share on the CPU);
+        ``stop`` ends the run early (onnxruntime raises) when the batcher says so."""
         count = batch.shape[0]
-        batch, run_options = self._prepare(batch)
+        batch, run_options = self._prepare(batch, stop)
         with self._session_for(alone, batch.shape) as session:
             if self.provider == CUDA:
                 binding, _ = self._run_bound(session, batch, run_options)
@@ -313,10 +320,12 @@ class Runtime:
         self._ran(batch)
         return output if output.dtype == np.float32 else output.astype(np.float32)
 
-    def run_on_device(self, batch: np.ndarray, alone: bool = True) -> ort.OrtValue:
+    def run_on_device(
+        self, batch: np.ndarray, alone: bool = True, stop: RunStop | None = None
+    ) -> ort.OrtValue:
         """Logits (N, C, h, w) in the graph's output dtype, left in the session's device memory
         (``device``) for post-processing there (``service/device_postprocess.py``)."""
-        batch, run_options = self._prepare(batch)
+        batch, run_options = self._prepare(batch, stop)
         with self._session_for(alone, batch.shape) as session:
             binding, captured = self._run_bound(session, batch, run_options)
         self._ran(batch)
@@ -339,12 +348,27 @@ class Runtime:
         must read its outputs where they are."""
         return [(self.provider, self._provider_options(self.provider))]
 
-    def _prepare(self, batch: np.ndarray) -> tuple[np.ndarray, ort.RunOptions | None]:
+    def _prepare(
+        self, batch: np.ndarray, stop: RunStop | None = None
+    ) -> tuple[np.ndarray, ort.RunOptions | None]:
+        """The batch in the input dtype, and the run's options: shared ones (uncaptured under
+        CUDA graphs, arena shrinking after a big GPU run), or with ``stop`` the run's own, whose
+        ``terminate`` flag the stop sets (a shared flag would stop every run)."""
         if batch.dtype != self.input_dtype:
             batch = batch.astype(self.input_dtype)
         if self._graphs is not None:
-            return batch, self._graphs.uncaptured
-        return batch, self._shrink if _pixels(batch) > RELEASE_PIXELS else None
+            shared: ort.RunOptions | None = self._graphs.uncaptured
+        else:
+            shared = self._shrink if _pixels(batch) > RELEASE_PIXELS else None
+        if stop is None:
+            return batch, shared
+        options = ort.RunOptions()
+        if shared is not None:
+            for key in _RUN_CONFIG_KEYS:
+                with suppress(RuntimeError):  # raised for a key these shared options lack
+                    options.add_run_config_entry(key, shared.get_run_config_entry(key))
+        stop.on_stop(partial(setattr, options, "terminate", True))
+        return batch, options
 
     def _ran(self, batch: np.ndarray) -> None:
         """Tell the heap (service/heap.py) that a run of ``batch`` ended."""

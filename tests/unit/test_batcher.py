@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from concurrent.futures import CancelledError, wait
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 
 from service import metrics
-from service.batcher import Batcher, BatchStats
+from service.batcher import Batcher, BatchStats, RunStop
 from service.errors import OverloadedError
 
 
@@ -23,7 +24,7 @@ class Recorder:
         self.release.set()
         self.started = threading.Event()
 
-    def __call__(self, batch: np.ndarray, alone: bool) -> np.ndarray:
+    def __call__(self, batch: np.ndarray, alone: bool, stop: RunStop) -> np.ndarray:
         self.started.set()
         self.release.wait(timeout=10)
         self.shapes.append(batch.shape)
@@ -143,7 +144,7 @@ def test_one_shape_under_steady_load_does_not_starve_another(delay_s: float) -> 
     """Slide windows keep a full bucket of one shape queued; a whole-image input of another
     shape still runs after the inputs queued before it, not when the load stops."""
 
-    def model(batch: np.ndarray, alone: bool) -> np.ndarray:
+    def model(batch: np.ndarray, alone: bool, stop: RunStop) -> np.ndarray:
         time.sleep(0.005)
         return batch
 
@@ -271,7 +272,7 @@ def test_stop_drains_queued_work_then_refuses(runs: int) -> None:
 
 @pytest.mark.parametrize("runs", [1, 2])
 def test_model_errors_reach_every_input_of_the_batch(runs: int) -> None:
-    def broken(batch: np.ndarray, alone: bool) -> np.ndarray:
+    def broken(batch: np.ndarray, alone: bool, stop: RunStop) -> np.ndarray:
         raise ValueError("graph exploded")
 
     batcher = Batcher(
@@ -290,6 +291,56 @@ def test_model_errors_reach_every_input_of_the_batch(runs: int) -> None:
         for future in futures:
             with pytest.raises(ValueError, match="graph exploded"):
                 future.result(timeout=5)
+    finally:
+        batcher.stop(drain_timeout_s=0)
+
+
+def test_a_running_batch_is_stopped_once_no_request_waits_for_it(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A request that ends (timed out, its client gone) while its batch runs stops that run, as
+    long as no other request waits for it: the model's threads are free for the next request
+    (a 504's forward ran on for 30 s and held its memory). A batch another request still waits
+    for runs to the end."""
+    started, stopped = threading.Event(), threading.Event()
+
+    def model(batch: np.ndarray, alone: bool, stop: RunStop) -> np.ndarray:
+        stop.on_stop(stopped.set)  # the runtime's way: onnxruntime's terminate flag
+        started.set()
+        if not stopped.wait(timeout=10):
+            return batch
+        raise RuntimeError("Exiting due to terminate flag being set to true.")
+
+    batcher = Batcher(
+        model, model_name="stops", max_batch_size=4, max_queue_delay_s=0.05, max_queue_size=8
+    )
+    batcher.start()
+    try:
+        batcher.admit("gone", 1)
+        batcher.admit("stays", 1)
+        gone = batcher.submit(np.zeros((2,)), "gone", BatchStats())
+        stays = batcher.submit(np.ones((2,)), "stays", BatchStats())  # the same batch
+        assert started.wait(timeout=5)
+        batcher.release("gone")
+        assert not stopped.wait(timeout=0.2)  # "stays" still waits: the run goes on
+        with caplog.at_level(logging.INFO, logger="service.batcher"):
+            batcher.release("stays")
+            assert stopped.wait(timeout=5)
+            with pytest.raises(RuntimeError, match="terminate flag"):
+                stays.result(timeout=5)
+        assert "batch of 2 inputs stopped: no request waits for it" in caplog.text
+        assert "failed" not in caplog.text  # an expected stop is not logged as a failure
+        with pytest.raises(RuntimeError):
+            gone.result(timeout=5)
+        # The thread is free again: the next request's batch starts at once.
+        started.clear()
+        stopped.clear()
+        batcher.admit("next", 1)
+        following = batcher.submit(np.full((2,), 3.0), "next", BatchStats())
+        assert started.wait(timeout=5)
+        batcher.release("next")
+        with pytest.raises(RuntimeError):
+            following.result(timeout=5)
     finally:
         batcher.stop(drain_timeout_s=0)
 
@@ -327,7 +378,7 @@ class Timeline:
         self.started = threading.Event()
         self._lock = threading.Lock()
 
-    def __call__(self, batch: np.ndarray, alone: bool) -> np.ndarray:
+    def __call__(self, batch: np.ndarray, alone: bool, stop: RunStop) -> np.ndarray:
         start = time.perf_counter()
         self.started.set()
         self.release.wait(timeout=10)

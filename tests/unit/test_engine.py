@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from service.batcher import RunStop
 from service.bundle import Bundle, TestConfig
 from service.config import EngineConfig
 from service.engine import Engine, SegmentResult
@@ -256,12 +257,14 @@ def test_many_windows_stream_with_bounded_inputs_in_flight(
     lock = threading.Lock()
     original_run = Runtime.run
 
-    def counting_run(runtime: Runtime, batch: np.ndarray, alone: bool = True) -> np.ndarray:
+    def counting_run(
+        runtime: Runtime, batch: np.ndarray, alone: bool = True, stop: RunStop | None = None
+    ) -> np.ndarray:
         with lock:
             running[0] += batch.shape[0]
             in_flight.append(engine.queue_depth + running[0])
         try:
-            return original_run(runtime, batch, alone)
+            return original_run(runtime, batch, alone, stop)
         finally:
             with lock:
                 running[0] -= batch.shape[0]

@@ -13,6 +13,7 @@ import onnxruntime as ort
 import pytest
 
 from service import metrics
+from service.batcher import RunStop
 from service.bundle import Bundle, BundleError
 from service.config import EngineConfig, Limits, RuntimeSettings
 from service.engine import Engine
@@ -95,12 +96,14 @@ def test_parallel_runs_give_the_labels_of_runs_alone(
     original_run = Runtime.run
     backlog = [0]  # inputs the run alone waits for, so that the rest queue behind it
 
-    def run(runtime: Runtime, batch: np.ndarray, alone: bool = True) -> np.ndarray:
+    def run(
+        runtime: Runtime, batch: np.ndarray, alone: bool = True, stop: RunStop | None = None
+    ) -> np.ndarray:
         deadline = time.monotonic() + 5
         while engine.queue_depth < backlog[0] and time.monotonic() < deadline:
             time.sleep(0.005)
         backlog[0] = 0
-        return original_run(runtime, batch, alone)
+        return original_run(runtime, batch, alone, stop)
 
     monkeypatch.setattr(Runtime, "run", run)
     engine.start()
@@ -192,6 +195,31 @@ def test_timeout_raises_and_frees_the_queue(
                 engine.segment(photos["coffee"], SegmentOptions(scales=(1.0, 1.5, 1.75), flip=True))
             )
         assert engine.queue_depth == 0
+    finally:
+        engine.stop()
+
+
+def test_a_forward_past_the_time_limit_is_stopped_not_left_running(
+    tiny_bundle: Bundle, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The 504 also stops the forward (onnxruntime's terminate flag): it used to run on, holding
+    the model's threads and its memory, while the next request waited behind it."""
+    limits = Limits(max_input_pixels=1 << 25)
+    engine = Engine(tiny_bundle, EngineConfig(inference_timeout_s=0.6, limits=limits))
+    engine.start()
+    try:
+        big = np.zeros((4096, 8192, 3), np.uint8)  # one whole-mode input: ~1.3 s of forward here
+        with caplog.at_level(logging.INFO, logger="service.batcher"):
+            with pytest.raises(InferenceTimeoutError):
+                asyncio.run(engine.segment(big, SegmentOptions(mode="whole", scales=(1.0,))))
+            deadline = time.monotonic() + 10
+            while "stopped: no request waits for it" not in caplog.text:
+                assert time.monotonic() < deadline, caplog.text
+                time.sleep(0.01)
+        assert "failed" not in caplog.text
+        small = np.zeros((64, 64, 3), np.uint8)
+        engine.config = EngineConfig(inference_timeout_s=30, limits=limits)
+        assert asyncio.run(engine.segment(small, SegmentOptions())).labels.shape == (64, 64)
     finally:
         engine.stop()
 
