@@ -153,6 +153,7 @@ def test_second_sigterm_stops_at_once_with_143(
         drain_timeout_s=60,
         max_batch_size=1,
         worker_threads=1,
+        max_input_pixels=16_000_000,  # the 3x pass below is one 10 MP input
     )
     outcomes: list[Outcome] = []
     body = png_bytes(np.tile(photos["astronaut"], (2, 2, 1)))
