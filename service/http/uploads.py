@@ -7,6 +7,7 @@ from collections.abc import AsyncGenerator, Awaitable
 from typing import Any, TypeVar
 
 from fastapi import Request
+from python_multipart.multipart import parse_options_header
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import ClientDisconnect
 
@@ -89,6 +90,11 @@ async def extract_image(request: Request, body: bytes) -> bytes:
             raise errors.InvalidImageError(f"malformed multipart body: {exc}") from exc
         upload = form.get("image")
         if upload is None or isinstance(upload, str):
+            _, options = parse_options_header(request.headers["content-type"])
+            if b"--" + options.get(b"boundary", b"") + b"--" not in body:
+                raise errors.InvalidImageError(
+                    "malformed multipart body: it ends before its closing boundary (cut short?)"
+                )
             raise errors.InvalidImageError("multipart body has no file field named 'image'")
         try:
             return await upload.read()

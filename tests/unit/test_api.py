@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import cv2
+import httpx
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
@@ -562,3 +563,22 @@ def test_a_jpeg_upload_is_kept_as_the_overlay_photo(
     palette = palette_array(load_bundle(model_repository / "tiny").metadata.palette)
     expected = blend_overlay(labels, decode_image(upload, 10**8), palette)
     np.testing.assert_array_equal(overlay, expected)
+
+
+def test_a_multipart_body_cut_short_is_named_as_such(
+    client: TestClient, chelsea: np.ndarray
+) -> None:
+    """A form cut before its closing boundary parses to no fields: it was answered as if the
+    client had sent no 'image' field. (A form that is complete but lacks it still says that.)"""
+    form = httpx.Request("POST", "http://x/segment", files={"image": ("c.png", png_bytes(chelsea))})
+    body = form.read()
+    headers = {"content-type": form.headers["content-type"]}
+    cut = client.post("/segment", content=body[: len(body) // 2], headers=headers)
+    assert cut.status_code == 400
+    assert "ends before its closing boundary" in cut.json()["message"]
+    other = httpx.Request("POST", "http://x/segment", files={"photo": ("c.png", b"x")})
+    wrong = client.post(
+        "/segment", content=other.read(), headers={"content-type": other.headers["content-type"]}
+    )
+    assert wrong.status_code == 400
+    assert "no file field named 'image'" in wrong.json()["message"]
