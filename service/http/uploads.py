@@ -47,7 +47,7 @@ async def read_body_capped(
     """
     too_large = errors.PayloadTooLargeError(f"request body exceeds the limit of {limit} bytes")
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit():
+    if declared is not None and declared.isascii() and declared.isdigit():
         if int(declared) > limit:
             raise too_large
         holding.hold(int(declared), "the request body")
@@ -73,43 +73,51 @@ async def read_body_capped(
     return b"".join(chunks)
 
 
-async def extract_image(request: Request, body: bytes) -> bytes:
-    """The image bytes from a multipart form (field ``image``) or a raw ``image/*`` body."""
+def _upload_kind(request: Request) -> str:
+    """ "multipart" or "raw" from the Content-Type, or a 415 before any of the body is read."""
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type == "multipart/form-data":
-
-        async def replay() -> AsyncGenerator[bytes, None]:
-            yield body
-
-        parser = MultiPartParser(request.headers, replay(), max_files=1, max_fields=16)
-        # The body is already in memory and capped: keep the file part there, never on disk.
-        parser.spool_max_size = len(body) + 1
-        try:
-            form = await parser.parse()
-        except (MultiPartException, ValueError) as exc:
-            raise errors.InvalidImageError(f"malformed multipart body: {exc}") from exc
-        upload = form.get("image")
-        if upload is None or isinstance(upload, str):
-            _, options = parse_options_header(request.headers["content-type"])
-            if b"--" + options.get(b"boundary", b"") + b"--" not in body:
-                raise errors.InvalidImageError(
-                    "malformed multipart body: it ends before its closing boundary (cut short?)"
-                )
-            raise errors.InvalidImageError("multipart body has no file field named 'image'")
-        try:
-            return await upload.read()
-        finally:
-            await form.close()
+        return "multipart"
     if content_type.startswith("image/") or content_type == "application/octet-stream":
-        return body
+        return "raw"
     raise errors.UnsupportedMediaError(
         f"send the image as multipart field 'image' or a raw image/* body, not {content_type!r}"
     )
 
 
+async def _from_multipart(request: Request, body: bytes) -> bytes:
+    """The file field ``image`` of a multipart form held in memory."""
+
+    async def replay() -> AsyncGenerator[bytes, None]:
+        yield body
+
+    parser = MultiPartParser(request.headers, replay(), max_files=1, max_fields=16)
+    # The body is already in memory and capped: keep the file part there, never on disk.
+    parser.spool_max_size = len(body) + 1
+    try:
+        form = await parser.parse()
+    except (MultiPartException, ValueError) as exc:
+        raise errors.InvalidImageError(f"malformed multipart body: {exc}") from exc
+    upload = form.get("image")
+    if upload is None or isinstance(upload, str):
+        _, options = parse_options_header(request.headers["content-type"])
+        if b"--" + options.get(b"boundary", b"") + b"--" not in body:
+            raise errors.InvalidImageError(
+                "malformed multipart body: it ends before its closing boundary (cut short?)"
+            )
+        raise errors.InvalidImageError("multipart body has no file field named 'image'")
+    try:
+        return await upload.read()
+    finally:
+        await form.close()
+
+
 async def read_image(request: Request, limit: int, holding: Holding, timeout_s: float) -> bytes:
-    """The encoded image of a request whose body is at most ``limit`` bytes."""
-    return await extract_image(request, await read_body_capped(request, limit, holding, timeout_s))
+    """The encoded image of a request whose body is at most ``limit`` bytes: a multipart form's
+    field ``image`` or a raw ``image/*`` body (another Content-Type is refused unread)."""
+    kind = _upload_kind(request)
+    body = await read_body_capped(request, limit, holding, timeout_s)
+    return await _from_multipart(request, body) if kind == "multipart" else body
 
 
 async def until_disconnect(request: Request, work: Awaitable[T]) -> T:

@@ -290,6 +290,13 @@ BAD_INPUTS = [
     ),
     ("too many pixels", {"files": {"image": ("a.png", "BIG")}}, {}, 413, "payload_too_large"),
     ("bomb", {"files": {"image": ("a.png", "BOMB")}}, {}, 413, "payload_too_large"),
+    (  # refused by its Content-Type before the body is read (it was a 413 after reading it)
+        "wrong content type, body over limit",
+        {"content": b"x" * (MAX_UPLOAD + 1), "headers": {"content-type": "text/plain"}},
+        {},
+        415,
+        "unsupported_media",
+    ),
     (
         "body over limit",
         {
