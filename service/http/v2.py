@@ -398,7 +398,11 @@ def _input_image(inputs: list[RequestInput], binary: bytes, max_pixels: int) -> 
     if size is None and binary:
         raise _malformed(f"{len(binary)} bytes follow the header but no input has binary data")
     if tensor.name == ENCODED_INPUT:
-        if tensor.datatype != "BYTES" or math.prod(tensor.shape) != 1:
+        if (
+            tensor.datatype != "BYTES"
+            or math.prod(tensor.shape) != 1
+            or min(tensor.shape, default=1) < 1
+        ):
             raise errors.InvalidParameterError(
                 f"input {ENCODED_INPUT!r} is one BYTES element (the encoded image), got "
                 f"{tensor.datatype} {tensor.shape}"

@@ -68,6 +68,15 @@ CASES = [
     ("pixels count", json.dumps(pixels([1, 2, 3], [0, 0, 0])).encode(), {}, 422, "6 integers"),
     ("pixels range", json.dumps(pixels([1, 1, 3], [0, 0, 300])).encode(), {}, 422, "0..255"),
     ("pixels floats", json.dumps(pixels([1, 1, 3], [0.5, 0, 0])).encode(), {}, 422, "integers"),
+    (  # -1 x -1 is "one element" to math.prod: it was taken as the encoded image
+        "bytes with negative dims",
+        json.dumps(
+            {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [-1, -1], "data": ["a"]}]}
+        ).encode(),
+        {},
+        422,
+        "one BYTES element",
+    ),
     (
         "bytes as json",
         json.dumps(
