@@ -8,7 +8,8 @@ Multi-frame files (camera JPEGs with previews, animations, multi-page TIFFs) giv
 frame. Encodings whose decoding costs far more than their pixels suggest are refused from the
 header too (413): RLE bitmaps over ``RLE_BMP_MAX_PIXELS`` (Pillow's RLE decoder is pure Python),
 TIFF tiles out of proportion to the image, JPEGs with more than ``JPEG_MAX_SCANS`` scans.
-Pillow reads every header; RGB and grey JPEGs then decode through OpenCV (``_decode_jpeg``).
+Pillow reads every header; RGB and grey JPEGs and RGB(A) TIFFs then decode through OpenCV
+(``_decode_opencv``), the reader mmseg uses.
 HEIC/HEIF (what phones write) decode through pillow-heif (libheif, its own limits on), AVIF
 through Pillow; both give their primary image with 10-bit narrowed to 8. libheif applies HEIF's
 rotation (``irot``/``imir``) itself; Pillow hands AVIF's over as the EXIF orientation, applied
@@ -159,13 +160,24 @@ def _to_rgb(image: Image.Image) -> np.ndarray:
     return np.asarray(image.convert("RGB"), dtype=np.uint8)
 
 
-def _decode_jpeg(data: bytes) -> np.ndarray | None:
-    """An RGB or grey JPEG (the first frame of an MPO) upright, as ``mmcv.imread`` reads it:
-    libjpeg-turbo through OpenCV, which applies the EXIF orientation and writes RGB straight
-    into the array. Pillow's RGB images are 4 bytes a pixel, and copying one out cost more than
-    its decode (1.3 of 2.4 ms at 512x512). None where OpenCV cannot decode the file (truncated,
-    say): Pillow then decodes it or names the problem. Pillow has read the header already, so
-    the pixel limit and the decoding-cost checks hold."""
+# Formats and Pillow modes decoded through OpenCV, the way ``mmcv.imread`` reads them.
+_OPENCV_DECODED: Final = {
+    "JPEG": ("RGB", "L"),
+    "MPO": ("RGB", "L"),  # its first frame
+    # OpenCV narrows 16-bit samples to round(v / 257) (Pillow keeps the high byte) and multiplies
+    # colours by a partial alpha: 14 % of a 16-bit TIFF's values and every half-transparent
+    # pixel differed from mmseg's by Pillow.
+    "TIFF": ("RGB", "RGBA", "RGBa"),
+}
+
+
+def _decode_opencv(data: bytes) -> np.ndarray | None:
+    """An upright RGB image as ``mmcv.imread`` reads it: OpenCV (libjpeg-turbo, libtiff), which
+    applies the EXIF orientation and writes RGB straight into the array. Pillow's RGB images are
+    4 bytes a pixel, and copying one out cost more than its decode (1.3 of 2.4 ms for a 512x512
+    JPEG). None where OpenCV cannot decode the file (truncated, say): Pillow then decodes it or
+    names the problem. Pillow has read the header already, so the pixel limit and the
+    decoding-cost checks hold."""
     return cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR_RGB)
 
 
@@ -208,8 +220,8 @@ def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
     image = _open(data, max_pixels)
     kind = image.format
     try:
-        if kind in ("JPEG", "MPO") and image.mode in ("RGB", "L"):
-            pixels = _decode_jpeg(data)
+        if image.mode in _OPENCV_DECODED.get(kind or "", ()):
+            pixels = _decode_opencv(data)
             if pixels is not None:
                 return pixels
         image.load()
