@@ -11,9 +11,13 @@
   array reconstruction. Classes from mmengine, mmcv, mmseg and mmdet (message hub, history
   buffers, config dicts) become inert ``OpaqueObject`` stand-ins: never imported, nothing of
   theirs runs. Any other global (``os.system``, ``builtins.exec``...) refuses the whole file.
-* No allocation the pickle asks for may exceed the file's size: storages, ``bytearray(n)``,
-  ``bytes(n)`` and numpy arrays are checked before they are made, so a 30-byte pickle cannot ask
-  for 64 GiB.
+* What the pickle allocates is bounded by the file's size: storages, ``bytearray(n)``,
+  ``bytes(n)``, ``_codecs.encode`` and numpy arrays are checked before they are made, each
+  against the file's size and all of them against twice that (and 1 MiB), so a 30-byte pickle
+  cannot ask for 64 GiB nor 6000 small pickles for 360 MB. Storage classes resolve to inert tags
+  (torch's loader only reads their dtype), and numpy arrays are filled only from bytes of exactly
+  their size, never with Python objects (numpy's ``__setstate__`` reads past a short object
+  list: a crafted 1 KB file crashed the process).
 
 Why not ``torch.load(weights_only=True)`` with an allow-list: its unpickler accepts
 ``bytearray(n)`` for any ``n`` and offers no hook to bound allocations, and its stand-ins must be
@@ -24,7 +28,6 @@ run put in ``meta`` and ``message_hub``.
 from __future__ import annotations
 
 import _compat_pickle
-import codecs
 import contextvars
 import hashlib
 import importlib
@@ -48,8 +51,20 @@ from models.checkpoints.errors import CheckpointError
 HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 # Objects from these top-level packages are tolerated as inert placeholders (never imported).
 TOLERATED_NAMESPACES = frozenset({"mmengine", "mmcv", "mmseg", "mmdet"})
-# The largest single allocation a file may ask for: its own size (what real data can fill).
-_ALLOCATION_BUDGET: contextvars.ContextVar[int] = contextvars.ContextVar("allocation_budget")
+
+
+class _Budget:
+    """What one file's pickle may allocate: each allocation at most the file's size (what real
+    data can fill), all of them at most twice that and 1 MiB; a storage is charged once however
+    many tensors share it."""
+
+    def __init__(self, file_size: int) -> None:
+        self.file_size = file_size
+        self.left = 2 * file_size + (1 << 20)
+        self.storages: set[object] = set()
+
+
+_ALLOCATION_BUDGET: contextvars.ContextVar[_Budget] = contextvars.ContextVar("allocation_budget")
 
 
 class OpaqueObject:
@@ -86,8 +101,23 @@ class _OverBudget(pickle.UnpicklingError):
 
 def _check_allocation(nbytes: int, what: str) -> None:
     budget = _ALLOCATION_BUDGET.get()
-    if nbytes > budget:
-        raise _OverBudget(f"{what} of {nbytes} bytes from a {budget}-byte file")
+    if nbytes > budget.file_size:
+        raise _OverBudget(f"{what} of {nbytes} bytes from a {budget.file_size}-byte file")
+    if nbytes > budget.left:
+        raise _OverBudget(
+            f"{what} of {nbytes} bytes after allocations that took all but {budget.left} "
+            f"bytes of what a {budget.file_size}-byte file may"
+        )
+    budget.left -= nbytes
+
+
+def _bounded_encode(text: object, encoding: object = "utf-8") -> bytes:
+    """``_codecs.encode`` as protocol-2 pickles use it, ``(str, "latin1")`` -> bytes, only:
+    other codecs (hex doubles its input, and calls chain) are refused."""
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise _UnsafeGlobal(f"_codecs.encode with {type(text).__name__} and {encoding!r}")
+    _check_allocation(len(text), "bytes")
+    return text.encode("latin-1")
 
 
 def _bounded_bytearray(*args: Any) -> bytearray:
@@ -107,15 +137,41 @@ class _NDArrayType:
     argument of ``_reconstruct``, so the pickle cannot call ``ndarray(shape)`` itself."""
 
 
+class _CheckedArray(np.ndarray):
+    """The array ``_reconstruct`` makes: its ``__setstate__`` (which the pickle calls next with a
+    shape, dtype and data of its choosing) takes only plain dtypes and bytes of exactly the
+    size the shape and dtype need, within the budget; numpy's own reads past a short list of
+    objects."""
+
+    def __setstate__(self, state: Any) -> None:
+        if not (isinstance(state, tuple) and len(state) == 5):
+            raise _UnsafeGlobal("numpy array state of an unknown form")
+        _, shape, dtype, _, data = state
+        if not isinstance(dtype, np.dtype) or dtype.hasobject:
+            raise _UnsafeGlobal(f"numpy array of dtype {dtype!r}")
+        if not isinstance(shape, tuple) or not all(
+            isinstance(side, int) and side >= 0 for side in shape
+        ):
+            raise _UnsafeGlobal(f"numpy array of shape {shape!r}")
+        nbytes = math.prod(shape) * dtype.itemsize
+        if not isinstance(data, bytes | bytearray) or len(data) != nbytes:
+            raise _UnsafeGlobal(f"numpy array data that is not {nbytes} bytes")
+        _check_allocation(nbytes, "numpy array")
+        super().__setstate__(state)
+
+
 def _bounded_reconstruct(subtype: object, shape: Any, dtype: Any) -> np.ndarray:
     """numpy's ``_reconstruct`` (an empty array that ``__setstate__`` then fills from the
-    pickle's own bytes), refusing shapes larger than the file."""
+    pickle's own bytes), refusing shapes larger than the file; checked again at ``__setstate__``
+    (``_CheckedArray``)."""
     if subtype is not _NDArrayType or not isinstance(dtype, bytes | str):
         raise _UnsafeGlobal("numpy._core.multiarray._reconstruct with a non-array subtype")
     code = dtype.decode("latin-1") if isinstance(dtype, bytes) else dtype
     count = math.prod(int(side) for side in np.atleast_1d(shape))
+    if np.dtype(code).hasobject:
+        raise _UnsafeGlobal(f"numpy array of dtype {code!r}")
     _check_allocation(count * np.dtype(code).itemsize, "numpy array")
-    return np.ndarray(shape, dtype=code)
+    return _CheckedArray(shape, dtype=code)
 
 
 def _inert_getattr(owner: object, name: str) -> object:
@@ -138,10 +194,35 @@ _SAFE_TORCH_FUNCTIONS = frozenset(
         "torch.nn.parameter.Parameter",
         "torch.Size",
         "torch.device",
-        "torch.storage.UntypedStorage",
-        "torch.storage.TypedStorage",
     }
 )
+
+
+class _StorageTag:
+    """Stands in for a storage class where a pickle names it (``torch.FloatStorage``, the
+    untyped one): torch's loader reads only its ``dtype``; calling it, which would allocate
+    outside the budget, is refused."""
+
+    def __init__(self, qualified_name: str, dtype: torch.dtype) -> None:
+        self.qualified_name = qualified_name
+        self.dtype = dtype
+
+    def __call__(self, *args: Any, **kwargs: Any) -> None:
+        raise _UnsafeGlobal(f"{self.qualified_name} called")
+
+
+def _storage_tag(module: str, name: str) -> _StorageTag | None:
+    """The tag of a storage class a pickle names, None for any other name."""
+    if (module, name) in (("torch.storage", "UntypedStorage"), ("torch", "UntypedStorage")):
+        return _StorageTag(f"{module}.{name}", torch.uint8)
+    if module in ("torch", "torch.storage") and name.endswith("Storage"):
+        storage = getattr(torch, name, None)
+        dtype = getattr(storage, "dtype", None)
+        if isinstance(dtype, torch.dtype):
+            return _StorageTag(f"{module}.{name}", dtype)
+    return None
+
+
 _SAFE_GLOBALS: dict[str, object] = {
     "collections.OrderedDict": OrderedDict,
     "builtins.set": set,
@@ -151,7 +232,7 @@ _SAFE_GLOBALS: dict[str, object] = {
     "builtins.bytearray": _bounded_bytearray,
     "builtins.bytes": _bounded_bytes,  # protocol 2 spells b"" as bytes()
     "builtins.getattr": _inert_getattr,
-    "_codecs.encode": codecs.encode,  # protocol-2 pickles spell bytes this way
+    "_codecs.encode": _bounded_encode,  # protocol-2 pickles spell bytes this way
     # numpy arrays (mmengine's history buffers): numpy 2 and numpy 1 module names
     "numpy._core.multiarray._reconstruct": _bounded_reconstruct,
     "numpy.core.multiarray._reconstruct": _bounded_reconstruct,
@@ -168,8 +249,9 @@ def _resolve_safe_global(module: str, name: str) -> object:
         return _SAFE_GLOBALS[qualified]
     if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
         return getattr(torch, name)
-    if module == "torch" and name.endswith("Storage") and hasattr(torch, name):
-        return getattr(torch, name)
+    tag = _storage_tag(module, name)
+    if tag is not None:
+        return tag
     if qualified in _SAFE_TORCH_FUNCTIONS:
         return getattr(importlib.import_module(module), name)
     if module == "numpy.dtypes" and name.endswith("DType"):  # numpy 2's dtype classes
@@ -204,7 +286,10 @@ class RestrictedUnpickler(pickle.Unpickler):
     def persistent_load(self, load: Callable[[Any], Any]) -> None:
         def bounded(pid: Any) -> Any:
             if isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage":
-                _check_allocation(_storage_bytes(pid[1], pid[4]), "tensor storage")
+                seen = _ALLOCATION_BUDGET.get().storages
+                if pid[2] not in seen:  # torch loads a shared storage once
+                    _check_allocation(_storage_bytes(pid[1], pid[4]), "tensor storage")
+                    seen.add(pid[2])
             return load(pid)
 
         self._persistent_load = bounded
@@ -227,6 +312,13 @@ def weights_file(path: Path) -> Path:
     for name in HF_WEIGHT_FILES:
         if (path / name).is_file():
             return path / name
+    for name in HF_WEIGHT_FILES:
+        if (path / f"{name}.index.json").is_file():
+            raise CheckpointError(
+                f"{path}: a sharded save ({name}.index.json and its shards), which the exporter "
+                "does not read; save the model in one file (save_pretrained with a "
+                'max_shard_size above its size, e.g. "10GB")'
+            )
     raise CheckpointError(
         f"{path}: directory holds none of {', '.join(HF_WEIGHT_FILES)} (format assumed: hf)"
     )
@@ -270,7 +362,7 @@ def _check_archive(path: Path, size: int) -> None:
 def _read_pickle(path: Path) -> object:
     size = path.stat().st_size
     _check_archive(path, size)
-    budget = _ALLOCATION_BUDGET.set(size)
+    budget = _ALLOCATION_BUDGET.set(_Budget(size))
     try:
         return torch.load(
             path, map_location="cpu", pickle_module=_restricted_pickle, weights_only=False

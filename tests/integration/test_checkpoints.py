@@ -10,10 +10,12 @@ NVlabs (``mmseg/models/backbones/mix_transformer.py``, ``segformer_head.py``) an
 from __future__ import annotations
 
 import builtins
+import codecs
 import hashlib
 import io
 import json
 import os
+import pickle
 import re
 import struct
 import sys
@@ -664,6 +666,68 @@ def test_allocations_beyond_the_file_size_are_refused(
         load_checkpoint(path)
 
 
+class _Rebuilds:
+    """Pickles as ``factory(*args)`` followed by ``__setstate__(state)``, as numpy arrays do."""
+
+    def __init__(self, factory: object, args: tuple[object, ...], state: object) -> None:
+        self.factory, self.args, self.state = factory, args, state
+
+    def __reduce__(self) -> tuple[object, tuple[object, ...], object]:
+        return self.factory, self.args, self.state
+
+
+@pytest.mark.parametrize(
+    ("note", "what"),
+    [
+        # numpy's __setstate__ reads past a list of objects shorter than the shape: SIGSEGV.
+        (
+            _Rebuilds(
+                np._core.multiarray._reconstruct,
+                (np.ndarray, (0,), b"b"),
+                (1, (10,), np.dtype("O"), False, []),
+            ),
+            r"numpy array of dtype dtype\('O'\)",
+        ),
+        # A float array whose data is shorter than its shape.
+        (
+            _Rebuilds(
+                np._core.multiarray._reconstruct,
+                (np.ndarray, (0,), b"b"),
+                (1, (1000,), np.dtype("f8"), False, b"\0" * 8),
+            ),
+            "numpy array data that is not 8000 bytes",
+        ),
+        # hex doubles its input, and calls chain: 643 bytes asked for 256 MiB.
+        (_Allocates(codecs.encode, b"A" * 64, "hex"), "_codecs.encode with bytes and 'hex'"),
+        # A storage class called directly skipped the storage size check: 2 GiB from 191 bytes.
+        (_Allocates(torch.UntypedStorage, 2**31 - 1), "torch.storage.UntypedStorage called"),
+    ],
+    ids=["numpy-objects", "numpy-short-data", "codecs-hex", "untyped-storage"],
+)
+def test_crafted_reconstructions_are_refused(
+    tmp_path: Path, reference: nn.Module, note: object, what: str
+) -> None:
+    path = tmp_path / "crafted.pth"
+    torch.save({"state_dict": to_nvlabs(hf_state(reference)), "meta": {"note": note}}, path)
+    with pytest.raises(CheckpointError, match=rf"crafted\.pth: refused, .*{what}"):
+        load_checkpoint(path)
+
+
+def test_allocations_are_bounded_in_all_not_only_one_by_one(
+    tmp_path: Path, reference: nn.Module
+) -> None:
+    """Each within the file's size, together far beyond it: 6000 bytearrays of 60 kB held 360 MB
+    from a 162 kB file."""
+    path = tmp_path / "many.pth"
+    state = to_nvlabs(hf_state(reference))
+    size_alone = len(pickle.dumps(state)) + (1 << 20)
+    many = [_Allocates(bytearray, size_alone // 4) for _ in range(20)]
+    torch.save({"state_dict": state, "meta": {"notes": many}}, path)
+    assert path.stat().st_size < 2 * size_alone
+    with pytest.raises(CheckpointError, match=r"many\.pth: refused, .* after allocations"):
+        load_checkpoint(path)
+
+
 def test_numpy_arrays_in_metadata_are_rebuilt(tmp_path: Path, reference: nn.Module) -> None:
     """As mmengine's history buffers hold them; sized within the file, so allowed."""
     path = tmp_path / "numpy.pth"
@@ -705,3 +769,13 @@ def test_storage_larger_than_the_file_is_refused(tmp_path: Path) -> None:
         CheckpointError, match=r"claims\.pth: refused, .* tensor storage of 274877906944 bytes"
     ):
         load_checkpoint(path)
+
+
+def test_a_sharded_huggingface_save_is_named_as_such(tmp_path: Path, reference: nn.Module) -> None:
+    """transformers' own sharded save (an index and its shards): the error says what it is and
+    how to save one file, instead of 'holds none of model.safetensors, pytorch_model.bin'."""
+    sharded = tmp_path / "sharded"
+    reference.save_pretrained(sharded, max_shard_size="1MB")
+    assert (sharded / "model.safetensors.index.json").is_file()
+    with pytest.raises(CheckpointError, match=r"a sharded save \(model\.safetensors\.index\.json"):
+        load_checkpoint(sharded)
