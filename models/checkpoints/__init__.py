@@ -71,7 +71,10 @@ def load_checkpoint(
     if format != "auto" and format not in FORMATS:
         raise CheckpointError(f"{where}: unknown format {format!r}; known: {', '.join(FORMATS)}")
     state_dict, meta = read_checkpoint(path)
-    fmt = detect_format(state_dict, meta) if format == "auto" else format
+    try:
+        fmt = detect_format(state_dict, meta) if format == "auto" else format
+    except CheckpointError as exc:  # name the file, as every other loading error does
+        raise CheckpointError(f"{where}: {exc}") from None
     model = _architecture(fmt).load(state_dict, meta, fmt, model_name, where)
     num_classes = model.num_classes
     assert isinstance(num_classes, int), "our models expose num_classes: int"

@@ -553,7 +553,7 @@ def test_not_a_checkpoint(tmp_path: Path) -> None:
     torch.save({"state_dict": {"conv1.weight": torch.zeros(64, 3, 7, 7)}}, resnet)
     with pytest.raises(
         CheckpointError,
-        match=r"no known checkpoint layout matches the keys \(first keys: conv1\.weight\)",
+        match=r"resnet\.pth: no known checkpoint layout matches the keys \(first keys: conv1\.w",
     ):
         load_checkpoint(resnet)
 
