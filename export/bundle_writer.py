@@ -390,7 +390,7 @@ def _resolve_model(
         assert given is not None  # a dataset is always chosen above
         model = create_model(model_name, num_classes=len(given.names))
     else:
-        model, source, from_checkpoint = _load(model_name, Path(checkpoint))
+        model, source, from_checkpoint = _load(model_name, Path(checkpoint), given is None)
         given = given or from_checkpoint
         if given is None:
             raise ExportError(
@@ -439,11 +439,13 @@ def _given_classes(
 
 
 def _load(
-    model_name: str, checkpoint: Path
+    model_name: str, checkpoint: Path, read_classes: bool
 ) -> tuple[nn.Module, SourceCheckpoint, _ClassList | None]:
-    """The checkpoint's model, its provenance and its own class names (if it has any)."""
+    """The checkpoint's model, its provenance and its own class names (if it has any and
+    ``read_classes``: --dataset or --classes replace them, even where they disagree with the
+    classifier)."""
     try:
-        loaded = load_checkpoint(checkpoint, model_name=model_name)
+        loaded = load_checkpoint(checkpoint, model_name=model_name, read_classes=read_classes)
     except (CheckpointError, OSError, KeyError, ValueError) as exc:
         raise ExportError(f"cannot load {checkpoint} as {model_name}: {exc}") from exc
     if loaded.model_name != model_name:

@@ -63,9 +63,16 @@ def _architecture(fmt: str) -> ModuleType:
 
 
 def load_checkpoint(
-    path: str | Path, model_name: str | None = None, format: str = "auto"
+    path: str | Path,
+    model_name: str | None = None,
+    format: str = "auto",
+    read_classes: bool = True,
 ) -> LoadedCheckpoint:
-    """Load a checkpoint into an eval-mode model; ``format`` forces one of ``FORMATS``."""
+    """Load a checkpoint into an eval-mode model; ``format`` forces one of ``FORMATS``.
+
+    ``read_classes=False`` where the caller names the classes itself: the checkpoint's class
+    names and palette are then neither read nor checked against its classifier (metadata that
+    disagrees with it is what a caller's names replace)."""
     path = Path(path)
     where = str(path)
     if format != "auto" and format not in FORMATS:
@@ -78,7 +85,7 @@ def load_checkpoint(
     model = _architecture(fmt).load(state_dict, meta, fmt, model_name, where)
     num_classes = model.num_classes
     assert isinstance(num_classes, int), "our models expose num_classes: int"
-    classes = class_metadata(meta)
+    classes = class_metadata(meta if read_classes else {})
     for what, listed in (("class names", classes.names), ("palette colours", classes.palette)):
         if listed is not None and len(listed) != num_classes:
             raise CheckpointError(

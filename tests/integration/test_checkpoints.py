@@ -31,7 +31,10 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
+from export import export_bundle
 from models.checkpoints import CheckpointError, load_checkpoint, read_checkpoint
+from models.datasets import ADE20K_CLASSES, get_dataset
+from service.bundle import load_bundle
 from tests.integration.test_segformer import pixels, save_hf_model
 
 transformers = pytest.importorskip("transformers")
@@ -779,3 +782,19 @@ def test_a_sharded_huggingface_save_is_named_as_such(tmp_path: Path, reference: 
     assert (sharded / "model.safetensors.index.json").is_file()
     with pytest.raises(CheckpointError, match=r"a sharded save \(model\.safetensors\.index\.json"):
         load_checkpoint(sharded)
+
+
+def test_named_classes_replace_metadata_that_disagrees_with_the_classifier(
+    tmp_path: Path, reference: nn.Module
+) -> None:
+    """A 19-class head whose checkpoint metadata lists ADE20K's 150 names (a fine-tune that kept
+    its parent's meta): loading it alone is an error, and --dataset names its classes, as
+    docs/export.md says (it was the same error before the override applied)."""
+    path = tmp_path / "mislabelled.pth"
+    state = to_nvlabs(hf_state(reference))
+    torch.save({"state_dict": state, "meta": {"CLASSES": list(ADE20K_CLASSES)}}, path)
+    with pytest.raises(CheckpointError, match="19 outputs but the metadata lists 150 class names"):
+        load_checkpoint(path)
+    out = tmp_path / "bundle"
+    export_bundle("segformer-b0", out, checkpoint=path, dataset="cityscapes", skip_verify=True)
+    assert load_bundle(out).metadata.classes == get_dataset("cityscapes").classes
