@@ -12,7 +12,7 @@ import logging
 import os
 import tempfile
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -25,12 +25,8 @@ import onnxruntime as ort
 from service.aligned import aligned_twin, is_aligned, twin_mismatch
 from service.batcher import RunStop
 from service.config import PROVIDER_NAMES, RuntimeSettings
-from service.cuda_graphs import CudaGraphs
+from service.cuda_graphs import UNCAPTURED, CudaGraphs
 from service.heap import RELEASE_PIXELS, Heap, heap
-
-# The run config entries the shared run options set (arena shrinking, CUDA graphs' uncaptured
-# runs), copied into a run's own options when it may be stopped.
-_RUN_CONFIG_KEYS = ("memory.enable_memory_arena_shrinkage", "gpu_graph_id")
 
 log = logging.getLogger(__name__)
 
@@ -207,12 +203,6 @@ class Runtime:
                 self._beside.put(sessions[index % len(sessions)])
         self._twin_graph = None  # made into sessions; kept, a copy of the model (100 MB for B2)
         self._providers = providers
-        # Only the GPU has an arena to shrink: the CPU arena is off (see _session_options) and the
-        # heap under CPU runs keeps freed activations for the next run (service/heap.py).
-        self._shrink: ort.RunOptions | None = None
-        if self.provider == CUDA:
-            self._shrink = ort.RunOptions()
-            self._shrink.add_run_config_entry("memory.enable_memory_arena_shrinkage", "gpu:0")
         # Captured graphs keep their buffers: no shrinking, and every other run says uncaptured.
         self._graphs: CudaGraphs | None = None
         if self.provider == CUDA and settings.cuda_graphs:
@@ -350,24 +340,20 @@ class Runtime:
 
     def _prepare(
         self, batch: np.ndarray, stop: RunStop | None = None
-    ) -> tuple[np.ndarray, ort.RunOptions | None]:
-        """The batch in the input dtype, and the run's options: shared ones (uncaptured under
-        CUDA graphs, arena shrinking after a big GPU run), or with ``stop`` the run's own, whose
-        ``terminate`` flag the stop sets (a shared flag would stop every run)."""
+    ) -> tuple[np.ndarray, ort.RunOptions]:
+        """The batch in the input dtype, and the run's own options: uncaptured under CUDA graphs,
+        the arena shrunk after a big GPU run (only the GPU has one: the CPU arena is off, see
+        _session_options, and the heap keeps freed activations, service/heap.py), and the
+        ``terminate`` flag ``stop`` sets (one run's: a shared flag would stop every run)."""
         if batch.dtype != self.input_dtype:
             batch = batch.astype(self.input_dtype)
-        if self._graphs is not None:
-            shared: ort.RunOptions | None = self._graphs.uncaptured
-        else:
-            shared = self._shrink if _pixels(batch) > RELEASE_PIXELS else None
-        if stop is None:
-            return batch, shared
         options = ort.RunOptions()
-        if shared is not None:
-            for key in _RUN_CONFIG_KEYS:
-                with suppress(RuntimeError):  # raised for a key these shared options lack
-                    options.add_run_config_entry(key, shared.get_run_config_entry(key))
-        stop.on_stop(partial(setattr, options, "terminate", True))
+        if self._graphs is not None:  # captured graphs keep their buffers: no shrinking
+            options.add_run_config_entry("gpu_graph_id", UNCAPTURED)
+        elif self.provider == CUDA and _pixels(batch) > RELEASE_PIXELS:
+            options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "gpu:0")
+        if stop is not None:
+            stop.on_stop(partial(setattr, options, "terminate", True))
         return batch, options
 
     def _ran(self, batch: np.ndarray) -> None:

@@ -168,8 +168,6 @@ def _bounded_reconstruct(subtype: object, shape: Any, dtype: Any) -> np.ndarray:
         raise _UnsafeGlobal("numpy._core.multiarray._reconstruct with a non-array subtype")
     code = dtype.decode("latin-1") if isinstance(dtype, bytes) else dtype
     count = math.prod(int(side) for side in np.atleast_1d(shape))
-    if np.dtype(code).hasobject:
-        raise _UnsafeGlobal(f"numpy array of dtype {code!r}")
     _check_allocation(count * np.dtype(code).itemsize, "numpy array")
     return _CheckedArray(shape, dtype=code)
 
