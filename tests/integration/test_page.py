@@ -126,7 +126,10 @@ def test_pick_a_photo_and_see_overlay_mask_legend(
     photo = photos["chelsea"]
     assert page.is_disabled("#run")
     page.set_input_files("#file", png_file(photo, tmp_path / "cat.png"))
-    assert page.is_visible("#preview")
+    # The preview has no size until the browser has decoded the photo, so wait for it.
+    page.wait_for_selector("#preview", state="visible", timeout=30_000)
+    shown = page.eval_on_selector("#preview", "e => [e.naturalWidth, e.naturalHeight]")
+    assert shown == [photo.shape[1], photo.shape[0]]
     page.click("#run")
     page.wait_for_selector("#results", state="visible", timeout=30_000)
     assert page.is_hidden("#error")
