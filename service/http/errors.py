@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service import errors
-from service.http.schemas import ErrorBody
+from service.http.schemas import ErrorBody, ProtocolError
 
 log = logging.getLogger("segserve.http")
 
@@ -46,6 +46,18 @@ def error_response(
 ) -> JSONResponse:
     body = ErrorBody(error=code, message=message).model_dump()
     return JSONResponse(body, status_code=status, headers=headers)
+
+
+def protocol_error(
+    status: int, message: str, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    body = ProtocolError(error=message).model_dump()
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def speaks_protocol(path: str) -> bool:
+    """Paths under ``/v2`` answer the Open Inference Protocol's error body, matched or not."""
+    return path == "/v2" or path.startswith("/v2/")
 
 
 def status_of(exc: errors.SegserveError) -> tuple[int, str]:
@@ -85,6 +97,9 @@ def install_error_handlers(app: FastAPI) -> None:
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         headers = dict(exc.headers) if exc.headers else None
+        if speaks_protocol(request.url.path):
+            message = f"{exc.detail}: {request.method} {request.url.path}"
+            return protocol_error(exc.status_code, message, headers)
         return error_response(exc.status_code, code, str(exc.detail), headers)
 
     @app.exception_handler(Exception)

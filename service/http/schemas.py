@@ -14,6 +14,12 @@ class ErrorBody(BaseModel):
     message: str
 
 
+class ProtocolError(BaseModel):
+    """The Open Inference Protocol's error body (``/v2``): the message alone."""
+
+    error: str
+
+
 class ClassInfo(BaseModel):
     id: int
     name: str

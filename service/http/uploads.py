@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator, Awaitable
+from collections.abc import AsyncGenerator, Awaitable, Collection
 from typing import Any, TypeVar
 
 from fastapi import Request
@@ -73,6 +73,20 @@ async def read_body_capped(
     return b"".join(chunks)
 
 
+def content_encoding(request: Request, accepted: Collection[str] = ()) -> str | None:
+    """The body's Content-Encoding among ``accepted`` (None for identity), or a 415 before any
+    of the body is read: an image is compressed already, so ``/segment`` accepts none."""
+    value = request.headers.get("content-encoding", "identity").strip().lower()
+    if value in ("", "identity"):
+        return None
+    if value not in accepted:
+        offered = ", ".join([*accepted, "identity"])
+        raise errors.UnsupportedMediaError(
+            f"Content-Encoding {value!r} is not accepted here (accepted: {offered})"
+        )
+    return value
+
+
 def _upload_kind(request: Request) -> str:
     """ "multipart" or "raw" from the Content-Type, or a 415 before any of the body is read."""
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
@@ -116,6 +130,7 @@ async def read_image(request: Request, limit: int, holding: Holding, timeout_s: 
     """The encoded image of a request whose body is at most ``limit`` bytes: a multipart form's
     field ``image`` or a raw ``image/*`` body (another Content-Type is refused unread)."""
     kind = _upload_kind(request)
+    content_encoding(request)
     body = await read_body_capped(request, limit, holding, timeout_s)
     return await _from_multipart(request, body) if kind == "multipart" else body
 

@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import time
+import zlib
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -31,10 +32,11 @@ from service import __version__, errors
 from service.engine import Engine, SegmentResult
 from service.geometry import labels_dtype
 from service.http.auth import API_KEY
-from service.http.errors import failure_headers, status_of, validation_message
+from service.http.errors import failure_headers, protocol_error, status_of, validation_message
+from service.http.schemas import ProtocolError
 from service.http.segment import parse_scales, parse_size
-from service.http.state import ServicesDep
-from service.http.uploads import read_body_capped, until_disconnect
+from service.http.state import Services, ServicesDep
+from service.http.uploads import content_encoding, read_body_capped, until_disconnect
 from service.imageio import decode_image
 from service.manager import ModelsState
 from service.metrics import STAGE_LATENCY
@@ -57,11 +59,20 @@ MAX_JSON_ELEMENTS = 4_000_000
 # so larger tensors must come as binary data; 4 MiB holds 1-2 million pixel values (a 600-800 px
 # square RGB image).
 MAX_JSON_REQUEST_BYTES = 4 * 1024 * 1024
+# Bytes a parsed JSON part may take per byte of its text, held before parsing: a process's
+# resident memory grew by up to 40x the text for arrays of empty objects ("[{},{},...]"), 26x for
+# small numbers.
+JSON_PARSE_BYTES_PER_BYTE = 40
+# Request bodies tritonclient compresses (``request_compression_algorithm``): gzip.compress and
+# zlib.compress, as zlib's window bits. Inflated in the pool, never past the upload limit.
+REQUEST_ENCODINGS = {"gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
+# Each name serves one bundle, published as the protocol's model version "1".
+MODEL_VERSION = "1"
+# The only tensor parameters this server reads; another (Triton's ``classification``, a typo of
+# ``binary_data``) is refused rather than silently ignored.
+INPUT_PARAMETERS = ("binary_data_size",)
+OUTPUT_PARAMETERS = ("binary_data",)
 Parameters = dict[str, str | int | float | bool]
-
-
-class ProtocolError(BaseModel):
-    error: str
 
 
 class TensorMetadata(BaseModel):
@@ -149,15 +160,12 @@ class ProtocolRoute(APIRoute):
             except errors.SegserveError as exc:
                 if isinstance(exc, errors.ClientClosedError):  # nobody to answer: logged
                     log.info("%s %s: %s", request.method, request.url.path, exc)
-                body = ProtocolError(error=str(exc)).model_dump()
-                return JSONResponse(body, status_of(exc)[0], failure_headers(exc))
+                return protocol_error(status_of(exc)[0], str(exc), failure_headers(exc))
             except RequestValidationError as exc:
-                body = ProtocolError(error=validation_message(exc)).model_dump()
-                return JSONResponse(body, 422)
+                return protocol_error(422, validation_message(exc))
             except Exception:
                 log.exception("unhandled error on %s %s", request.method, request.url.path)
-                message = "internal server error (see the server log)"
-                return JSONResponse(ProtocolError(error=message).model_dump(), 500)
+                return protocol_error(500, "internal server error (see the server log)")
 
         return answer
 
@@ -186,14 +194,32 @@ async def server_ready(svc: ServicesDep) -> Response:
     return JSONResponse(Readiness(ready=ready).model_dump(), 200 if ready else 503)
 
 
-@router.get("/models/{name}", response_model=ModelMetadata, responses=ERRORS)
-async def model_metadata(name: str, svc: ServicesDep) -> ModelMetadata:
+def _model(svc: Services, name: str, version: str = MODEL_VERSION) -> Engine:
+    """The ready engine serving ``name``, whose one version is ``MODEL_VERSION``."""
     svc.manager.require_ready()
     engine = svc.manager.get(name)
+    if version != MODEL_VERSION:
+        raise errors.UnknownModelError(
+            f"model {name!r} has no version {version!r}; its one version is {MODEL_VERSION!r}"
+        )
+    return engine
+
+
+@router.get("/models/{name}", response_model=ModelMetadata, responses=ERRORS)
+async def model_metadata(name: str, svc: ServicesDep) -> ModelMetadata:
+    return _metadata(_model(svc, name))
+
+
+@router.get("/models/{name}/versions/{version}", response_model=ModelMetadata, responses=ERRORS)
+async def model_version_metadata(name: str, version: str, svc: ServicesDep) -> ModelMetadata:
+    return _metadata(_model(svc, name, version))
+
+
+def _metadata(engine: Engine) -> ModelMetadata:
     num_classes = engine.bundle.metadata.num_classes
     return ModelMetadata(
         name=engine.name,
-        versions=["1"],
+        versions=[MODEL_VERSION],
         platform=PLATFORM,
         inputs=[
             TensorMetadata(name=ENCODED_INPUT, datatype="BYTES", shape=[1]),
@@ -206,23 +232,31 @@ async def model_metadata(name: str, svc: ServicesDep) -> ModelMetadata:
     )
 
 
-@router.get(
-    "/models/{name}/ready",
-    response_model=ModelReadiness,
-    responses={**ERRORS, 503: {"model": ModelReadiness}},
-)
+READY_ROUTE: dict[str, Any] = {
+    "response_model": ModelReadiness,
+    "responses": {**ERRORS, 503: {"model": ModelReadiness}},
+}
+
+
+@router.get("/models/{name}/ready", **READY_ROUTE)
 async def model_ready(name: str, svc: ServicesDep) -> Response:
-    svc.manager.require_ready()
-    engine = svc.manager.get(name)
+    return _readiness(_model(svc, name), svc)
+
+
+@router.get("/models/{name}/versions/{version}/ready", **READY_ROUTE)
+async def model_version_ready(name: str, version: str, svc: ServicesDep) -> Response:
+    return _readiness(_model(svc, name, version), svc)
+
+
+def _readiness(engine: Engine, svc: Services) -> Response:
     ready = engine.started and not svc.lifecycle.draining
     body = ModelReadiness(name=engine.name, ready=ready).model_dump()
     return JSONResponse(body, 200 if ready else 503)
 
 
-@router.post(
-    "/models/{name}/infer",
-    response_model=InferResponse,
-    responses={
+INFER_ROUTE: dict[str, Any] = {
+    "response_model": InferResponse,
+    "responses": {
         **ERRORS,
         200: {
             "content": {"application/octet-stream": {}},
@@ -230,7 +264,7 @@ async def model_ready(name: str, svc: ServicesDep) -> Response:
             f"header of {HEADER_LENGTH} bytes followed by the binary outputs",
         },
     },
-    openapi_extra={
+    "openapi_extra": {
         "requestBody": {
             "required": True,
             "description": "an InferRequest as JSON; with the binary data extension, the JSON "
@@ -241,18 +275,33 @@ async def model_ready(name: str, svc: ServicesDep) -> Response:
             },
         }
     },
-    dependencies=[API_KEY],
-)
+    "dependencies": [API_KEY],
+}
+
+
+@router.post("/models/{name}/infer", **INFER_ROUTE)
 async def infer(request: Request, name: str, svc: ServicesDep) -> Response:
     """Segment one image given as a tensor; outputs as JSON data or binary."""
+    return await _infer(request, name, MODEL_VERSION, svc)
+
+
+@router.post("/models/{name}/versions/{version}/infer", **INFER_ROUTE)
+async def infer_version(request: Request, name: str, version: str, svc: ServicesDep) -> Response:
+    return await _infer(request, name, version, svc)
+
+
+async def _infer(request: Request, name: str, version: str, svc: Services) -> Response:
     settings = svc.settings
     with svc.lifecycle.track(), svc.admission.request() as holding:
-        svc.manager.require_ready()
-        engine = svc.manager.get(name)
+        engine = _model(svc, name, version)
         request.state.model = engine.name
+        encoding = content_encoding(request, REQUEST_ENCODINGS)
         body = await read_body_capped(
             request, settings.max_upload_bytes, holding, settings.body_timeout_s
         )
+        if encoding is not None:
+            body = await svc.in_pool(_inflate, body, encoding, settings.max_upload_bytes)
+            holding.grow(len(body), "the decompressed request body")
         json_length = _header_length(request.headers.get(HEADER_LENGTH), len(body))
         if json_length > MAX_JSON_REQUEST_BYTES:
             raise errors.PayloadTooLargeError(
@@ -260,7 +309,7 @@ async def infer(request: Request, name: str, svc: ServicesDep) -> Response:
                 f"{MAX_JSON_REQUEST_BYTES}: send the image as binary data (the binary tensor "
                 "data extension, as Triton's clients do by default)"
             )
-        holding.grow(16 * json_length, "the parsed JSON request")
+        holding.grow(JSON_PARSE_BYTES_PER_BYTE * json_length, "the parsed JSON request")
         inference, binary = await svc.in_pool(_split_body, body, json_length)
         del body
         outputs = _requested_outputs(inference)
@@ -307,6 +356,22 @@ def _malformed(message: str) -> errors.MalformedRequestError:
     return errors.MalformedRequestError(f"malformed inference request: {message}")
 
 
+def _inflate(body: bytes, encoding: str, limit: int) -> bytes:
+    """A compressed request body, inflated to at most ``limit`` bytes (the upload limit)."""
+    inflater = zlib.decompressobj(REQUEST_ENCODINGS[encoding])
+    try:
+        inflated = inflater.decompress(body, limit + 1)
+    except zlib.error as exc:
+        raise _malformed(f"the {encoding} body does not decompress: {exc}") from None
+    if len(inflated) > limit:
+        raise errors.PayloadTooLargeError(
+            f"the {encoding} request body inflates past the limit of {limit} bytes"
+        )
+    if not inflater.eof or inflater.unused_data:
+        raise _malformed(f"the {encoding} body is cut short or has bytes after its end")
+    return inflated
+
+
 def _header_length(value: str | None, body_length: int) -> int:
     """Bytes of JSON before the binary tensor data (Triton's extension): all of them without
     the header. Digits only: ``str.isdigit`` also takes "²", which ``int`` refuses."""
@@ -347,7 +412,22 @@ def _requested_outputs(inference: InferRequest) -> dict[str, Parameters]:
     unknown = [o.name for o in inference.outputs if o.name not in known]
     if unknown:
         raise errors.InvalidParameterError(f"unknown outputs {unknown}; this model has {known}")
+    for output in inference.outputs:
+        _known_parameters(f"output {output.name!r}", output.parameters, OUTPUT_PARAMETERS)
     return {o.name: o.parameters or {} for o in inference.outputs}
+
+
+def _known_parameters(what: str, parameters: Parameters | None, known: tuple[str, ...]) -> None:
+    unknown = sorted(set(parameters or {}) - set(known))
+    if unknown:
+        hint = (
+            " (classification is not served: the labels output is each pixel's class)"
+            if "classification" in unknown
+            else ""
+        )
+        raise errors.InvalidParameterError(
+            f"{what}: unknown parameters {unknown}; known: {list(known)}{hint}"
+        )
 
 
 def _segment_options(parameters: Parameters, probabilities: bool) -> SegmentOptions:
@@ -390,6 +470,7 @@ def _input_image(inputs: list[RequestInput], binary: bytes, max_pixels: int) -> 
             f"send exactly one input ({ENCODED_INPUT!r} or {PIXELS_INPUT!r}), got {len(inputs)}"
         )
     tensor = inputs[0]
+    _known_parameters(f"input {tensor.name!r}", tensor.parameters, INPUT_PARAMETERS)
     size = (tensor.parameters or {}).get("binary_data_size")
     if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 0):
         raise _malformed(f"binary_data_size must be a byte count, got {size!r}")
@@ -397,6 +478,8 @@ def _input_image(inputs: list[RequestInput], binary: bytes, max_pixels: int) -> 
         raise _malformed(f"binary_data_size is {size} but {len(binary)} bytes follow the header")
     if size is None and binary:
         raise _malformed(f"{len(binary)} bytes follow the header but no input has binary data")
+    if size is not None and tensor.data is not None:
+        raise _malformed(f"input {tensor.name!r} has both binary data and JSON data")
     if tensor.name == ENCODED_INPUT:
         if (
             tensor.datatype != "BYTES"

@@ -4,7 +4,9 @@ identical to ``/segment``'s, errors as the protocol's body, the API key."""
 
 from __future__ import annotations
 
+import gzip
 import io
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -244,3 +246,131 @@ def test_large_json_outputs_are_refused_before_inference(
         headers=dict(KEY),
     ).as_numpy("labels")
     assert labels.shape == (1000, 900)
+
+
+def test_model_version_one_is_the_model(
+    client: triton.InferenceServerClient, server: SegserveServer, photo: np.ndarray
+) -> None:
+    """The metadata lists version "1": the protocol's versioned paths serve it, other versions
+    are a 404 naming the one there is."""
+    assert client.get_model_metadata("tiny", "1") == client.get_model_metadata("tiny")
+    assert client.is_model_ready("tiny", "1")
+    assert not client.is_model_ready("tiny", "2")
+    result = client.infer("tiny", [encoded_input(photo)], model_version="1", headers=dict(KEY))
+    np.testing.assert_array_equal(result.as_numpy("labels"), segment_labels(server, photo))
+    with pytest.raises(InferenceServerException, match="no version '2'") as failure:
+        client.infer("tiny", [encoded_input(photo)], model_version="2", headers=dict(KEY))
+    assert failure.value.status() == "404"
+    with pytest.raises(InferenceServerException, match="no version '2'"):
+        client.get_model_metadata("tiny", "2")
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status"),
+    [
+        ("GET", "/v2/models/tiny/versions/1/stats", 404),
+        ("GET", "/v2/repository/index", 404),
+        ("GET", "/v2/models/tiny/infer", 405),
+    ],
+)
+def test_unrouted_v2_paths_answer_the_protocols_body(
+    server: SegserveServer, method: str, path: str, status: int
+) -> None:
+    response = httpx.request(method, server.url + path, headers=KEY)
+    assert response.status_code == status
+    assert list(response.json()) == ["error"]
+    assert path in response.json()["error"]
+
+
+@pytest.mark.parametrize("algorithm", ["gzip", "deflate"])
+def test_compressed_requests_are_inflated(
+    client: triton.InferenceServerClient,
+    server: SegserveServer,
+    photo: np.ndarray,
+    algorithm: str,
+) -> None:
+    pixels = triton.InferInput("pixels", list(photo.shape), "UINT8")
+    pixels.set_data_from_numpy(photo, binary_data=False)  # JSON compresses: a real saving
+    result = client.infer(
+        "tiny", [pixels], request_compression_algorithm=algorithm, headers=dict(KEY)
+    )
+    np.testing.assert_array_equal(result.as_numpy("labels"), segment_labels(server, photo))
+
+
+@pytest.mark.parametrize(
+    ("encoding", "body", "status", "message"),
+    [
+        ("br", b"{}", 415, "Content-Encoding 'br' is not accepted here"),
+        ("gzip", gzip.compress(b" " * (21 * 1024 * 1024)), 413, "inflates past the limit"),
+        ("gzip", gzip.compress(b'{"inputs": []}')[:-6], 400, "cut short"),
+        ("deflate", b"not deflate", 400, "does not decompress"),
+    ],
+    ids=["unknown", "bomb", "truncated", "corrupt"],
+)
+def test_bad_compressed_requests_are_named(
+    server: SegserveServer, encoding: str, body: bytes, status: int, message: str
+) -> None:
+    response = httpx.post(
+        f"{server.url}/v2/models/tiny/infer",
+        content=body,
+        headers={**KEY, "Content-Encoding": encoding},
+    )
+    assert response.status_code == status
+    assert message in response.json()["error"]
+
+
+def test_segment_refuses_an_encoded_body(server: SegserveServer, photo: np.ndarray) -> None:
+    """An image is compressed already: /segment names the encoding instead of failing to
+    decode gzip bytes as a picture."""
+    response = httpx.post(
+        f"{server.url}/segment",
+        content=gzip.compress(png(photo)),
+        headers={**KEY, "Content-Type": "image/png", "Content-Encoding": "gzip"},
+    )
+    assert response.status_code == 415
+    assert "Content-Encoding 'gzip'" in response.json()["message"]
+
+
+def test_triton_classification_is_refused_not_ignored(
+    client: triton.InferenceServerClient, photo: np.ndarray
+) -> None:
+    """tritonclient's class_count asks for Triton's classification extension: a 422 saying so,
+    not the full label map as if it had not been asked."""
+    with pytest.raises(InferenceServerException) as failure:
+        client.infer(
+            "tiny",
+            [encoded_input(photo)],
+            outputs=[triton.InferRequestedOutput("labels", class_count=3)],
+            headers=dict(KEY),
+        )
+    assert failure.value.status() == "422"
+    assert "classification is not served" in (failure.value.message() or "")
+
+
+@pytest.mark.parametrize(
+    ("tensor", "status", "message"),
+    [
+        (
+            {"parameters": {"binary_data_size": 3}, "data": [1, 2, 3]},
+            400,
+            "both binary data and JSON data",
+        ),
+        (
+            {"parameters": {"binary_data_size": 3, "colour": "red"}},
+            422,
+            "input 'pixels': unknown parameters ['colour']",
+        ),
+    ],
+)
+def test_input_parameters_not_served_are_refused(
+    server: SegserveServer, tensor: dict[str, object], status: int, message: str
+) -> None:
+    request = {"inputs": [{"name": "pixels", "shape": [1, 1, 3], "datatype": "UINT8", **tensor}]}
+    header = json.dumps(request).encode()
+    response = httpx.post(
+        f"{server.url}/v2/models/tiny/infer",
+        content=header + b"\x01\x02\x03",
+        headers={**KEY, "Inference-Header-Content-Length": str(len(header))},
+    )
+    assert response.status_code == status
+    assert message in response.json()["error"]

@@ -35,6 +35,8 @@ OPEN_ROUTES = {
     "/v2/health/ready",
     "/v2/models/{name}",
     "/v2/models/{name}/ready",
+    "/v2/models/{name}/versions/{version}",
+    "/v2/models/{name}/versions/{version}/ready",
 }
 ALLOWED = "https://app.example"
 
@@ -59,7 +61,7 @@ def routes(client: TestClient) -> list[tuple[str, str]]:
 
 
 def concrete(path: str) -> str:
-    return path.replace("{name}", "tiny").replace("{mask_id}", "A" * 22)
+    return path.replace("{name}", "tiny").replace("{mask_id}", "A" * 22).replace("{version}", "1")
 
 
 def test_every_route_but_the_open_ones_needs_the_key(keyed: TestClient) -> None:
@@ -82,6 +84,7 @@ def test_every_route_but_the_open_ones_needs_the_key(keyed: TestClient) -> None:
         "/masks/{mask_id}/overlay.png",
         "/masks/{mask_id}/rle.json",
         "/v2/models/{name}/infer",
+        "/v2/models/{name}/versions/{version}/infer",
     } <= set(guarded)
     for path in ("/", "/static/app.js", "/docs", "/openapi.json"):  # not in the schema
         assert keyed.get(path).status_code == 200, path
