@@ -57,7 +57,10 @@ class SegserveServer:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
-    def wait_ready(self, timeout_s: float = 90.0) -> None:
+    def wait_ready(self, timeout_s: float = 300.0) -> None:
+        """The first server of a fresh clone compiles the Numba kernels into their cache before
+        it is ready: about 60 s on an idle 2-vCPU VM, past 90 s on a loaded one (a CI failure).
+        The image ships them compiled (``seed_numba_cache``)."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
