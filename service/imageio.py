@@ -274,8 +274,19 @@ def encode_palette_png(labels: np.ndarray, palette: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
+JPEG_MAX_SIDE = 65500  # libjpeg refuses a longer side ("Maximum supported image dimension")
+
+
 def encode_jpeg(rgb: np.ndarray, quality: int = 90) -> bytes:
-    """(H, W, 3) uint8 RGB -> JPEG, the compact form the mask store keeps of the photo."""
+    """(H, W, 3) uint8 RGB -> JPEG."""
     buffer = io.BytesIO()
     Image.fromarray(np.ascontiguousarray(rgb)).save(buffer, format="JPEG", quality=quality)
     return buffer.getvalue()
+
+
+def encode_stored_photo(rgb: np.ndarray) -> bytes:
+    """The compact copy of a photo the mask store keeps for overlays: JPEG, or PNG for a side
+    JPEG cannot hold (a 1 x 70000 strip is within the pixel limit)."""
+    if max(rgb.shape[:2]) > JPEG_MAX_SIDE:
+        return encode_png(rgb)
+    return encode_jpeg(rgb)

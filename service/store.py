@@ -57,7 +57,7 @@ class StoredMask:
     model: str
     labels: np.ndarray  # (H, W) uint8 or uint16
     palette_version: str  # short hash of the palette the mask was made with
-    image_jpeg: bytes | None  # the photo (JPEG), for overlay rendering
+    image_jpeg: bytes | None  # the photo (JPEG; PNG past JPEG's 65 500 px side), for overlays
 
 
 class MaskStore(Protocol):

@@ -21,7 +21,7 @@ from service.http.errors import ERROR_RESPONSES
 from service.http.schemas import ClassInfo, MaskUrls, SegmentQuery, SegmentResponse
 from service.http.state import Services, ServicesDep
 from service.http.uploads import IMAGE_BODY, read_image, until_disconnect
-from service.imageio import decode_image, encode_jpeg
+from service.imageio import decode_image, encode_stored_photo
 from service.metrics import STAGE_LATENCY
 from service.planning import SegmentOptions, request_bytes
 from service.render import (
@@ -191,8 +191,8 @@ async def _respond(
             headers={"Server-Timing": _server_timing(stages)},
         )
 
-    photo_jpeg = upload_jpeg or await svc.in_pool(encode_jpeg, image)
-    stored = StoredMask(engine.name, result.labels, palette_version(meta.palette), photo_jpeg)
+    stored_photo = upload_jpeg or await svc.in_pool(encode_stored_photo, image)
+    stored = StoredMask(engine.name, result.labels, palette_version(meta.palette), stored_photo)
     stats, mask_id = await asyncio.gather(
         svc.in_pool(class_statistics, result.labels, meta.classes), svc.store.put(stored)
     )

@@ -572,6 +572,25 @@ def test_a_jpeg_upload_is_kept_as_the_overlay_photo(
     np.testing.assert_array_equal(overlay, expected)
 
 
+def test_a_strip_longer_than_jpeg_allows_is_kept_losslessly(
+    model_repository: Path, chelsea: np.ndarray
+) -> None:
+    """A side over libjpeg's 65 500 px is within the pixel limit but not JPEG's: re-encoding
+    the upload as JPEG for the store was a 500. The store keeps it as PNG: the overlay blends
+    exactly the uploaded pixels."""
+    strip = np.tile(chelsea[:128], (1, 146, 1))[:, :65_600]  # 128 rows: the test resize keeps 1
+    with make_client(model_repository, max_pixels=strip.size) as client:
+        wait_ready(client)
+        response = client.post("/segment", files={"image": ("strip.png", png_bytes(strip))})
+        assert response.status_code == 200, response.text
+        assert (response.json()["width"], response.json()["height"]) == (65_600, 128)
+        urls = response.json()["urls"]
+        labels = decode(client.get(urls["labels"]).content)
+        overlay = decode(client.get(urls["overlay"]).content)
+    palette = palette_array(load_bundle(model_repository / "tiny").metadata.palette)
+    np.testing.assert_array_equal(overlay, blend_overlay(labels, strip, palette))
+
+
 def test_a_multipart_body_cut_short_is_named_as_such(
     client: TestClient, chelsea: np.ndarray
 ) -> None:
