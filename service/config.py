@@ -73,7 +73,8 @@ class EngineConfig:
     max_queue_delay_ms: float = 0.0  # 0: continuous batching (see service/batcher.py)
     max_queue_size: int = 256  # inputs waiting; beyond -> OverloadedError
     inference_timeout_s: float = 60.0
-    # Inputs one request may have queued, running or being merged at once (0: 2 x batch size).
+    # Inputs one request may have queued, running or being merged at once (0: 2 x batch size),
+    # at most max_queue_size.
     max_inputs_in_flight: int = 0
     # Where resize/merge/argmax run: "device" as ONNX graphs on the model's provider (logits
     # stay on the GPU), "host" in NumPy/Numba on the CPU, "auto" device under CUDA, host on CPU.

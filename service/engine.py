@@ -115,7 +115,11 @@ class Engine:
         self.aligned_side = 0  # the runtime's, once started (service/aligned.py)
         self._batcher: Batcher | None = None
         self._pool: ThreadPoolExecutor | None = None
-        self._in_flight = self.config.max_inputs_in_flight or 2 * self.config.max_batch_size
+        # A request reserves this many queue places: never more than the queue has.
+        self._in_flight = min(
+            self.config.max_inputs_in_flight or 2 * self.config.max_batch_size,
+            self.config.max_queue_size,
+        )
 
     @property
     def queue_depth(self) -> int:
