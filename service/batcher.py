@@ -187,13 +187,13 @@ class Batcher:
         """
         with self._condition:
             if not self._accepting:
-                metrics.REJECTED.labels(self._model, "draining").inc()
-                raise OverloadedError(f"model {self._model!r} is shutting down", retry_after_s=5.0)
+                raise OverloadedError(
+                    f"model {self._model!r} is shutting down", "draining", retry_after_s=5.0
+                )
             if self._reserved + slots > self.max_queue_size:
-                metrics.REJECTED.labels(self._model, "queue_full").inc()
                 raise OverloadedError(
                     f"model {self._model!r} queue is full ({self._depth} inputs waiting)",
-                    retry_after_s=1.0,
+                    "queue_full",
                 )
             self._reservations[owner] = self._reservations.get(owner, 0) + slots
             self._reserved += slots
@@ -202,7 +202,9 @@ class Batcher:
         """Queue one input of an admitted request; the future resolves to its output."""
         with self._condition:
             if not self._running:
-                raise OverloadedError(f"model {self._model!r} has stopped", retry_after_s=5.0)
+                raise OverloadedError(
+                    f"model {self._model!r} has stopped", "stopped", retry_after_s=5.0
+                )
             if owner not in self._reservations:
                 raise RuntimeError("submit before admit")
             future: Future[Any] = Future()

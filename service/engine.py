@@ -238,7 +238,9 @@ class Engine:
         """Run ``plan`` (made by ``plan`` for this image's size)."""
         batcher = self._batcher
         if batcher is None:  # loading or stopped: retryable, like a full queue
-            raise OverloadedError(f"model {self.name!r} is not running", retry_after_s=5.0)
+            raise OverloadedError(
+                f"model {self.name!r} is not running", "stopped", retry_after_s=5.0
+            )
         height, width = image.shape[:2]
         if image.dtype != np.uint8 or (height, width) != (plan.height, plan.width):
             raise ValueError(
@@ -413,7 +415,9 @@ class Engine:
 
     def _stopped_error(self) -> OverloadedError:
         return OverloadedError(
-            f"model {self.name!r} stopped before this request finished", retry_after_s=5.0
+            f"model {self.name!r} stopped before this request finished",
+            "stopped",
+            retry_after_s=5.0,
         )
 
     def _padded_input(self, pixels: np.ndarray) -> np.ndarray:

@@ -3,6 +3,8 @@ the engine and the image decoder raise these and nothing HTTP-specific."""
 
 from __future__ import annotations
 
+from typing import Literal
+
 
 class SegserveError(Exception):
     """Base class: the message is shown to the client, so it must name the problem plainly."""
@@ -36,11 +38,17 @@ class MaskNotFoundError(SegserveError):
     """Unknown or expired mask id (404)."""
 
 
-class OverloadedError(SegserveError):
-    """The batch queue is full or the server is draining (503 with Retry-After)."""
+RefusalReason = Literal["queue_full", "memory", "draining", "not_ready", "stopped"]
 
-    def __init__(self, message: str, retry_after_s: float = 1.0) -> None:
+
+class OverloadedError(SegserveError):
+    """Work refused for now (503 with Retry-After): the queue or the request memory budget is
+    full, the server is draining, or models are not running. ``reason`` labels
+    ``segserve_rejected_total``."""
+
+    def __init__(self, message: str, reason: RefusalReason, retry_after_s: float = 1.0) -> None:
         super().__init__(message)
+        self.reason = reason
         self.retry_after_s = retry_after_s
 
 

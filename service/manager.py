@@ -61,7 +61,7 @@ class ModelManager:
         if self.state is ModelsState.READY:
             return
         reason = self.failure if self.state is ModelsState.FAILED else f"models {self.state.value}"
-        raise OverloadedError(reason or "models are not ready", retry_after_s=5)
+        raise OverloadedError(reason or "models are not ready", "not_ready", retry_after_s=5)
 
     def load_all(self) -> None:
         """Load and warm every bundle; a missing or invalid one fails the whole start-up (the

@@ -47,7 +47,8 @@ QUEUE_WAIT = Histogram(
 )
 REJECTED = Counter(
     "segserve_rejected_total",
-    "Work refused because the queue was full or the server draining",
+    "Requests refused with 503 and Retry-After, by reason: queue_full, memory (the in-flight "
+    "byte budget), draining, not_ready (models loading or failed), stopped",
     ["model", "reason"],
 )
 WINDOWS_PER_REQUEST = Histogram(

@@ -55,7 +55,7 @@ class Holding:
             raise errors.OverloadedError(
                 f"{what} needs {_size(nbytes)} and other requests in progress hold "
                 f"{_size(admission.held - self.bytes)} of {_size(admission.limit)}; retry shortly",
-                retry_after_s=1.0,
+                "memory",
             )
         admission.held += extra
         self.bytes = nbytes

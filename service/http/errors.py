@@ -14,6 +14,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service import errors
 from service.http.schemas import ErrorBody, ProtocolError
+from service.metrics import REJECTED
 
 log = logging.getLogger("segserve.http")
 
@@ -64,6 +65,15 @@ def status_of(exc: errors.SegserveError) -> tuple[int, str]:
     return next((v for cls, v in ERROR_STATUS.items() if isinstance(exc, cls)), (500, "internal"))
 
 
+def record_failure(request: Request, exc: errors.SegserveError) -> None:
+    """What a failure leaves beside its answer: a log line for a client that went away (nobody
+    reads the answer), a count of refused work by reason."""
+    if isinstance(exc, errors.ClientClosedError):
+        log.info("%s %s: %s", request.method, request.url.path, exc)
+    if isinstance(exc, errors.OverloadedError):
+        REJECTED.labels(getattr(request.state, "model", ""), exc.reason).inc()
+
+
 def failure_headers(exc: errors.SegserveError) -> dict[str, str] | None:
     """What a client needs beside the status: when to retry, how to authenticate."""
     if isinstance(exc, errors.OverloadedError):
@@ -85,8 +95,7 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(errors.SegserveError)
     async def typed_failure(request: Request, exc: errors.SegserveError) -> Response:
         status, code = status_of(exc)
-        if isinstance(exc, errors.ClientClosedError):  # nobody to answer: counted and logged
-            log.info("%s %s: %s", request.method, request.url.path, exc)
+        record_failure(request, exc)
         return error_response(status, code, str(exc), failure_headers(exc))
 
     @app.exception_handler(RequestValidationError)

@@ -36,7 +36,9 @@ class Lifecycle:
     @contextmanager
     def track(self) -> Iterator[None]:
         if self.draining:
-            raise errors.OverloadedError("server is shutting down; retry on another replica")
+            raise errors.OverloadedError(
+                "server is shutting down; retry on another replica", "draining"
+            )
         self.in_flight += 1
         self._idle.clear()
         try:

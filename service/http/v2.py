@@ -32,7 +32,13 @@ from service import __version__, errors
 from service.engine import Engine, SegmentResult
 from service.geometry import labels_dtype
 from service.http.auth import API_KEY
-from service.http.errors import failure_headers, protocol_error, status_of, validation_message
+from service.http.errors import (
+    failure_headers,
+    protocol_error,
+    record_failure,
+    status_of,
+    validation_message,
+)
 from service.http.schemas import ProtocolError
 from service.http.segment import parse_scales, parse_size
 from service.http.state import Services, ServicesDep
@@ -158,8 +164,7 @@ class ProtocolRoute(APIRoute):
             try:
                 return await handler(request)
             except errors.SegserveError as exc:
-                if isinstance(exc, errors.ClientClosedError):  # nobody to answer: logged
-                    log.info("%s %s: %s", request.method, request.url.path, exc)
+                record_failure(request, exc)
                 return protocol_error(status_of(exc)[0], str(exc), failure_headers(exc))
             except RequestValidationError as exc:
                 return protocol_error(422, validation_message(exc))
