@@ -37,6 +37,7 @@ from fastapi import FastAPI
 
 from service.heap import heap
 from service.http import create_app
+from service.http.connections import head_deadline_protocol
 from service.http.state import Services
 from service.manager import ModelsState
 from service.settings import Settings
@@ -139,16 +140,15 @@ def main(argv: list[str] | None = None) -> None:
         access_log=False,
         # uvloop, pinned in requirements: less per request than asyncio's loop (docs/benchmarks.md).
         # The HTTP parser stays h11: with httptools, bytes past a request's Content-Length are
-        # parsed as the next request and its 400 replaces the answer to the first.
-        http="h11",
+        # parsed as the next request and its 400 replaces the answer to the first. Each request's
+        # head must arrive in time (service/http/connections.py).
+        http=head_deadline_protocol(settings.head_timeout_s),
         loop="uvloop",
         # In-flight work already had the drain; connections then get a short grace to flush.
         timeout_graceful_shutdown=5,
         timeout_keep_alive=5,
-        # Connections and tasks beyond this are answered 503 by uvicorn before any app code.
-        # uvicorn refuses a request once the count, its own connection included, reaches the
-        # limit: + 1 makes max_connections the number of connections that are served.
-        limit_concurrency=settings.max_connections + 1,
+        # No limit_concurrency: it counted idle connections and refused /healthz past it in plain
+        # text; the app limits requests in progress (SEGSERVE_MAX_CONNECTIONS, RequestLimit).
     )
     server = DrainingServer(config, app, settings.drain_timeout_s, settings.drain_min_s)
     server.run()

@@ -38,7 +38,7 @@ class MaskNotFoundError(SegserveError):
     """Unknown or expired mask id (404)."""
 
 
-RefusalReason = Literal["queue_full", "memory", "draining", "not_ready", "stopped"]
+RefusalReason = Literal["queue_full", "memory", "connections", "draining", "not_ready", "stopped"]
 
 
 class OverloadedError(SegserveError):

@@ -48,7 +48,8 @@ QUEUE_WAIT = Histogram(
 REJECTED = Counter(
     "segserve_rejected_total",
     "Requests refused with 503 and Retry-After, by reason: queue_full, memory (the in-flight "
-    "byte budget), draining, not_ready (models loading or failed), stopped",
+    "byte budget), connections (requests in progress), draining, not_ready (models loading or "
+    "failed), stopped",
     ["model", "reason"],
 )
 WINDOWS_PER_REQUEST = Histogram(

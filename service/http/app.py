@@ -18,6 +18,7 @@ from service import __version__
 from service.http import health, masks, models, segment, v2
 from service.http.admission import ByteAdmission
 from service.http.auth import OriginPolicy, require_configured_key
+from service.http.connections import RequestLimit
 from service.http.errors import install_error_handlers
 from service.http.middleware import HeadAsGet, RequestMetrics
 from service.http.state import Lifecycle, Services
@@ -74,7 +75,8 @@ def create_app(
     )
     install_error_handlers(app)
     app.add_middleware(HeadAsGet)  # innermost: metrics and the origin policy see HEAD
-    app.add_middleware(OriginPolicy, allowed_origins=settings.cors_origins)
+    app.add_middleware(RequestLimit, limit=settings.max_connections)
+    app.add_middleware(OriginPolicy, allowed_origins=settings.cors_origins)  # on refusals too
     app.add_middleware(RequestMetrics)  # outermost: refused origins are counted too
     for feature in (health, models, segment, masks, v2):
         app.include_router(feature.router)

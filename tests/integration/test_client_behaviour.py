@@ -140,34 +140,78 @@ def test_client_gone_mid_inference_drops_its_queued_inputs(server: SegserveServe
 def limited_server(
     model_repository: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[SegserveServer]:
-    yield from start_server(model_repository, tmp_path_factory.mktemp("limited"), max_connections=2)
+    yield from start_server(
+        model_repository, tmp_path_factory.mktemp("limited"), max_connections=2, head_timeout_s=1
+    )
 
 
 def _hold_slot(port: int) -> socket.socket:
-    """A connection that has sent a request's headers and no body, so uvicorn counts it until it
-    is closed. Retried while the server still answers 503: connections just closed (the readiness
-    polls) can count for a moment after they are gone."""
-    for _ in range(50):
-        client = socket.create_connection(("127.0.0.1", port), timeout=10)
-        client.sendall(_headers("/segment", 100_000) + b"\x89PNG\r\n\x1a\n")
-        client.settimeout(0.5)
-        try:
-            answer = client.recv(64)
-        except TimeoutError:  # no answer: the server is waiting for the body
-            client.settimeout(10)
-            return client
-        client.close()
-        assert answer.startswith(b"HTTP/1.1 503"), answer
-        time.sleep(0.1)
-    raise AssertionError("the server never let a slow upload hold a slot")
+    """A connection that has sent a request's headers and no body: a request in progress until
+    it is closed (or its body times out)."""
+    client = socket.create_connection(("127.0.0.1", port), timeout=10)
+    client.sendall(_headers("/segment", 100_000) + b"\x89PNG\r\n\x1a\n")
+    return client
 
 
-def test_connections_beyond_the_limit_are_refused(limited_server: SegserveServer) -> None:
-    """``SEGSERVE_MAX_CONNECTIONS`` (uvicorn's ``limit_concurrency``): with two slow uploads
-    holding both slots, a third request is answered 503 at once; once they go, it is served."""
-    url = f"{limited_server.url}/healthz"
+def test_requests_beyond_the_limit_are_refused_but_probes_served(
+    limited_server: SegserveServer,
+) -> None:
+    """``SEGSERVE_MAX_CONNECTIONS`` requests in progress: with two slow uploads holding both, a
+    third request gets the service's JSON 503 with Retry-After, counted by reason, in the
+    protocol's body under /v2; the probes are still served (uvicorn's own limit answered them
+    503 in plain text, and a liveness probe would have restarted the pod)."""
+    url = limited_server.url
     slow = [_hold_slot(limited_server.port) for _ in range(2)]
-    assert httpx.get(url, timeout=5).status_code == 503
+
+    def refused() -> bool:
+        return httpx.get(f"{url}/models", timeout=5).status_code == 503
+
+    _wait_for(refused)  # both uploads have reached the app
+    answer = httpx.get(f"{url}/models", timeout=5)
+    assert answer.status_code == 503 and answer.headers["retry-after"] == "1"
+    assert answer.json()["error"] == "overloaded"
+    assert "SEGSERVE_MAX_CONNECTIONS" in answer.json()["message"]
+    v2 = httpx.get(f"{url}/v2/models/tiny", timeout=5)
+    assert v2.status_code == 503 and list(v2.json()) == ["error"]
+    for probe in ("/healthz", "/readyz", "/v2/health/live", "/v2/health/ready", "/metrics"):
+        assert httpx.get(url + probe, timeout=5).status_code == 200, probe
+    counted = _samples(limited_server, "segserve_rejected_total")
+    assert counted[(("model", ""), ("reason", "connections"))] >= 2
     for client in slow:
         client.close()
-    _wait_for(lambda: httpx.get(url, timeout=5).status_code == 200)
+    _wait_for(lambda: httpx.get(f"{url}/models", timeout=5).status_code == 200)
+
+
+def test_connections_that_send_no_request_are_closed(limited_server: SegserveServer) -> None:
+    """Silent connections, more than the limit, neither count as requests nor stay: each is
+    closed once ``HEAD_TIMEOUT_S`` passes without a request head, as is one trickling its
+    headers a byte at a time (one byte stopped uvicorn's keep-alive timer for good)."""
+    port = limited_server.port
+    silent = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(6)]
+    trickle = socket.create_connection(("127.0.0.1", port), timeout=5)
+    served = httpx.get(f"{limited_server.url}/models", timeout=5)
+    assert served.status_code == 200  # six idle connections and two allowed: still served
+    started = time.monotonic()
+    head = _headers("/segment", 10)
+    closed = False
+    for byte in head:
+        try:
+            trickle.sendall(bytes([byte]))
+        except OSError:  # reset: the server closed it
+            closed = True
+            break
+        time.sleep(0.2)
+        trickle.setblocking(False)
+        try:
+            closed = trickle.recv(1) == b""
+        except BlockingIOError:
+            pass
+        finally:
+            trickle.setblocking(True)
+        if closed:
+            break
+    assert closed and time.monotonic() - started < 5  # 1 s deadline, 73 header bytes at 5/s
+    for client in silent:
+        assert client.recv(1) == b""  # closed by the server (a timeout here fails the test)
+        client.close()
+    trickle.close()
