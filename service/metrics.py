@@ -38,6 +38,11 @@ RUNS_BESIDE = Counter(
     "segserve_batch_size_count counts every run",
     ["model"],
 )
+INFLIGHT_BYTES = Gauge(
+    "segserve_inflight_bytes",
+    "Bytes requests in progress hold against SEGSERVE_MAX_INFLIGHT_BYTES: bodies, decoded "
+    "images, plans' estimates, answers not yet taken by their clients",
+)
 QUEUE_DEPTH = Gauge("segserve_queue_depth", "Inputs waiting in the batch queue", ["model"])
 QUEUE_WAIT = Histogram(
     "segserve_queue_wait_seconds",

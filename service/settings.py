@@ -60,6 +60,8 @@ class Settings(BaseSettings):
     # HTTP admission (service/http/admission.py, uploads.py; uvicorn in __main__.py)
     max_inflight_bytes: int = Field(default=4 << 30, ge=1)
     body_timeout_s: float = Field(default=60.0, gt=0)
+    # Seconds a client has to take its answer (service/http/delivery.py); disconnected after.
+    answer_timeout_s: float = Field(default=60.0, gt=0)
     # Requests in progress at once, probes not counted (service/http/connections.py).
     max_connections: int = Field(default=64, ge=1)
     # Seconds a connection has to send each request's head (headers), from its opening or its

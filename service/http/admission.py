@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from service import errors
+from service.metrics import INFLIGHT_BYTES
 
 
 def _size(nbytes: int) -> str:
@@ -34,6 +35,7 @@ class ByteAdmission:
             yield holding
         finally:
             self.held -= holding.bytes
+            INFLIGHT_BYTES.set(self.held)
 
 
 class Holding:
@@ -59,6 +61,7 @@ class Holding:
             )
         admission.held += extra
         self.bytes = nbytes
+        INFLIGHT_BYTES.set(admission.held)
 
     def grow(self, nbytes: int, what: str) -> None:
         self.hold(self.bytes + nbytes, what)

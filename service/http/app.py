@@ -19,6 +19,7 @@ from service.http import health, masks, models, segment, v2
 from service.http.admission import ByteAdmission
 from service.http.auth import OriginPolicy, require_configured_key
 from service.http.connections import RequestLimit
+from service.http.delivery import AnswerDelivery
 from service.http.errors import install_error_handlers
 from service.http.middleware import HeadAsGet, RequestMetrics
 from service.http.state import Lifecycle, Services
@@ -74,7 +75,8 @@ def create_app(
         lifespan=lifespan,
     )
     install_error_handlers(app)
-    app.add_middleware(HeadAsGet)  # innermost: metrics and the origin policy see HEAD
+    app.add_middleware(AnswerDelivery, timeout_s=settings.answer_timeout_s)  # innermost
+    app.add_middleware(HeadAsGet)  # metrics and the origin policy see HEAD
     app.add_middleware(RequestLimit, limit=settings.max_connections)
     app.add_middleware(OriginPolicy, allowed_origins=settings.cors_origins)  # on refusals too
     app.add_middleware(RequestMetrics)  # outermost: refused origins are counted too

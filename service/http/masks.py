@@ -12,6 +12,7 @@ from fastapi.responses import Response
 from service import errors
 from service.encodings import MAX_POLYGON_TOLERANCE, encode_polygons_json, encode_rle_json
 from service.http.auth import API_KEY
+from service.http.delivery import request_holding
 from service.http.errors import ERROR_RESPONSES
 from service.http.state import Services, ServicesDep
 from service.imageio import decode_image
@@ -80,15 +81,15 @@ async def mask_overlay(
     The one rendering that holds the photo: it takes its bytes from the in-flight budget as
     ``/segment`` does, so concurrent overlays of big photos wait their turn instead of
     outgrowing the process."""
-    with svc.admission.request() as holding:
-        mask, palette = await mask_for(request, svc, mask_id)
-        if mask.image_jpeg is None:
-            raise errors.MaskNotFoundError(f"mask {mask_id} was stored without its photo")
-        needed = mask.labels.nbytes + OVERLAY_BYTES_PER_PIXEL * mask.labels.size
-        holding.hold(needed, "rendering this overlay")
-        photo = await svc.in_pool(decode_image, mask.image_jpeg, svc.settings.max_pixels)
-        overlay = await svc.in_pool(render_overlay_png, mask.labels, photo, palette, opacity)
-        return cached(svc, overlay)
+    holding = request_holding(request)
+    mask, palette = await mask_for(request, svc, mask_id)
+    if mask.image_jpeg is None:
+        raise errors.MaskNotFoundError(f"mask {mask_id} was stored without its photo")
+    needed = mask.labels.nbytes + OVERLAY_BYTES_PER_PIXEL * mask.labels.size
+    holding.hold(needed, "rendering this overlay")
+    photo = await svc.in_pool(decode_image, mask.image_jpeg, svc.settings.max_pixels)
+    overlay = await svc.in_pool(render_overlay_png, mask.labels, photo, palette, opacity)
+    return cached(svc, overlay)
 
 
 @router.get("/masks/{mask_id}/rle.json")

@@ -17,6 +17,7 @@ from service import errors
 from service.encodings import encode_polygons_json, encode_probabilities_npy, encode_rle_json
 from service.engine import Engine, SegmentResult
 from service.http.auth import API_KEY
+from service.http.delivery import request_holding
 from service.http.errors import ERROR_RESPONSES
 from service.http.schemas import ClassInfo, MaskUrls, SegmentQuery, SegmentResponse
 from service.http.state import Services, ServicesDep
@@ -110,7 +111,8 @@ async def segment(
 ) -> Response:
     """Segment one image; the answer is JSON with a mask id, or the PNG asked for."""
     settings = svc.settings
-    with svc.lifecycle.track(), svc.admission.request() as holding:
+    holding = request_holding(request)
+    with svc.lifecycle.track():
         svc.manager.require_ready()
         engine = svc.manager.get(query.model)
         request.state.model = engine.name

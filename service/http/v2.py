@@ -32,6 +32,7 @@ from service import __version__, errors
 from service.engine import Engine, SegmentResult
 from service.geometry import labels_dtype
 from service.http.auth import API_KEY
+from service.http.delivery import request_holding
 from service.http.errors import (
     failure_headers,
     protocol_error,
@@ -297,7 +298,8 @@ async def infer_version(request: Request, name: str, version: str, svc: Services
 
 async def _infer(request: Request, name: str, version: str, svc: Services) -> Response:
     settings = svc.settings
-    with svc.lifecycle.track(), svc.admission.request() as holding:
+    holding = request_holding(request)
+    with svc.lifecycle.track():
         engine = _model(svc, name, version)
         request.state.model = engine.name
         encoding = content_encoding(request, REQUEST_ENCODINGS)

@@ -32,6 +32,7 @@ def server(
         max_batch_size=8,
         max_queue_delay_ms=20,
         max_inputs_in_flight=2,
+        answer_timeout_s=2,
     )
 
 
@@ -134,6 +135,39 @@ def test_client_gone_mid_inference_drops_its_queued_inputs(server: SegserveServe
     assert ran < 200, ran
     assert "client closed the connection before the answer" in server.log()
     assert "Traceback" not in server.log()
+
+
+def test_an_answer_not_taken_stays_held_then_is_dropped(server: SegserveServer) -> None:
+    """A client that does not read its answer (10 MB of probabilities) keeps what is left of
+    it held against the in-flight budget, not hidden in the socket's buffer, and is disconnected
+    after ``ANSWER_TIMEOUT_S``, which releases it. The answer used to be handed to uvicorn whole
+    and its hold released at once: unread answers held memory outside every limit."""
+    ramp = np.linspace(0, 255, 1000).astype(np.uint8)
+    across, down = np.tile(ramp, (1000, 1)), np.tile(ramp[:, None], (1, 1000))
+    photo = np.dstack([across, down, 255 - across])
+    buffer = io.BytesIO()
+    Image.fromarray(photo).save(buffer, "PNG")
+    body = buffer.getvalue()
+    client = socket.socket()
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    client.connect(("127.0.0.1", server.port))
+    client.sendall(_headers("/segment?output=probabilities", len(body)) + body)
+
+    def held() -> float:
+        return _samples(server, "segserve_inflight_bytes")[()]
+
+    client.settimeout(60)
+    assert client.recv(1, socket.MSG_PEEK)  # the answer has started, and is not taken
+    time.sleep(0.5)
+    assert held() > 2_000_000
+    _wait_for(lambda: held() == 0, timeout_s=10)
+    client.settimeout(10)
+    received = b""
+    while chunk := client.recv(1 << 20):  # what the kernel had, then the server's close
+        received += chunk
+    client.close()
+    assert len(received) < 5 * 1000 * 1000 * 2  # less than the whole answer
+    assert "did not take its answer within 2 s" in server.log()
 
 
 @pytest.fixture()

@@ -1,0 +1,79 @@
+"""Each request's memory hold, kept until its answer has been handed to the socket.
+
+An answer was written whole into uvicorn's transport buffer, and its request's hold released,
+as the route returned: a client that did not read kept its answer in the process (69 MiB for a
+B0 probabilities answer), outside ``SEGSERVE_MAX_INFLIGHT_BYTES``, for as long as it liked. Here
+the request's ``Holding`` lives as long as the ASGI call (routes take it with
+``request_holding``), and a large body goes out in pieces: uvicorn waits for the socket to drain
+before each one, so its buffer stays within about a piece, and the bytes not yet handed over stay
+held. A client that has not taken its answer within ``timeout_s`` is left: uvicorn closes a
+connection whose response did not complete, and the hold is released.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from starlette.requests import Request
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.http.admission import Holding
+
+log = logging.getLogger("segserve.http")
+PIECE = 256 * 1024  # bytes per write once the socket has drained
+
+
+def request_holding(request: Request) -> Holding:
+    """The request's hold on the in-flight budget (``AnswerDelivery``)."""
+    held: Holding = request.state.holding
+    return held
+
+
+class AnswerDelivery:
+    def __init__(self, app: ASGIApp, timeout_s: float) -> None:
+        self.app = app
+        self.timeout_s = timeout_s
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        admission = scope["app"].state.services.admission
+        with admission.request() as held:
+            scope.setdefault("state", {})["holding"] = held
+            abandoned = False
+
+            async def deliver(message: Message) -> None:
+                nonlocal abandoned
+                body = message.get("body", b"")
+                if abandoned:
+                    return
+                if message["type"] != "http.response.body" or len(body) <= PIECE:
+                    await send(message)
+                    return
+                view, more = memoryview(body), message.get("more_body", False)
+                try:
+                    async with asyncio.timeout(self.timeout_s):
+                        for start in range(0, len(view), PIECE):
+                            # Shrinking only: what is left of the answer, within what was held.
+                            held.hold(min(held.bytes, len(view) - start), "the answer")
+                            end = start + PIECE
+                            await send(
+                                {
+                                    "type": "http.response.body",
+                                    "body": view[start:end],
+                                    "more_body": more or end < len(view),
+                                }
+                            )
+                except TimeoutError:
+                    abandoned = True
+                    path = scope["path"]
+                    log.info(
+                        "%s %s: the client did not take its answer within %g s; connection closed",
+                        scope["method"],
+                        path,
+                        self.timeout_s,
+                    )
+
+            await self.app(scope, receive, deliver)
