@@ -37,7 +37,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import AuthenticationError, OutOfMemoryError, RedisError
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from service.errors import MaskNotFoundError, StoreUnavailableError
+from service.errors import MaskNotFoundError, PayloadTooLargeError, StoreUnavailableError
 
 _MAGIC = b"SEGMASK1"
 _HEADER_LENGTH = struct.Struct("<I")
@@ -155,9 +155,11 @@ def _check_limits(max_bytes: int, ttl_s: float) -> None:
         raise ValueError(f"mask store ttl_s must be positive, got {ttl_s}")
 
 
-def _too_large(size: int, max_bytes: int) -> StoreUnavailableError:
-    return StoreUnavailableError(
-        f"mask needs {size} bytes, more than the whole mask store ({max_bytes} bytes)"
+def _too_large(size: int, max_bytes: int) -> PayloadTooLargeError:
+    """Never storable, so not the retryable 503 of a store that is down."""
+    return PayloadTooLargeError(
+        f"mask needs {size} bytes, more than the whole mask store ({max_bytes} bytes, "
+        "SEGSERVE_MASK_STORE_MAX_BYTES): ask for output=labels or png, which are not stored"
     )
 
 

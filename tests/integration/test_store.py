@@ -15,7 +15,7 @@ import pytest
 import redis
 from skimage import data, filters
 
-from service.errors import MaskNotFoundError, StoreUnavailableError
+from service.errors import MaskNotFoundError, PayloadTooLargeError, StoreUnavailableError
 from service.store import (
     _PUT_SCRIPT,
     MemoryMaskStore,
@@ -162,7 +162,8 @@ def test_memory_byte_limit_evicts_oldest_first() -> None:
                 await store.get(mask_id)
         for seed, mask_id in enumerate(ids[2:], start=2):
             np.testing.assert_array_equal((await store.get(mask_id)).labels, noise_labels(seed))
-        with pytest.raises(StoreUnavailableError, match="more than the whole mask store"):
+        # Never storable: a 413 naming the limit, not the retryable 503 of a store that is down.
+        with pytest.raises(PayloadTooLargeError, match="more than the whole mask store"):
             await store.put(mask_of(noise_labels(9, size=256)))
 
     asyncio.run(scenario())
@@ -252,6 +253,8 @@ def test_redis_byte_limit_evicts_oldest_across_replicas(redis_server: RedisProce
             survivors += 1
             np.testing.assert_array_equal(got.labels, labels)
         assert survivors == 3
+        with pytest.raises(PayloadTooLargeError, match="more than the whole mask store"):
+            await replicas[0].put(mask_of(noise_labels(9, size=256)))
         for replica in replicas:
             await replica.close()
 
