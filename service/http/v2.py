@@ -501,8 +501,7 @@ def _input_image(inputs: list[RequestInput], binary: bytes, max_pixels: int) -> 
             raise errors.InvalidParameterError(
                 f"send input {ENCODED_INPUT!r} as binary data (the binary tensor data extension)"
             )
-        length = int.from_bytes(binary[:4], "little") if len(binary) >= 4 else -1
-        if length != len(binary) - 4:
+        if len(binary) < 4 or int.from_bytes(binary[:4], "little") != len(binary) - 4:
             raise _malformed(
                 "a BYTES element is a 4-byte little-endian length and that many bytes; "
                 f"{len(binary)} bytes do not hold one"

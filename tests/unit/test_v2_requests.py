@@ -176,11 +176,13 @@ def test_binary_sizes_must_add_up(client: TestClient) -> None:
     body, headers = binary_request({"inputs": [tensor]}, b"x" * 7)
     response = client.post(INFER, content=body, headers=headers)
     assert response.status_code == 400 and "binary_data_size is 10" in response.json()["error"]
-    element = struct.pack("<I", 50) + b"short"  # a length prefix longer than what follows
-    tensor["parameters"] = {"binary_data_size": len(element)}
-    body, headers = binary_request({"inputs": [tensor]}, element)
-    response = client.post(INFER, content=body, headers=headers)
-    assert response.status_code == 400 and "4-byte little-endian length" in response.json()["error"]
+    # A length prefix longer than what follows; fewer bytes than a prefix (was "empty image").
+    for element in (struct.pack("<I", 50) + b"short", b"abc"):
+        tensor["parameters"] = {"binary_data_size": len(element)}
+        body, headers = binary_request({"inputs": [tensor]}, element)
+        response = client.post(INFER, content=body, headers=headers)
+        assert response.status_code == 400
+        assert "4-byte little-endian length" in response.json()["error"]
     raw = {
         "name": "pixels",
         "datatype": "UINT8",
