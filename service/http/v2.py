@@ -211,6 +211,18 @@ def _model(svc: Services, name: str, version: str = MODEL_VERSION) -> Engine:
     return engine
 
 
+@router.get("/models/stats", include_in_schema=False)
+@router.get("/models/{name}/stats", include_in_schema=False)
+@router.get("/models/{name}/versions/{version}/stats", include_in_schema=False)
+async def statistics() -> None:
+    """Triton's statistics extension (``get_inference_statistics``) asks ``/v2/models/stats``,
+    which would otherwise be read as a model named "stats"."""
+    raise errors.UnknownModelError(
+        "inference statistics (Triton's statistics extension) are not served: GET /v2 lists "
+        "the extensions there are; segserve's counters and latencies are at /metrics"
+    )
+
+
 @router.get("/models/{name}", response_model=ModelMetadata, responses=ERRORS)
 async def model_metadata(name: str, svc: ServicesDep) -> ModelMetadata:
     return _metadata(_model(svc, name))

@@ -265,10 +265,19 @@ def test_model_version_one_is_the_model(
         client.get_model_metadata("tiny", "2")
 
 
+def test_statistics_are_not_read_as_a_model_named_stats(
+    client: triton.InferenceServerClient,
+) -> None:
+    for model in ("", "tiny"):
+        with pytest.raises(InferenceServerException, match="statistics extension") as failure:
+            client.get_inference_statistics(model)
+        assert failure.value.status() == "404"
+
+
 @pytest.mark.parametrize(
     ("method", "path", "status"),
     [
-        ("GET", "/v2/models/tiny/versions/1/stats", 404),
+        ("GET", "/v2/models/tiny/config", 404),
         ("GET", "/v2/repository/index", 404),
         ("GET", "/v2/models/tiny/infer", 405),
     ],
