@@ -25,50 +25,154 @@ MAX_POLYGON_TOLERANCE = 100.0
 # fragmented than that (the noise of an untrained model, say) is refused, counted before tracing,
 # with a pointer to RLE, whose size follows the runs instead.
 MAX_POLYGON_CORNERS = 500_000
+# Columns of the label map the RLE encoder takes at once, in pixels: its scratch is up to ~200
+# bytes a pixel of the band (noise, every pixel a run), so about 13 MB whatever the image.
+RLE_BAND_PIXELS = 1 << 16
+
+# Working memory of the label-map encoders beside the label map (the answer included), which
+# GET /masks/{id}/rle.json and polygons.geojson hold from the in-flight budget and
+# planning.answer_bytes counts for POST /segment?output=rle|polygons (``encoding_bytes``).
+# Peak RSS growth (tracemalloc peak) measured one process per case on 2000x2000 maps
+# (benchmarks/encoding_memory.py, 2-vCPU VM, 2026-12-06), in bytes a pixel:
+#   RLE: smooth 19 classes 0.2; uniform noise of 2 / 8 / 150 classes 3.2 / 6.3 / 8.8 (8-bit
+#   labels; 2.9 / 5.2 / 6.8 traced), of 300 / 2000 classes 9.5 / 11.3 (16-bit labels), of 65536
+#   classes 18.8; plus a band's scratch (300x300 noise maps, in two bands: 13-16 MB). The
+#   encoder before the banded one peaked at 45 / 61 / 54 on noise of 8 / 2 / 300 classes, about
+#   35 on a 36 MP map (+1262 MB for a 63 MB answer).
+#   Polygons, the encoder counting corners itself: 8.3 for smooth 19 classes, 10.3 for 149
+#   classes of four blobs at the map's corners (the corner count's masks, a class mask, a box's
+#   2x upsampling and OpenCV's copy of it), plus about 450 bytes a corner (OpenCV's contours,
+#   the rings, the GeoJSON lists and text): 2x2 blocks of two classes, 157 000 corners, 29.6.
+RLE_BYTES_PER_PIXEL = 12  # per byte of label: 24 for 16-bit label maps
+RLE_SCRATCH_BYTES = 16 << 20
+POLYGON_BYTES_PER_PIXEL = 24
+POLYGON_BYTES_PER_CORNER = 600
 
 
-def _class_runs(labels: np.ndarray) -> dict[int, tuple[np.ndarray, np.ndarray]]:
-    """Per class present: start and end offsets of its runs in column-major (COCO) order."""
-    flat = np.ascontiguousarray(labels.T).ravel()
-    change = np.flatnonzero(flat[1:] != flat[:-1]) + 1
-    starts = np.concatenate(([0], change))
-    ends = np.concatenate((change, [flat.size]))
-    values = flat[starts]
-    order = np.argsort(values, kind="stable")  # runs grouped by class, in image order
-    grouped = values[order]
-    classes, first = np.unique(grouped, return_index=True)
-    bounds = np.append(first, len(order))
-    return {
-        int(c): (starts[order[a:b]], ends[order[a:b]])
-        for c, a, b in zip(classes.tolist(), bounds[:-1], bounds[1:], strict=True)
-    }
+def encoding_bytes(
+    output: str, height: int, width: int, label_bytes: int, corners: int = -1
+) -> int:
+    """Memory ``output`` ("rle" or "polygons"; 0 for any other) takes to encode a label map of
+    ``height`` x ``width`` with ``label_bytes`` bytes a label, by the measured figures above.
+    Polygons count ``corners`` when known (``polygon_corners``), else the most the map could
+    have up to ``MAX_POLYGON_CORNERS``, past which it is refused before tracing."""
+    pixels = height * width
+    if output == "rle":
+        return RLE_BYTES_PER_PIXEL * label_bytes * pixels + RLE_SCRATCH_BYTES
+    if output == "polygons":
+        most = min((height + 1) * (width + 1), MAX_POLYGON_CORNERS)
+        counted = most if corners < 0 else min(corners, most)
+        return POLYGON_BYTES_PER_PIXEL * pixels + POLYGON_BYTES_PER_CORNER * counted
+    return 0
 
 
-def _rle_counts(starts: np.ndarray, ends: np.ndarray, total: int) -> np.ndarray:
-    """COCO's alternating run lengths (zeros first, possibly 0) of one class's runs."""
-    gaps = starts - np.concatenate(([0], ends[:-1]))
-    counts = np.stack((gaps, ends - starts), axis=1).ravel()
-    trailing = total - int(ends[-1])
-    return np.append(counts, trailing) if trailing else counts
+def _rle_chars(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``rleToString``'s characters for ``values`` (counts already differenced): each in 5-bit
+    groups, low group first, 0x20 marking "more follows", offset by 48 into printable ASCII.
+    Returns the characters and how many each value took."""
+    lengths = np.ones(len(values), np.int64)
+    for group in range(1, 13):  # a value fits in 5 * g bits (two's complement)
+        half = 1 << (5 * group - 1)
+        wider = (values >= half) | (values < -half)
+        if not wider.any():
+            break
+        lengths += wider
+    ends = np.cumsum(lengths)
+    starts = ends - lengths
+    chars = np.empty(int(ends[-1]) if len(ends) else 0, np.uint8)
+    for group in range(int(lengths.max(initial=0))):
+        chosen = lengths > group
+        part = values[chosen] >> (5 * group)
+        more = (lengths[chosen] - 1 > group).astype(np.int64) << 5
+        chars[starts[chosen] + group] = ((part & 0x1F) | more) + 48
+    return chars, ends
 
 
-def rle_string(counts: np.ndarray) -> str:
-    """pycocotools' compressed ``counts`` string (``rleToString``), vectorised: each count after
-    the third is stored as its difference to the count two before, in 5-bit groups, low group
-    first, 0x20 marking "more follows", offset by 48 into printable ASCII."""
-    values = counts.astype(np.int64)
-    values[3:] -= counts[1:-2]
-    largest = int(np.abs(values).max(initial=0))
-    groups = largest.bit_length() // 5 + 1  # 5-bit groups for the magnitude and the sign
-    shifted = values[:, None] >> (5 * np.arange(groups, dtype=np.int64))[None, :]
-    chunks = shifted & 0x1F
-    rest = shifted >> 5
-    done = np.where(chunks & 0x10, rest == -1, rest == 0)
-    lengths = np.argmax(done, axis=1) + 1
-    used = np.arange(groups)[None, :] < lengths[:, None]
-    more = np.arange(groups)[None, :] < (lengths - 1)[:, None]
-    chars = (chunks | (more * 0x20)) + 48
-    return chars[used].astype(np.uint8).tobytes().decode("ascii")
+class _RleWriter:
+    """Per class, its compressed ``counts`` string so far, written band by band: runs are found
+    in column-major (COCO) order one band of columns at a time, and each class keeps where its
+    last run ended and its last two counts (each count after the third is stored as its
+    difference to the count two before), so no array of the image's size is ever made."""
+
+    def __init__(self, classes: int, total: int) -> None:
+        self.total = total
+        self.end = np.zeros(classes, np.int64)  # where the class's last run ended
+        self.written = np.zeros(classes, np.int64)  # counts written
+        self.last = np.zeros((classes, 2), np.int64)  # its last gap and run length
+        self.area = np.zeros(classes, np.int64)
+        self.strings: dict[int, bytearray] = {}  # its counts so far, escaped for JSON
+
+    def runs(self, starts: np.ndarray, ends: np.ndarray, values: np.ndarray) -> None:
+        """Complete runs (``starts`` ascending) of classes ``values``."""
+        order = np.argsort(values, kind="stable")  # grouped by class, in image order
+        starts, ends, values = starts[order], ends[order], values[order]
+        classes, first, sizes = np.unique(values, return_index=True, return_counts=True)
+        last = first + sizes - 1
+        before = np.empty_like(ends)
+        before[1:] = ends[:-1]
+        before[first] = self.end[classes]
+        counts = np.empty(2 * len(starts), np.int64)
+        counts[0::2] = starts - before
+        counts[1::2] = ends - starts
+        index = np.arange(len(counts)) - np.repeat(2 * first - self.written[classes], 2 * sizes)
+        two_before = np.empty_like(counts)
+        two_before[2:] = counts[:-2]
+        two_before[2 * first] = self.last[classes, 0]
+        two_before[2 * first + 1] = self.last[classes, 1]
+        values_out = np.where(index > 2, counts - two_before, counts)
+        self.area[classes] += np.add.reduceat(counts[1::2], first)
+        self.end[classes] = ends[last]
+        self.written[classes] += 2 * sizes
+        self.last[classes, 0] = counts[2 * last]
+        self.last[classes, 1] = counts[2 * last + 1]
+        chars, char_ends = _rle_chars(values_out)
+        stops = char_ends[2 * last + 1].tolist()
+        begin = 0
+        for class_id, stop in zip(classes.tolist(), stops, strict=True):
+            piece = chars[begin:stop].tobytes().replace(b"\\", b"\\\\")  # "\\" is a character
+            self.strings.setdefault(class_id, bytearray()).extend(piece)
+            begin = stop
+
+    def finish(self) -> None:
+        """The trailing zeros' count of each class whose last run ends before the image does."""
+        for class_id, string in self.strings.items():
+            trailing = self.total - int(self.end[class_id])
+            if trailing:
+                value = trailing
+                if self.written[class_id] > 2:
+                    value -= int(self.last[class_id, 0])
+                chars, _ = _rle_chars(np.array([value], np.int64))
+                string.extend(chars.tobytes().replace(b"\\", b"\\\\"))
+
+
+def _rle_classes(labels: np.ndarray) -> _RleWriter:
+    """Every class's compressed RLE, finding runs one band of columns at a time."""
+    height, width = labels.shape
+    writer = _RleWriter(int(labels.max(initial=0)) + 1, labels.size)
+    if not labels.size:
+        return writer
+    columns = max(1, RLE_BAND_PIXELS // height)
+    open_start, open_value = 0, labels[0, 0]  # the run still going at the band's end
+    for left in range(0, width, columns):
+        band = np.ascontiguousarray(labels[:, left : left + columns].T).ravel()
+        new = np.flatnonzero(band[1:] != band[:-1]) + 1
+        if left and band[0] != open_value:
+            new = np.concatenate(([0], new))
+        starts = np.concatenate(([open_start], new + left * height))
+        values = np.concatenate(([open_value], band[new]))
+        if len(starts) > 1:
+            writer.runs(starts[:-1], starts[1:], values[:-1])
+        open_start, open_value = int(starts[-1]), values[-1]
+    writer.runs(np.array([open_start]), np.array([labels.size]), np.array([open_value]))
+    writer.finish()
+    return writer
+
+
+def _rle_prefix(class_id: int, name: str, area: int, height: int, width: int) -> bytes:
+    return (
+        f'{{"category_id":{class_id},"name":{json.dumps(name)},"area":{area},'
+        f'"segmentation":{{"size":[{height},{width}],"counts":"'
+    ).encode()
 
 
 def coco_rle(labels: np.ndarray, classes: Sequence[str]) -> list[dict[str, Any]]:
@@ -76,28 +180,39 @@ def coco_rle(labels: np.ndarray, classes: Sequence[str]) -> list[dict[str, Any]]
     ``segmentation`` as compressed RLE (``size`` [height, width], ``counts``), which
     ``pycocotools.mask.decode`` turns back into that class's pixels."""
     height, width = labels.shape
-    annotations = []
-    for class_id, (starts, ends) in _class_runs(labels).items():
-        counts = _rle_counts(starts, ends, labels.size)
-        annotations.append(
-            {
-                "category_id": class_id,
-                "name": classes[class_id],
-                "area": int((ends - starts).sum()),
-                "segmentation": {"size": [height, width], "counts": rle_string(counts)},
-            }
-        )
-    return annotations
+    writer = _rle_classes(labels)
+    return [
+        {
+            "category_id": class_id,
+            "name": classes[class_id],
+            "area": int(writer.area[class_id]),
+            "segmentation": {
+                "size": [height, width],
+                "counts": writer.strings[class_id].decode("ascii").replace("\\\\", "\\"),
+            },
+        }
+        for class_id in sorted(writer.strings)
+    ]
 
 
-def encode_rle_json(labels: np.ndarray, classes: Sequence[str], model: str) -> bytes:
-    body = {
-        "model": model,
-        "width": int(labels.shape[1]),
-        "height": int(labels.shape[0]),
-        "annotations": coco_rle(labels, classes),
-    }
-    return json.dumps(body, separators=(",", ":")).encode()
+def encode_rle_json(labels: np.ndarray, classes: Sequence[str], model: str) -> memoryview:
+    """``{"model", "width", "height", "annotations": coco_rle(...)}`` as compact JSON, written
+    straight into the answer's buffer class by class (each class's pieces freed once copied), so
+    the answer is the only thing of its size held at once."""
+    height, width = labels.shape
+    writer = _rle_classes(labels)
+    answer = bytearray(
+        f'{{"model":{json.dumps(model)},"width":{width},"height":{height},"annotations":['.encode()
+    )
+    for index, class_id in enumerate(sorted(writer.strings)):
+        if index:
+            answer += b","
+        area = int(writer.area[class_id])
+        answer += _rle_prefix(class_id, classes[class_id], area, height, width)
+        answer += writer.strings.pop(class_id)
+        answer += b'"}}'
+    answer += b"]}"
+    return memoryview(answer)
 
 
 def _edge_rings(contours: Sequence[np.ndarray]) -> list[np.ndarray]:
@@ -164,18 +279,71 @@ def polygon_corners(labels: np.ndarray) -> int:
     return inside + border + 4
 
 
+# What tracing one more box costs (a findContours call, its rings), in pixels of box: a class is
+# traced in separate boxes only where they cover fewer pixels, this included, than its one box.
+BOX_COST_PIXELS = 4096
+
+
+def _occupied_runs(occupied: np.ndarray) -> list[tuple[int, int]]:
+    """[start, stop) of each run of True."""
+    edges = np.flatnonzero(np.diff(np.concatenate(([0], occupied.view(np.int8), [0]))))
+    return list(zip(edges[0::2].tolist(), edges[1::2].tolist(), strict=True))
+
+
+def _separate_boxes(mask: np.ndarray) -> list[tuple[int, int, int, int]]:
+    """Boxes (top, bottom, left, right) covering the mask's pixels, cut apart where a whole row
+    or column of a box is empty (an XY cut): no 8-connected component, nor any hole, crosses an
+    empty line, so each box holds whole components with their holes and islands, and a class
+    of a few blobs far apart costs their boxes rather than the box spanning them all."""
+    boxes = [(0, mask.shape[0], 0, mask.shape[1])]
+    done = []
+    while boxes:
+        top, bottom, left, right = boxes.pop()
+        region = mask[top:bottom, left:right]
+        pieces = [
+            (top + r0, top + r1, left + c0, left + c1)
+            for r0, r1 in _occupied_runs(np.asarray(region.any(axis=1)))
+            for c0, c1 in _occupied_runs(np.asarray(region[r0:r1].any(axis=0)))
+        ]
+        covered = sum((b - t) * (r - le) + BOX_COST_PIXELS for t, b, le, r in pieces)
+        if len(pieces) > 1 and covered < (bottom - top) * (right - left):
+            boxes.extend(pieces)
+        else:
+            done.extend(pieces if len(pieces) == 1 else [_bounds(pieces)])
+    return done
+
+
+def _bounds(pieces: list[tuple[int, int, int, int]]) -> tuple[int, int, int, int]:
+    tops, bottoms, lefts, rights = zip(*pieces, strict=True)
+    return min(tops), max(bottoms), min(lefts), max(rights)
+
+
 def class_polygons(mask: np.ndarray, tolerance: float = 0.0) -> list[list[list[list[int]]]]:
     """MultiPolygon coordinates of a boolean mask in pixel-edge coordinates (pixel (row r, col c)
-    is the square [c, c+1] x [r, r+1]): one polygon per 8-connected component, with its holes.
-    At ``tolerance`` 0 the polygons cover exactly the mask's pixels."""
-    rows = np.flatnonzero(mask.any(axis=1))
-    cols = np.flatnonzero(mask.any(axis=0))
-    if not len(rows):
-        return []
-    top, left = int(rows[0]), int(cols[0])
-    crop = mask[top : rows[-1] + 1, left : cols[-1] + 1].astype(np.uint8)
-    doubled = cv2.resize(crop, None, fx=2, fy=2, interpolation=cv2.INTER_NEAREST)
-    padded = cv2.copyMakeBorder(doubled, 1, 1, 1, 1, cv2.BORDER_CONSTANT, value=0)
+    is the square [c, c+1] x [r, r+1]): one polygon per 8-connected component, with its holes,
+    the last in raster order of their first pixels first (one findContours' order). At
+    ``tolerance`` 0 the polygons cover exactly the mask's pixels. Traced box by box
+    (``_separate_boxes``)."""
+    boxes = _separate_boxes(mask)
+    if len(boxes) == 1:
+        return [polygon for _, polygon in _box_polygons(mask, boxes[0], tolerance)]
+    found = [item for box in boxes for item in _box_polygons(mask, box, tolerance)]
+    found.sort(key=lambda item: item[0], reverse=True)  # as one findContours lists them
+    return [polygon for _, polygon in found]
+
+
+def _box_polygons(
+    mask: np.ndarray, box: tuple[int, int, int, int], tolerance: float
+) -> list[tuple[tuple[int, int], list[list[list[int]]]]]:
+    """The polygons of the components inside ``box``, each with its first pixel (row, column)."""
+    top, bottom, left, right = box
+    crop = mask[top:bottom, left:right]
+    # The crop upsampled 2x (nearest) inside a 1-pixel border of zeros, written in place: no
+    # separate upsampled and padded copies (4 bytes a pixel of the box each).
+    padded = np.zeros((2 * crop.shape[0] + 2, 2 * crop.shape[1] + 2), np.uint8)
+    for row in (1, 2):
+        for col in (1, 2):
+            padded[row:-1:2, col:-1:2] = crop
     contours, hierarchy = cv2.findContours(
         padded, cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE, offset=(2 * left - 1, 2 * top - 1)
     )
@@ -197,16 +365,24 @@ def class_polygons(mask: np.ndarray, tolerance: float = 0.0) -> list[list[list[l
             if hole is not None:
                 polygon.append(hole)
             child = links[child][0]
-        polygons.append(polygon)
+        # The first pixel's top-left corner is the exterior's first corner in (y, x) order.
+        ring = rings[index]
+        first_row = int(ring[:, 1].min())
+        first = (first_row, int(ring[ring[:, 1] == first_row, 0].min()))
+        polygons.append((first, polygon))
     return polygons
 
 
 def polygons_geojson(
-    labels: np.ndarray, classes: Sequence[str], tolerance: float = 0.0
+    labels: np.ndarray,
+    classes: Sequence[str],
+    tolerance: float = 0.0,
+    corners: int | None = None,
 ) -> dict[str, Any]:
     """A GeoJSON FeatureCollection with one MultiPolygon feature per class present, in image
-    pixel coordinates ([x, y], y down, pixel edges on integers)."""
-    corners = polygon_corners(labels)
+    pixel coordinates ([x, y], y down, pixel edges on integers). ``corners``: the map's
+    ``polygon_corners`` where the caller counted them already."""
+    corners = polygon_corners(labels) if corners is None else corners
     if corners > MAX_POLYGON_CORNERS:
         raise PayloadTooLargeError(
             f"the label map is too fragmented for polygons ({corners} corners, the limit is "
@@ -236,9 +412,13 @@ def polygons_geojson(
 
 
 def encode_polygons_json(
-    labels: np.ndarray, classes: Sequence[str], tolerance: float, model: str
+    labels: np.ndarray,
+    classes: Sequence[str],
+    tolerance: float,
+    model: str,
+    corners: int | None = None,
 ) -> bytes:
-    body = {"model": model, **polygons_geojson(labels, classes, tolerance)}
+    body = {"model": model, **polygons_geojson(labels, classes, tolerance, corners)}
     return json.dumps(body, separators=(",", ":")).encode()
 
 

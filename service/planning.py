@@ -17,6 +17,7 @@ import numpy as np
 
 from service.bundle import BundleMetadata
 from service.config import Limits
+from service.encodings import encoding_bytes
 from service.errors import InvalidParameterError, PayloadTooLargeError
 from service.geometry import (
     Window,
@@ -36,6 +37,7 @@ class SegmentOptions:
     crop: tuple[int, int] | None = None  # (h, w); None -> bundle default
     stride: tuple[int, int] | None = None
     return_probabilities: bool = False
+    encoding: Literal["rle", "polygons"] | None = None  # the label map's answer, when encoded
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,7 @@ class Plan:
     height: int
     width: int
     probabilities: bool = False
+    encoding: Literal["rle", "polygons"] | None = None
 
     @property
     def num_inputs(self) -> int:
@@ -218,7 +221,7 @@ def plan_request(
             windows = (Window(0, scaled_h, 0, scaled_w),)
         for flip in (False, True) if options.flip else (False,):
             passes.append(PassPlan(scaled_h, scaled_w, flip, windows))
-    plan = Plan(mode, tuple(passes), height, width, options.return_probabilities)
+    plan = Plan(mode, tuple(passes), height, width, options.return_probabilities, options.encoding)
     needed = request_bytes(plan, metadata.num_classes, metadata.output.stride)
     if needed > limits.max_request_bytes:
         raise PayloadTooLargeError(
@@ -258,9 +261,17 @@ def request_bytes(plan: Plan, num_classes: int, output_stride: int) -> int:
 def answer_bytes(plan: Plan, num_classes: int) -> int:
     """Memory the answer takes beside ``peak_bytes``: probabilities are sent as float16 (C, H, W)
     (``.npy`` or the inference protocol's binary tensor), and a body that big is copied once more
-    into the socket's buffer while it goes out; labels-only answers are small. A 620x620
-    probabilities request took 590 MB against its plan's 220 MiB before this was held too."""
-    return 2 * 2 * num_classes * plan.height * plan.width if plan.probabilities else 0
+    into the socket's buffer while it goes out. A 620x620 probabilities request took 590 MB
+    against its plan's 220 MiB before this was held too. RLE and polygons take their encoder's
+    measured working memory (``encodings.encoding_bytes``: an RLE of a noisy 36 MP map peaked
+    1.26 GB over its labels before the encoder was made lean; polygons count the most corners
+    the map may have). The PNG outputs are left out."""
+    if plan.probabilities:
+        return 2 * 2 * num_classes * plan.height * plan.width
+    if plan.encoding is not None:
+        label_bytes = np.dtype(labels_dtype(num_classes)).itemsize
+        return encoding_bytes(plan.encoding, plan.height, plan.width, label_bytes)
+    return 0
 
 
 def peak_bytes(plan: Plan, num_classes: int, output_stride: int) -> int:

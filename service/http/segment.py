@@ -7,7 +7,7 @@ import asyncio
 import math
 import time
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, Literal
 
 import numpy as np
 from fastapi import APIRouter, Query, Request
@@ -45,6 +45,8 @@ MEDIA_TYPES = {
     "polygons": "application/geo+json",
     "probabilities": "application/octet-stream",
 }
+# Outputs that encode the label map: their encoder's memory is part of the plan's estimate.
+ENCODED: dict[str, Literal["rle", "polygons"]] = {"rle": "rle", "polygons": "polygons"}
 router = APIRouter()
 
 
@@ -88,6 +90,7 @@ def segment_options(query: SegmentQuery) -> SegmentOptions:
         crop=parse_size("crop", query.crop),
         stride=parse_size("stride", query.stride),
         return_probabilities=query.output == "probabilities",
+        encoding=ENCODED.get(query.output),
     )
 
 

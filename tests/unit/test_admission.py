@@ -12,8 +12,11 @@ import pytest
 from PIL import Image
 
 from service import errors
+from service.encodings import encoding_bytes, polygon_corners
 from service.http.admission import ByteAdmission
-from tests.unit.test_api import make_client, wait_ready
+from tests.unit.test_api import decode, make_client, wait_ready
+
+MIB = 1 << 20
 
 
 def _png(image: np.ndarray) -> bytes:
@@ -88,3 +91,54 @@ def test_an_overlay_holds_its_bytes_while_it_renders(
             assert "rendering this overlay needs" in refused.json()["message"]
         assert admission.held == 0
         assert client.get(overlay).status_code == 200
+
+
+def test_rle_and_polygons_hold_their_encoding_while_it_runs(
+    model_repository: Path, photos: dict[str, np.ndarray]
+) -> None:
+    """GET rle.json and polygons.geojson hold their encoder's measured memory
+    (``encodings.encoding_bytes``) like overlays: 413 naming the budget when it could never fit,
+    503 while others hold it, released when done. Four concurrent RLE encodings of a 29 MP noisy
+    map grew the process by 2.4 GB while holding nothing."""
+    body = _png(photos["chelsea"])  # 300x451 labels, 8-bit
+    rle_needs = encoding_bytes("rle", 300, 451, 1)
+    assert rle_needs == 12 * 300 * 451 + (16 << 20)
+    with make_client(model_repository, max_inflight_bytes=8 << 20) as client:
+        wait_ready(client)
+        admission = client.app.state.services.admission  # type: ignore[attr-defined]
+        answer = client.post("/segment", content=body, headers={"content-type": "image/png"})
+        assert answer.status_code == 200, answer.text
+        refused = client.get(answer.json()["urls"]["rle"])
+        assert refused.status_code == 413, refused.text
+        assert refused.json()["message"] == (
+            f"encoding this mask as RLE needs {rle_needs / MIB:.0f} MiB, more than the 8 MiB all "
+            "requests in progress may hold (SEGSERVE_MAX_INFLIGHT_BYTES)"
+        )
+        assert admission.held == 0
+    budget = 64 << 20
+    with make_client(model_repository, max_inflight_bytes=budget) as client:
+        wait_ready(client)
+        admission = client.app.state.services.admission  # type: ignore[attr-defined]
+        urls = client.post("/segment", content=body, headers={"content-type": "image/png"}).json()[
+            "urls"
+        ]
+        corners = polygon_corners(decode(client.get(urls["labels"]).content))
+        polygons_needs = encoding_bytes("polygons", 300, 451, 1, corners)
+        assert 24 * 300 * 451 < polygons_needs < budget
+        for url, what, needs in (
+            (urls["rle"], "RLE", rle_needs),
+            (urls["polygons"], "polygons", polygons_needs),
+        ):
+            with admission.request() as other:  # another request leaves 1 byte too few
+                other.hold(budget - needs + 1, "another request")
+                refused = client.get(url)
+                assert refused.status_code == 503, refused.text
+                message = refused.json()["message"]
+                assert message.startswith(
+                    f"encoding this mask as {what} needs {needs / MIB:.0f} MiB and other "
+                    "requests in progress hold"
+                ), message
+                assert refused.headers["retry-after"] == "1"
+            assert admission.held == 0
+            assert client.get(url).status_code == 200
+            assert admission.held == 0

@@ -16,7 +16,7 @@ from pycocotools import mask as coco_mask
 
 from service.bundle import load_bundle
 from service.config import Limits
-from service.planning import SegmentOptions, peak_bytes, plan_request
+from service.planning import SegmentOptions, peak_bytes, plan_request, request_bytes
 from tests.reference import ReferenceConfig, onnx_forward, reference_segment
 from tests.unit.test_api import decode, make_client, post_image, wait_ready
 from tests.unit.test_encodings import rasterise
@@ -155,3 +155,29 @@ def test_probabilities_over_the_request_budget_are_413(
         assert refused.status_code == 413, refused.text
         assert refused.json()["error"] == "payload_too_large"
         assert "budget" in refused.json()["message"]
+
+
+def test_rle_and_polygons_over_the_request_budget_are_413(
+    model_repository: Path, photo: np.ndarray
+) -> None:
+    """The plan of output=rle / polygons counts the encoder's memory (``planning.answer_bytes``):
+    a budget that fits the labels-only request but not the encoding refuses it before the model
+    runs, naming the estimate."""
+    metadata = load_bundle(model_repository / "tiny").metadata
+    height, width = photo.shape[:2]
+
+    def needs(options: SegmentOptions) -> int:
+        plan = plan_request(metadata, options, height, width, Limits())
+        return request_bytes(plan, metadata.num_classes, metadata.output.stride)
+
+    labels_only = needs(SegmentOptions())
+    rle = needs(SegmentOptions(encoding="rle"))
+    polygons = needs(SegmentOptions(encoding="polygons"))
+    assert labels_only < rle < polygons
+    with make_client(model_repository, max_request_bytes=(labels_only + rle) // 2) as small:
+        wait_ready(small)
+        assert post_image(small, photo, output="labels").status_code == 200
+        for output, estimate in (("rle", rle), ("polygons", polygons)):
+            refused = post_image(small, photo, output=output)
+            assert refused.status_code == 413, refused.text
+            assert f"about {estimate / (1 << 20):.0f} MiB" in refused.json()["message"]

@@ -4,6 +4,8 @@ scikit-image's polygon rasteriser for the GeoJSON polygons, ``numpy.load`` for t
 from __future__ import annotations
 
 import io
+import json
+import tracemalloc
 
 import cv2
 import numpy as np
@@ -12,11 +14,16 @@ from pycocotools import mask as coco_mask
 from skimage import data
 from skimage.draw import polygon as draw_polygon
 
+from service import encodings
 from service.encodings import (
     MAX_POLYGON_CORNERS,
     class_polygons,
     coco_rle,
+    encode_polygons_json,
     encode_probabilities_npy,
+    encode_rle_json,
+    encoding_bytes,
+    polygon_corners,
     polygons_geojson,
 )
 from service.errors import PayloadTooLargeError
@@ -77,6 +84,126 @@ def test_rle_is_cocos_own_encoding_and_decodes_to_each_class(photo_labels: np.nd
             assert rle["counts"] == expected["counts"].decode()
             np.testing.assert_array_equal(coco_mask.decode(rle), pixels)
             assert annotation["name"] == CLASSES[annotation["category_id"]]
+
+
+def test_rle_json_is_cocos_strings_in_compact_json_whatever_the_band(
+    photo_labels: np.ndarray, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The body, byte for byte, is json.dumps of pycocotools' own strings, with runs crossing the
+    encoder's bands (down to one column at a time) and JSON escapes (names, and the backslash
+    that is one of RLE's 64 characters: long gaps in a 16-bit noise map write it)."""
+    rng = np.random.default_rng(11)
+    noise = rng.integers(0, 5000, (60, 70)).astype(np.uint16)
+    names = tuple(f'class "{i}" \\ é' for i in range(5000))
+    backslash = np.zeros((1, 100), np.uint8)
+    backslash[0, 44] = 1  # a first count of 44 is written "\\" and "0"
+    maps = [photo_labels, noise, backslash, np.zeros((1, 1), np.uint8)]
+    maps += [np.full((3, 200), 9, np.uint8)]
+    maps += random_maps(30)
+    for band in (1, 7, 100, encodings.RLE_BAND_PIXELS):
+        monkeypatch.setattr(encodings, "RLE_BAND_PIXELS", band)
+        for labels in maps:
+            height, width = labels.shape
+            annotations = []
+            for class_id, area in zip(*np.unique(labels, return_counts=True), strict=True):
+                pixels = np.asfortranarray((labels == class_id).astype(np.uint8))
+                counts = coco_mask.encode(pixels)["counts"].decode()
+                annotations.append(
+                    {
+                        "category_id": int(class_id),
+                        "name": names[class_id],
+                        "area": int(area),
+                        "segmentation": {"size": [height, width], "counts": counts},
+                    }
+                )
+            body = {"model": 'm"x', "width": width, "height": height, "annotations": annotations}
+            expected = json.dumps(body, separators=(",", ":")).encode()
+            assert bytes(encode_rle_json(labels, names, 'm"x')) == expected
+            if labels is backslash:
+                assert annotations[1]["segmentation"]["counts"].startswith("\\")
+            assert coco_rle(labels, names) == annotations
+
+
+def traced_peak(function: object, *args: object) -> int:
+    assert callable(function)
+    tracemalloc.start()
+    try:
+        function(*args)
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+@pytest.mark.parametrize(
+    ("classes", "side"),
+    [(2, 1500), (8, 1500), (150, 1500), (300, 1000), (8, 300), (300, 300)],  # 300: 16-bit
+)
+def test_rle_memory_stays_under_what_is_held(classes: int, side: int) -> None:
+    """Uniform noise, every pixel nearly its own run: the encoder's traced peak is within
+    ``encoding_bytes`` (12 bytes a pixel a label byte and one band's scratch, most of what a
+    small map takes). The encoder before the banded one peaked at 45 (8 classes), 60 (2) and 54
+    (300) bytes a pixel, over it."""
+    dtype = np.uint8 if classes <= 256 else np.uint16
+    labels = np.random.default_rng(classes).integers(0, classes, (side, side), dtype=dtype)
+    peak = traced_peak(encode_rle_json, labels, CLASSES, "m")
+    held = encoding_bytes("rle", side, side, labels.itemsize)
+    assert peak < held, (peak / labels.size, held / labels.size)
+    assert held == encodings.RLE_BYTES_PER_PIXEL * labels.nbytes + encodings.RLE_SCRATCH_BYTES
+
+
+def test_polygon_memory_stays_under_what_is_held() -> None:
+    """Smooth classes whose boxes span the map, and 2x2 blocks (many corners): the traced peak
+    (OpenCV's own buffers are not traced; benchmarks/encoding_memory.py measures RSS) is within
+    ``encoding_bytes`` for the map's counted corners."""
+    rng = np.random.default_rng(5)
+    smooth = cv2.resize(
+        rng.integers(0, 19, (24, 24), dtype=np.uint8), (1200, 1200), interpolation=cv2.INTER_NEAREST
+    )
+    blocks = np.repeat(np.repeat(rng.integers(0, 2, (300, 300), dtype=np.uint8), 2, 0), 2, 1)
+    for labels in (smooth, blocks):
+        corners = polygon_corners(labels)
+        peak = traced_peak(encode_polygons_json, labels, CLASSES, 0.0, "m", corners)
+        held = encoding_bytes("polygons", *labels.shape, 1, corners)
+        assert peak < held, (peak / labels.size, held / labels.size)
+    most = encoding_bytes("polygons", 1000, 1000, 1)  # corners unknown: the most it may have
+    assert most == 24 * 1_000_000 + 600 * MAX_POLYGON_CORNERS
+
+
+def test_a_class_is_traced_in_the_boxes_of_its_separate_blobs(
+    photo_labels: np.ndarray, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """150 classes, each four 2x2 blobs at the map's corners: each class is traced in its blobs'
+    boxes, not in the box spanning the map (a 36 MP map of these took 46 s and +508 MB traced
+    whole, 2.1 s and +327 MB now). The polygons, and their order, are those of one trace of the
+    whole box: every cut forced (no cost per box) gives the same answer byte for byte."""
+    side = 600
+    labels = np.zeros((side, side), np.uint8)
+    for class_id in range(1, 150):
+        row, col = divmod(class_id, 12)
+        for y in (3 * row, side - 3 - 3 * row):
+            for x in (3 * col, side - 3 - 3 * col):
+                labels[y : y + 2, x : x + 2] = class_id
+    traced = []
+    trace = cv2.findContours
+
+    def recording(image: np.ndarray, *args: object, **kwargs: object) -> object:
+        traced.append(image.size)
+        return trace(image, *args, **kwargs)
+
+    monkeypatch.setattr(cv2, "findContours", recording)
+    whole = encode_polygons_json(labels, CLASSES, 0.0, "m")
+    assert len(traced) == 1 + 149 * 4  # the background's one box, four boxes a class
+    assert sum(traced) == (2 * side + 2) ** 2 + 149 * 4 * 6**2  # 2x2 blobs: 6x6 padded
+    assert len(json.loads(whole)["features"][5]["geometry"]["coordinates"]) == 4
+    maps = [labels, photo_labels, *random_maps(40)]
+    sparse = np.random.default_rng(9).random((60, 70)) < 0.85
+    maps.append(np.where(sparse, 0, np.repeat(np.arange(7), 10)[None, :]).astype(np.uint8))
+    for labels in maps:
+        for tolerance in (0.0, 1.0):
+            monkeypatch.setattr(encodings, "BOX_COST_PIXELS", 1 << 40)  # one box a class
+            one_box = encode_polygons_json(labels, CLASSES, tolerance, "m")
+            monkeypatch.setattr(encodings, "BOX_COST_PIXELS", 0)  # every cut taken
+            assert encode_polygons_json(labels, CLASSES, tolerance, "m") == one_box
 
 
 def test_polygons_cover_exactly_each_class_at_tolerance_zero(photo_labels: np.ndarray) -> None:
