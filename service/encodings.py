@@ -320,57 +320,105 @@ def _bounds(pieces: list[tuple[int, int, int, int]]) -> tuple[int, int, int, int
 
 def class_polygons(mask: np.ndarray, tolerance: float = 0.0) -> list[list[list[list[int]]]]:
     """MultiPolygon coordinates of a boolean mask in pixel-edge coordinates (pixel (row r, col c)
-    is the square [c, c+1] x [r, r+1]): one polygon per 8-connected component, with its holes,
+    is the square [c, c+1] x [r, r+1]): one polygon per 4-connected component, with its holes,
     the last in raster order of their first pixels first (one findContours' order). At
     ``tolerance`` 0 the polygons cover exactly the mask's pixels. Traced box by box
     (``_separate_boxes``)."""
-    boxes = _separate_boxes(mask)
-    if len(boxes) == 1:
-        return [polygon for _, polygon in _box_polygons(mask, boxes[0], tolerance)]
-    found = [item for box in boxes for item in _box_polygons(mask, box, tolerance)]
-    found.sort(key=lambda item: item[0], reverse=True)  # as one findContours lists them
+    found = [item for box in _separate_boxes(mask) for item in _box_polygons(mask, box, tolerance)]
+    found.sort(key=lambda item: item[0], reverse=True)  # as one findContours lists components
     return [polygon for _, polygon in found]
 
 
 def _box_polygons(
     mask: np.ndarray, box: tuple[int, int, int, int], tolerance: float
 ) -> list[tuple[tuple[int, int], list[list[list[int]]]]]:
-    """The polygons of the components inside ``box``, each with its first pixel (row, column)."""
+    """The polygons of the components inside ``box``, each with its first pixel (row, column).
+
+    Components are 4-connected, as OGC's Simple Features need (a polygon's interior is
+    connected; pixels touching only at a corner are two polygons that touch there, which a
+    MultiPolygon allows), so the complement is traced: findContours takes 1-pixels as
+    8-connected and 0-pixels as 4-connected. Each class component is a hole of the complement,
+    and the complement's pieces inside it are its holes."""
     top, bottom, left, right = box
     crop = mask[top:bottom, left:right]
-    # The crop upsampled 2x (nearest) inside a 1-pixel border of zeros, written in place: no
-    # separate upsampled and padded copies (4 bytes a pixel of the box each).
-    padded = np.zeros((2 * crop.shape[0] + 2, 2 * crop.shape[1] + 2), np.uint8)
-    for row in (1, 2):
-        for col in (1, 2):
-            padded[row:-1:2, col:-1:2] = crop
+    # The complement upsampled 2x (nearest) inside a 2-pixel frame of ones (findContours zeroes
+    # the outer one), written in place: no separate upsampled and padded copies.
+    padded = np.ones((2 * crop.shape[0] + 4, 2 * crop.shape[1] + 4), np.uint8)
+    outside = ~crop
+    for row in (2, 3):
+        for col in (2, 3):
+            padded[row:-2:2, col:-2:2] = outside
     contours, hierarchy = cv2.findContours(
-        padded, cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE, offset=(2 * left - 1, 2 * top - 1)
+        padded, cv2.RETR_TREE, cv2.CHAIN_APPROX_SIMPLE, offset=(2 * left - 2, 2 * top - 2)
     )
-    if hierarchy is None:
-        return []
     rings = _edge_rings(contours)
-    # Per contour: next sibling, previous sibling, first child (hole), parent.
+    # Per contour: next sibling, previous sibling, first child, parent.
     links: list[list[int]] = hierarchy.reshape(-1, 4).astype(int).tolist()
+    depth = [0] * len(links)
+    for index in range(len(links)):  # findContours lists a parent before its children
+        parent = links[index][3]
+        depth[index] = 0 if parent == -1 else depth[parent] + 1
     polygons = []
-    for index, (_, _, child, parent) in enumerate(links):
-        if parent != -1:
-            continue  # a hole: written with its outer boundary
-        exterior = _geojson_ring(rings[index], True, tolerance)
+    for index, (_, _, child, _) in enumerate(links):
+        if depth[index] % 2 == 0:
+            continue  # the complement's outer border: a hole of the class, or the frame
+        # A corner the exterior passes twice closes a loop of background (a cove whose mouth
+        # is one corner wide): the largest loop is the exterior, the others holes.
+        loops = _simple_loops(rings[index])
+        if len(loops) > 1:
+            loops.sort(key=_twice_area, reverse=True)
+        exterior = _geojson_ring(loops[0], True, tolerance)
         if exterior is None:
             continue
         polygon = [exterior]
+        holes = loops[1:]
         while child != -1:
-            hole = _geojson_ring(rings[child], False, tolerance)
-            if hole is not None:
-                polygon.append(hole)
+            holes.extend(_simple_loops(rings[child]))
             child = links[child][0]
+        for hole in holes:
+            ring = _geojson_ring(hole, False, tolerance)
+            if ring is not None:
+                polygon.append(ring)
         # The first pixel's top-left corner is the exterior's first corner in (y, x) order.
-        ring = rings[index]
-        first_row = int(ring[:, 1].min())
-        first = (first_row, int(ring[ring[:, 1] == first_row, 0].min()))
+        outer = loops[0]
+        first_row = int(outer[:, 1].min())
+        first = (first_row, int(outer[outer[:, 1] == first_row, 0].min()))
         polygons.append((first, polygon))
     return polygons
+
+
+def _twice_area(ring: np.ndarray) -> int:
+    """Twice the absolute area a ring of corners encloses (shoelace)."""
+    here = ring.astype(np.int64)
+    following = np.roll(here, -1, axis=0)
+    return abs(int(np.sum(here[:, 0] * following[:, 1] - following[:, 0] * here[:, 1])))
+
+
+def _simple_loops(ring: np.ndarray) -> list[np.ndarray]:
+    """A traced ring cut into simple loops at the corners it passes twice, which GEOS, PostGIS
+    and QGIS call a self-intersection: an exterior pinches at the mouth of a cove one corner
+    wide, a hole where two of its background pixels meet at a corner. The loops of a hole are
+    holes that touch at that corner, which polygons allow; the pixels covered are the same."""
+    if len(ring) < 8:  # two loops of at least four corners each, sharing one
+        return [ring]
+    keys = ring[:, 0].astype(np.int64) << 32 | ring[:, 1].astype(np.int64)
+    if len(np.unique(keys)) == len(keys):
+        return [ring]
+    loops: list[np.ndarray] = []
+    path: list[int] = []  # indices into ring, the loop being walked
+    seen: dict[int, int] = {}  # key -> its position in path
+    for index, key in enumerate(keys.tolist()):
+        if key in seen:  # back at a corner passed before: the loop since then is closed
+            start = seen[key]
+            loops.append(ring[path[start:]])
+            for dropped in keys[path[start + 1 :]].tolist():
+                del seen[dropped]
+            del path[start + 1 :]
+        else:
+            seen[key] = len(path)
+            path.append(index)
+    loops.append(ring[path])
+    return loops
 
 
 def polygons_geojson(
