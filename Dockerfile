@@ -72,7 +72,7 @@ ENV SEGSERVE_PROVIDERS=cpu
 COPY --from=deps-cpu /opt/venv /opt/venv
 COPY service/ service/
 USER 10001
-RUN NUMBA_CACHE_DIR=/app/numba-cache python -c "from service import labelmap; labelmap.warm_up()"
+RUN NUMBA_CACHE_DIR=/app/numba-cache python -c "from service.engine import compile_kernels; compile_kernels()"
 
 # ---------------------------------------------------------------- GPU serving image (default)
 FROM runtime AS serve
@@ -87,4 +87,4 @@ RUN find /opt/venv -path '*/site-packages/nvidia/*' -name 'lib*.so*' -printf '%h
     && ldconfig
 COPY service/ service/
 USER 10001
-RUN NUMBA_CACHE_DIR=/app/numba-cache python -c "from service import labelmap; labelmap.warm_up()"
+RUN NUMBA_CACHE_DIR=/app/numba-cache python -c "from service.engine import compile_kernels; compile_kernels()"

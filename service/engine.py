@@ -86,6 +86,14 @@ def _timed(fn: Callable[[], T]) -> Callable[[], tuple[T, float]]:
     return run
 
 
+def compile_kernels() -> None:
+    """Compile, or load from Numba's cache, the post-processing kernels every engine runs. The
+    image bakes its cache with this (Dockerfile): baking the label-map kernels alone left a
+    container compiling the TTA ones (about 30 s) at every start."""
+    labelmap.warm_up()
+    ttamap.warm_up()
+
+
 class Engine:
     """Serves one bundle: sessions, batch threads and the request pipeline."""
 
@@ -150,8 +158,7 @@ class Engine:
             runtime.capture_cuda_graphs(
                 [(size, *warm_input.shape) for size in capture_batch_sizes(config.max_batch_size)]
             )
-        labelmap.warm_up()
-        ttamap.warm_up()
+        compile_kernels()
         device_post = self._device_postprocess(runtime)
         self._runtime = runtime
         self._device_post = device_post
