@@ -338,6 +338,24 @@ def test_promtool_accepts_our_config_and_rejects_a_broken_one(tmp_path: Path) ->
     assert promtool("check", "config", str(broken)).returncode != 0
 
 
+def test_prometheus_in_compose_sees_its_rules(tmp_path: Path) -> None:
+    """The config as the container sees it: only what compose mounts, where it mounts it. The
+    repository's directory had rules.yml beside the config, the container did not (only the
+    config was mounted): Prometheus ran with no alerts (deploy probe)."""
+    service = load_compose(COMPOSE)["services"]["prometheus"]
+    root = tmp_path / "container"
+    for volume in service["volumes"]:
+        source, target, *_ = volume.split(":")
+        if source.startswith("./"):
+            (root / target.lstrip("/")).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(REPO_ROOT / source, root / target.lstrip("/"))
+    (flag,) = [a for a in service["command"] if a.startswith("--config.file=")]
+    config = root / flag.removeprefix("--config.file=").lstrip("/")
+    result = promtool("check", "config", str(config))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "1 rule files found" in result.stdout + result.stderr
+
+
 # --------------------------------------------------------------------------- Grafana
 
 
