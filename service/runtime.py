@@ -54,6 +54,20 @@ class PlacementError(RuntimeError):
     """Compute nodes of the graph were placed on the CPU under a GPU provider."""
 
 
+def started_provider(wanted: str, started: list[str], allow_cpu_fallback: bool) -> str:
+    """The provider a session runs on, or ``ProviderUnavailableError`` where it quietly fell
+    back from the GPU one it was given: onnxruntime-gpu offers CUDA even when the CUDA libraries
+    or the GPU are missing, logs that it could not create it, and runs on the CPU (deploy probe:
+    a CUDA image without its libraries served on the CPU with fallback off)."""
+    if started[0] != wanted and not allow_cpu_fallback:
+        raise ProviderUnavailableError(
+            f"{wanted} is offered by onnxruntime but the session could not start it (missing "
+            "CUDA/cuDNN libraries or no visible GPU: onnxruntime's log above says which); it "
+            f"would run on {started[0]} (set allow_cpu_fallback to allow that)"
+        )
+    return started[0]
+
+
 def resolve_providers(
     requested: Iterable[str], available: Iterable[str], allow_cpu_fallback: bool
 ) -> list[str]:
@@ -177,7 +191,9 @@ class Runtime:
             sess_options=self._session_options(profile=False, cpu=providers[0] == CPU),
             providers=[(p, self._provider_options(p, settings.cuda_graphs)) for p in providers],
         )
-        self.provider = self._session.get_providers()[0]
+        self.provider = started_provider(
+            providers[0], self._session.get_providers(), settings.allow_cpu_fallback
+        )
         self.device: Literal["cpu", "cuda"] = "cuda" if self.provider == CUDA else "cpu"
         self._model_path = model_path
         self._twin_graph: bytes | None = None

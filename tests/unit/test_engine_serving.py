@@ -36,6 +36,7 @@ from service.runtime import (
     Runtime,
     misplaced_nodes,
     resolve_providers,
+    started_provider,
 )
 
 HAS_CUDA = CUDA in ort.get_available_providers()
@@ -304,6 +305,17 @@ def test_provider_resolution() -> None:
         resolve_providers(("tpu",), available, allow_cpu_fallback=True)
     # Only a GPU asked for, fallback allowed: CPU, with a warning.
     assert resolve_providers(("cuda",), available, allow_cpu_fallback=True) == [CPU]
+
+
+def test_a_session_that_fell_back_from_the_gpu_is_refused_without_fallback() -> None:
+    """onnxruntime-gpu lists CUDA even where its libraries or the GPU are missing; its session
+    then runs on the CPU with only a log line. The session's own providers decide (this CPU
+    build cannot make a CUDA session fail, so the decision is tested on what it reports)."""
+    assert started_provider(CUDA, [CUDA, CPU], allow_cpu_fallback=False) == CUDA
+    assert started_provider(CUDA, [CPU], allow_cpu_fallback=True) == CPU
+    assert started_provider(CPU, [CPU], allow_cpu_fallback=False) == CPU
+    with pytest.raises(ProviderUnavailableError, match="could not start it"):
+        started_provider(CUDA, [CPU], allow_cpu_fallback=False)
 
 
 def test_cpu_fallback_is_logged_and_reported(
