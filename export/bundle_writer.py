@@ -493,6 +493,9 @@ def _staging_directory(out: Path, force: bool) -> Iterator[Path]:
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+        # mkdtemp's 0700 would become the bundle's: a server running as another user (the
+        # image's uid 10001 beside an export run as yours) could not read it.
+        staging.chmod(0o777 & ~_umask())
     except OSError as exc:
         raise ExportError(f"cannot write the bundle next to {out}: {exc}") from exc
     try:
@@ -503,6 +506,12 @@ def _staging_directory(out: Path, force: bool) -> Iterator[Path]:
             raise ExportError(f"cannot move the bundle into {out}: {exc}") from exc
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _replace(staging: Path, out: Path) -> None:

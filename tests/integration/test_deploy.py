@@ -464,6 +464,7 @@ def test_kubernetes_deployment_as_issue_9_asks() -> None:
     assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
     startup = container["startupProbe"]
+    assert startup["httpGet"]["path"] == "/v2/health/ready"  # models warm (not the store)
     assert startup["periodSeconds"] * startup["failureThreshold"] >= 120
     settings = by_kind("ConfigMap", "segserve-settings")["data"]
     drain = float(settings["SEGSERVE_DRAIN_TIMEOUT_S"])
@@ -518,6 +519,18 @@ def test_kubernetes_mask_store_and_autoscaling_are_wired() -> None:
     (rule,) = adapter["rules"]
     assert rule["name"]["as"] == "segserve_queue_depth"
     assert rule["seriesQuery"].startswith("segserve_queue_depth{")
+
+
+def test_reapplying_the_export_job_cannot_overwrite_a_bundle() -> None:
+    """``kubectl apply -f deploy/kubernetes/`` applies the export Job too: once its TTL has
+    passed, applying again re-runs it, and with --force a random-init export replaced the model
+    the cluster served (deploy probe). Without it the exporter refuses an existing bundle."""
+    (container,) = by_kind("Job", "segserve-export-segformer-b0")["spec"]["template"]["spec"][
+        "containers"
+    ]
+    assert "--force" not in container["args"]
+    out = container["args"][container["args"].index("--out") + 1]
+    assert out.startswith("/models/")
 
 
 def pod_specs() -> list[tuple[str, dict[str, Any]]]:

@@ -8,6 +8,8 @@ standard ``Attention`` node and its float32 softmax request) and the verifier's 
 
 from __future__ import annotations
 
+import os
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +18,7 @@ import pytest
 import torch
 from torch import nn
 
+from export.bundle_writer import _staging_directory
 from export.onnx_export import OnnxExportError, export_onnx
 from export.verify import FP32_NOISE_MULTIPLE, compare, photo_batch, verify
 from tests.integration.test_export_attention import ReductionAttention
@@ -133,3 +136,16 @@ def test_photo_batch_is_two_real_photographs() -> None:
     assert batch.shape == (2, 3, 48, 80) and batch.dtype == np.uint8
     assert not np.array_equal(batch[0], batch[1])
     assert batch.std() > 30  # real image content, not a constant
+
+
+def test_a_bundle_directory_is_as_readable_as_the_umask_allows(tmp_path: Path) -> None:
+    """The bundle is written in a staging directory made by mkdtemp (mode 0700) and renamed:
+    a server running as another user than the exporter (compose's export run as you, serving as
+    uid 10001) could not read it (deploy probe). It now gets what mkdir gives under the umask."""
+    previous = os.umask(0o022)
+    try:
+        with _staging_directory(tmp_path / "bundle", force=False) as staging:
+            (staging / "segserve.json").write_text("{}")
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE((tmp_path / "bundle").stat().st_mode) == 0o755

@@ -115,6 +115,7 @@ def test_runtime_and_service_fit_segserve() -> None:
     assert env["SEGSERVE_MODEL_REPOSITORY"]["value"] == "/mnt/models"  # where KServe puts models
     routes = set(create_app(Settings()).openapi()["paths"])
     for probe in ("startupProbe", "readinessProbe"):
+        assert container[probe]["httpGet"]["path"] == "/v2/health/ready"  # models warm
         assert container[probe]["httpGet"]["path"] in routes
         assert container[probe]["httpGet"]["port"] == port
     assert re.fullmatch(r"pvc://segserve-models/.*", model["storageUri"])
