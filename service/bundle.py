@@ -30,7 +30,10 @@ RGB = tuple[int, int, int]
 # embedding (padding 3) gives ceil(side / 4) of them, so 29 px; SETR needs one 16-px patch.
 # Smaller windows are padded up to it by the engine (see docs/api.md). Padding from 29 up to 32
 # changed 2-16 % of the labels of 29-31 px inputs against mmseg, which runs them unpadded.
-MIN_INPUT_SIDE: dict[str, int] = {"segformer": 29, "setr": 16}
+# The smallest side each graph runs, as mmseg's model does: SegFormer's patch embedding and 8x8
+# key/value reduction need 29 px; SETR's patch embedding pads any side to a whole 16-px patch
+# itself (mmseg's AdaptivePadding, corner), and the head resizes its logits to the input.
+MIN_INPUT_SIDE: dict[str, int] = {"segformer": 29, "setr": 1}
 # Each architecture's total stride: at input sides that are multiples of it every upsampling in
 # the graph has one integer scale, which the CPU's aligned twin makes constant (service/aligned.py).
 STRIDE: dict[str, int] = {"segformer": 32, "setr": 16}

@@ -35,7 +35,8 @@ class Case:
     tta_scales: tuple[float, ...]
     photos: tuple[str, ...] = ("chelsea", "astronaut", "coffee")
     # (height, width) of the first photo resized thin, for whole inference at the graph's minimum
-    # side (mmseg runs SegFormer from 29 px unpadded).
+    # side (mmseg runs SegFormer from 29 px unpadded, SETR at any size: its patch embedding pads
+    # to a whole patch inside the model).
     thin_sizes: tuple[tuple[int, int], ...] = ()
 
 
@@ -63,6 +64,7 @@ CASES = (
         crop=(128, 128),
         stride=(85, 85),
         tta_scales=(0.75, 1.0),
+        thin_sizes=((10, 90), (90, 13), (15, 31)),
     ),
 )
 

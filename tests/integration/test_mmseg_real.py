@@ -174,8 +174,9 @@ def test_labels_match_mmseg(
 def test_thin_inputs_run_unpadded_as_mmseg_runs_them(
     oracle: Path, bundles: dict[str, tuple[Bundle, str]], name: str
 ) -> None:
-    """Sides from the graph's minimum (29 px for SegFormer) up to 31: mmseg runs them as they
-    are, and padding them to 32 had changed 2-16 % of the labels."""
+    """Sides from the graph's minimum (29 px for SegFormer) up to 31, and SETR's under one patch:
+    mmseg runs them as they are. Padding SegFormer's to 32 had changed 2-16 % of the labels,
+    padding SETR's to 16 px (and cropping the logits) 12-33 %."""
     case = CASE_BY_NAME[name]
     bundle, _ = bundles[name]
     engine = Engine(bundle, EngineConfig(runtime=RuntimeSettings(providers=("cpu",))))
