@@ -14,7 +14,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +22,7 @@ from typing import Literal
 
 import onnx
 import torch
+from pydantic import ValidationError
 from torch import nn
 
 from export.attention import (
@@ -386,11 +387,14 @@ def _resolve_model(
     given = _given_classes(dataset_info, classes_file)
 
     source = None
+    settings: dict[str, object] = {}
     if checkpoint is None:
         assert given is not None  # a dataset is always chosen above
         model = create_model(model_name, num_classes=len(given.names))
     else:
-        model, source, from_checkpoint = _load(model_name, Path(checkpoint), given is None)
+        model, source, from_checkpoint, settings = _load(
+            model_name, Path(checkpoint), given is None
+        )
         given = given or from_checkpoint
         if given is None:
             raise ExportError(
@@ -411,7 +415,7 @@ def _resolve_model(
         classes_source=given.source,
         classes=given.names,
         palette=given.palette,
-        test_config=_test_config(dataset_info),
+        test_config=_test_config(dataset_info, settings),
     )
 
 
@@ -440,10 +444,10 @@ def _given_classes(
 
 def _load(
     model_name: str, checkpoint: Path, read_classes: bool
-) -> tuple[nn.Module, SourceCheckpoint, _ClassList | None]:
-    """The checkpoint's model, its provenance and its own class names (if it has any and
+) -> tuple[nn.Module, SourceCheckpoint, _ClassList | None, dict[str, object]]:
+    """The checkpoint's model, its provenance, its own class names (if it has any and
     ``read_classes``: --dataset or --classes replace them, even where they disagree with the
-    classifier)."""
+    classifier) and the test settings of its config."""
     try:
         loaded = load_checkpoint(checkpoint, model_name=model_name, read_classes=read_classes)
     except (CheckpointError, OSError, KeyError, ValueError) as exc:
@@ -454,10 +458,10 @@ def _load(
         name=str(loaded.source_name), sha256=str(loaded.sha256), format=str(loaded.format)
     )
     if not loaded.classes:
-        return loaded.model, source, None
+        return loaded.model, source, None, loaded.test_settings
     names = tuple(loaded.classes)
     palette = tuple(_rgb(c) for c in loaded.palette or datasets.default_palette(len(names)))
-    return loaded.model, source, _ClassList(names, palette, "checkpoint")
+    return loaded.model, source, _ClassList(names, palette, "checkpoint"), loaded.test_settings
 
 
 def _arch(model: nn.Module) -> Literal["segformer", "setr"]:
@@ -474,10 +478,25 @@ def _positive_int(model: nn.Module, attribute: str) -> int:
     return value
 
 
-def _test_config(dataset_info: datasets.DatasetInfo | None) -> TestConfig:
-    if dataset_info is None:
-        return NO_DATASET_TEST_CONFIG
-    return TestConfig.model_validate(dataset_info.test_config)
+def _test_config(
+    dataset_info: datasets.DatasetInfo | None, checkpoint_settings: Mapping[str, object]
+) -> TestConfig:
+    """The dataset's published test settings (SegFormer's), each replaced by the checkpoint's
+    own config where it has one: that is what mmseg's inference_model runs for it."""
+    base = (
+        NO_DATASET_TEST_CONFIG
+        if dataset_info is None
+        else TestConfig.model_validate(dataset_info.test_config)
+    )
+    if not checkpoint_settings:
+        return base
+    try:
+        return TestConfig.model_validate({**base.model_dump(), **checkpoint_settings})
+    except ValidationError as exc:
+        raise ExportError(
+            f"the checkpoint's config has test settings a bundle cannot hold "
+            f"({dict(checkpoint_settings)}): {exc}"
+        ) from exc
 
 
 def _rgb(colour: Sequence[int]) -> tuple[int, int, int]:

@@ -20,7 +20,7 @@ from torch import nn
 
 from models.checkpoints import segformer_keys, setr_keys
 from models.checkpoints.errors import CheckpointError
-from models.checkpoints.metadata import RGB, class_metadata
+from models.checkpoints.metadata import RGB, class_metadata, test_settings
 from models.checkpoints.reading import read_checkpoint, sha256_of, weights_file
 
 # Asked in this order: a SETR class token would also match SegFormer's ``backbone.layers.``.
@@ -46,6 +46,8 @@ class LoadedCheckpoint:
     palette: tuple[RGB, ...] | None
     sha256: str
     source_name: str
+    # The test settings of the checkpoint's own config (metadata.test_settings); may be empty.
+    test_settings: dict[str, object]
 
 
 def detect_format(state_dict: Mapping[str, object], meta: Mapping[str, object]) -> str:
@@ -105,4 +107,5 @@ def load_checkpoint(
         palette=classes.palette,
         sha256=sha256_of(weights_file(path)),
         source_name=path.name,
+        test_settings=test_settings(meta),
     )

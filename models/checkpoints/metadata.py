@@ -119,6 +119,49 @@ def model_config(meta: Mapping[str, Any]) -> dict[str, Any]:
     return model if isinstance(model, dict) else {}
 
 
+def test_settings(meta: Mapping[str, Any]) -> dict[str, Any]:
+    """The test settings of the checkpoint's own config text, in ``service.bundle.TestConfig``'s
+    keys: ``model.test_cfg``'s mode, crop and stride, and the test pipeline's ``Resize`` (scale,
+    keep ratio). mmseg's ``inference_model`` runs exactly these; a dataset's published defaults
+    are SegFormer's (SETR's ADE20K configs slide 512 / 341 where SegFormer's run whole). Empty
+    where absent or unreadable."""
+    text = meta.get("cfg", meta.get("config"))
+    if not isinstance(text, str):
+        return {}
+    try:
+        names = parse_config_text(text)
+    except (SyntaxError, ValueError, RecursionError):
+        return {}  # model_config has warned about it
+    found: dict[str, Any] = {}
+    test_cfg = section(section(names, "model"), "test_cfg")
+    if test_cfg.get("mode") in ("whole", "slide"):
+        found["mode"] = test_cfg["mode"]
+    for ours, theirs in (("crop", "crop_size"), ("stride", "stride")):
+        if (size := _pair(test_cfg.get(theirs))) is not None:
+            found[ours] = size
+    pipeline = names.get("test_pipeline")
+    for step in pipeline if isinstance(pipeline, list) else []:
+        if isinstance(step, dict) and step.get("type") == "Resize":
+            if (scale := _pair(step.get("scale"))) is not None:
+                found["resize_scale"] = scale
+            if isinstance(step.get("keep_ratio"), bool):
+                found["keep_ratio"] = step["keep_ratio"]
+    return found
+
+
+def _pair(value: Any) -> tuple[int, int] | None:
+    """A size as mmseg writes it: an int, or two positive ints."""
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value, value
+    if (
+        isinstance(value, (tuple, list))
+        and len(value) == 2
+        and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)
+    ):
+        return int(value[0]), int(value[1])
+    return None
+
+
 def section(config: Mapping[str, Any], name: str) -> dict[str, Any]:
     value = config.get(name)
     return value if isinstance(value, dict) else {}
