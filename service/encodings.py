@@ -258,10 +258,7 @@ def _geojson_ring(ring: np.ndarray, exterior: bool, tolerance: float) -> list[li
         ring = ring.reshape(-1, 2)
     if len(ring) < 3:
         return None
-    here = ring.astype(np.int64)
-    following = np.concatenate((here[1:], here[:1]))
-    twice_area = int(np.sum(here[:, 0] * following[:, 1] - following[:, 0] * here[:, 1]))
-    if (twice_area > 0) != exterior:
+    if (_twice_signed_area(ring) > 0) != exterior:
         ring = ring[::-1]
     coordinates: list[list[int]] = ring.tolist()
     return [*coordinates, coordinates[0]]
@@ -366,7 +363,7 @@ def _box_polygons(
         # is one corner wide): the largest loop is the exterior, the others holes.
         loops = _simple_loops(rings[index])
         if len(loops) > 1:
-            loops.sort(key=_twice_area, reverse=True)
+            loops.sort(key=lambda loop: abs(_twice_signed_area(loop)), reverse=True)
         exterior = _geojson_ring(loops[0], True, tolerance)
         if exterior is None:
             continue
@@ -387,11 +384,12 @@ def _box_polygons(
     return polygons
 
 
-def _twice_area(ring: np.ndarray) -> int:
-    """Twice the absolute area a ring of corners encloses (shoelace)."""
+def _twice_signed_area(ring: np.ndarray) -> int:
+    """Twice the signed area a ring of corners encloses (shoelace; positive counter-clockwise in
+    the x, y numbers)."""
     here = ring.astype(np.int64)
     following = np.roll(here, -1, axis=0)
-    return abs(int(np.sum(here[:, 0] * following[:, 1] - following[:, 0] * here[:, 1])))
+    return int(np.sum(here[:, 0] * following[:, 1] - following[:, 0] * here[:, 1]))
 
 
 def _simple_loops(ring: np.ndarray) -> list[np.ndarray]:

@@ -16,6 +16,7 @@ from shapely.validation import explain_validity
 from skimage import data
 from skimage.draw import polygon as draw_polygon
 
+from benchmarks.encoding_memory import label_map
 from service import encodings
 from service.encodings import (
     MAX_POLYGON_CORNERS,
@@ -179,12 +180,7 @@ def test_a_class_is_traced_in_the_boxes_of_its_separate_blobs(
     whole, 2.1 s and +327 MB now). The polygons, and their order, are those of one trace of the
     whole box: every cut forced (no cost per box) gives the same answer byte for byte."""
     side = 600
-    labels = np.zeros((side, side), np.uint8)
-    for class_id in range(1, 150):
-        row, col = divmod(class_id, 12)
-        for y in (3 * row, side - 3 - 3 * row):
-            for x in (3 * col, side - 3 - 3 * col):
-                labels[y : y + 2, x : x + 2] = class_id
+    labels = label_map("corners150", side)  # the benchmark's map (benchmarks/encoding_memory.py)
     traced = []
     trace = cv2.findContours
 
