@@ -119,3 +119,49 @@ def test_runtime_and_service_fit_segserve() -> None:
         assert container[probe]["httpGet"]["path"] in routes
         assert container[probe]["httpGet"]["port"] == port
     assert re.fullmatch(r"pvc://segserve-models/.*", model["storageUri"])
+
+
+def kserve_pod_labels() -> dict[str, str]:
+    """The labels KServe puts on the predictor's pods: the runtime's pod labels, the
+    InferenceService's own metadata labels and the predictor's, then its own two (KServe's
+    predictor reconciler, ``utils.Union`` in that order)."""
+    runtime, service = manifest("ServingRuntime"), manifest("InferenceService")
+    return {
+        **runtime["spec"].get("labels", {}),
+        **service["metadata"].get("labels", {}),
+        **service["spec"]["predictor"].get("labels", {}),
+        "serving.kserve.io/inferenceservice": service["metadata"]["name"],
+        "component": "predictor",
+    }
+
+
+def segserve_pod_selectors() -> list[tuple[str, dict[str, str]]]:
+    """Every selector in deploy/kubernetes/ that picks the Deployment's own pods."""
+    selectors = []
+    for path in sorted((REPO_ROOT / "deploy" / "kubernetes").glob("*.yaml")):
+        for document in yaml.safe_load_all(path.read_text()):
+            if not document:
+                continue
+            kind, spec = document["kind"], document.get("spec", {})
+            if kind == "Service":
+                selector = spec.get("selector")
+            elif kind in ("Deployment", "PodDisruptionBudget"):
+                selector = spec["selector"]["matchLabels"]
+            elif kind == "NetworkPolicy":
+                selector = spec["podSelector"]["matchLabels"]
+            else:
+                continue
+            if selector:
+                selectors.append((f"{kind} {document['metadata']['name']}", selector))
+    return selectors
+
+
+def test_kserve_pods_are_not_picked_by_the_deployments_selectors() -> None:
+    """Both sets live in namespace ``segserve``: a KServe pod that the Deployment's Service
+    selected would get its traffic on port 8000 (it listens on 8080), and the PDB and
+    NetworkPolicy would count and fence it as one of the Deployment's."""
+    pods = kserve_pod_labels()
+    selectors = segserve_pod_selectors()
+    assert {"Service segserve", "PodDisruptionBudget segserve"} <= {name for name, _ in selectors}
+    picked = [name for name, selector in selectors if selector.items() <= pods.items()]
+    assert picked == [], f"KServe's pods {pods} are selected by {picked}"
