@@ -2,7 +2,8 @@
 # The one command that sets everything up and runs the service on this machine's CPU:
 # creates or reuses .venv/, exports a random-init SegFormer-B0 into model_repository/ when it holds
 # no bundle (masks from it are meaningless; the log, /models and the page say so), then serves
-# http://localhost:8000 (the web page at /). Settings: SEGSERVE_* environment variables.
+# http://localhost:8000 (the web page at /), on loopback only: HOST=0.0.0.0 opens it to the network
+# (set SEGSERVE_API_KEY then). Settings: SEGSERVE_* environment variables.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh export
@@ -13,4 +14,4 @@ if ! compgen -G "$repository/*/segserve.json" >/dev/null; then
     --out "$repository/segformer-b0"
 fi
 export SEGSERVE_MODEL_REPOSITORY="$repository"
-exec .venv/bin/python -m service --host "${HOST:-0.0.0.0}" --port "${PORT:-8000}"
+exec .venv/bin/python -m service --host "${HOST:-127.0.0.1}" --port "${PORT:-8000}"

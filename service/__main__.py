@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ipaddress
 import logging
 import os
 import shutil
@@ -114,7 +115,7 @@ class DrainingServer(uvicorn.Server):
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m service", description=__doc__.split("\n")[0])
-    parser.add_argument("--host", default="0.0.0.0")
+    parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--log-level", default="info")
     args = parser.parse_args(argv)
@@ -131,6 +132,13 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as exc:  # pydantic's ValidationError included
         print(f"segserve: refusing to start: {exc}", file=sys.stderr)
         sys.exit(2)
+    if settings.api_key is None and not is_loopback(args.host):
+        log.warning(
+            "listening on %s:%d with no API key: anyone who reaches this port can use every "
+            "model; set SEGSERVE_API_KEY (and SEGSERVE_REQUIRE_API_KEY=true to fail closed)",
+            args.host,
+            args.port,
+        )
     seed_numba_cache()
     config = uvicorn.Config(
         app,
@@ -154,6 +162,15 @@ def main(argv: list[str] | None = None) -> None:
     server.run()
     if server.load_failed:
         sys.exit(1)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a name: it may resolve to anything
+        return False
 
 
 def seed_numba_cache(baked: Path = BAKED_NUMBA_CACHE) -> None:

@@ -6,6 +6,7 @@ the image's ENV, its port 8000 inside a private network namespace (so a develope
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import shutil
@@ -104,18 +105,33 @@ def test_image_cmd_serves_a_bundle_and_healthcheck_follows_readiness(
     assert report["exit"] == 0, result.stderr
 
 
+def listening_addresses(port: int) -> set[str]:
+    """Local addresses of the sockets listening on ``port``, from /proc/net/tcp and tcp6."""
+    addresses = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            address, port_hex = local.split(":")
+            if state == "0A" and int(port_hex, 16) == port:  # 0A: LISTEN
+                raw = bytes.fromhex(address)
+                # The kernel prints each 32-bit word in host (little-endian) order.
+                words = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
+                addresses.add(str(ipaddress.ip_address(words)))
+    return addresses
+
+
 def test_serve_script_serves_an_existing_repository_without_exporting(
     model_repository: Path, tmp_path: Path
 ) -> None:
     """scripts/serve.sh (the README's "run the service"): reuses .venv, exports nothing when the
-    repository already holds a bundle, and serves it on the port it is given."""
+    repository already holds a bundle, and serves it on the port it is given, on loopback only
+    unless told otherwise (no API key is asked for)."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("SEGSERVE_")}
     env |= {
         "SEGSERVE_MODEL_REPOSITORY": str(model_repository),
         "SEGSERVE_PROVIDERS": "cpu",
         "SEGSERVE_INTRA_OP_THREADS": "1",
-        "HOST": "127.0.0.1",
         "PORT": str(port),
     }
     log_path = tmp_path / "serve.log"
@@ -139,6 +155,7 @@ def test_serve_script_serves_an_existing_repository_without_exporting(
                     break
                 time.sleep(0.3)
             assert status == 200, log_path.read_text()
+            assert listening_addresses(port) == {"127.0.0.1"}
             models = httpx.get(f"http://127.0.0.1:{port}/models", timeout=10).json()
             assert sorted(m["name"] for m in models) == sorted(
                 p.name for p in model_repository.iterdir()
