@@ -45,7 +45,8 @@ class HeadAsGet:
     """Answer HEAD as GET without the body (RFC 9110 9.3.2): the same status and headers,
     ``Content-Length`` included. Load balancers and uptime checks probe ``/healthz`` and
     ``/readyz`` with HEAD, and FastAPI's routes take only the methods they name (HEAD was a 405
-    on every route). A HEAD of a POST-only route stays a 405."""
+    on every route). A HEAD of a POST-only route stays a 405. The route the router matched is
+    copied back into the HEAD's scope, so ``RequestMetrics`` counts it under its route."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -60,4 +61,9 @@ class HeadAsGet:
                 message = {**message, "body": b""}
             await send(message)
 
-        await self.app({**scope, "method": "GET"}, receive, send_headers_only)
+        as_get = {**scope, "method": "GET"}
+        try:
+            await self.app(as_get, receive, send_headers_only)
+        finally:
+            if "route" in as_get:
+                scope["route"] = as_get["route"]

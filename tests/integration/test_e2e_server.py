@@ -15,6 +15,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.servers import REPO_ROOT, SegserveServer, start_server
 
@@ -43,6 +44,8 @@ def test_health_ready_and_openapi(server: SegserveServer) -> None:
     body = schema["paths"]["/segment"]["post"]["requestBody"]["content"]
     assert set(body) == {"multipart/form-data", "image/*"}
     assert httpx.get(f"{server.url}/docs").status_code == 200
+    # The README promises the log says a random-init model's masks mean nothing.
+    assert "model tiny is UNTRAINED (exported with --random-init)" in server.log()
 
 
 def test_head_is_answered_as_get_without_a_body(server: SegserveServer) -> None:
@@ -56,6 +59,29 @@ def test_head_is_answered_as_get_without_a_body(server: SegserveServer) -> None:
         assert head.headers["content-type"] == get.headers["content-type"]
     assert httpx.head(f"{server.url}/segment").status_code == 405
     assert httpx.head(f"{server.url}/masks/unknownmaskid0000000000.png").status_code == 404
+
+
+def _requests_by_endpoint(server: SegserveServer, status: str) -> dict[str, float]:
+    text = httpx.get(f"{server.url}/metrics").text
+    return {
+        sample.labels["endpoint"]: sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "segserve_requests_total" and sample.labels["status"] == status
+    }
+
+
+def test_head_requests_are_counted_under_their_route(server: SegserveServer) -> None:
+    """A load balancer's HEAD probes count under the route they hit, as GETs do (they were all
+    ``endpoint="unmatched"``: the route was recorded on the GET copy of the request)."""
+    before = _requests_by_endpoint(server, "200")
+    for _ in range(3):
+        assert httpx.head(f"{server.url}/healthz").status_code == 200
+    assert httpx.head(f"{server.url}/v2/health/ready").status_code == 200
+    after = _requests_by_endpoint(server, "200")
+    assert after["/healthz"] - before.get("/healthz", 0) == 3
+    assert after["/v2/health/ready"] - before.get("/v2/health/ready", 0) == 1
+    assert after.get("unmatched", 0) == before.get("unmatched", 0)
 
 
 def test_unknown_route_is_a_json_404(server: SegserveServer) -> None:
