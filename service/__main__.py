@@ -35,6 +35,7 @@ from types import FrameType
 
 import uvicorn
 from fastapi import FastAPI
+from pydantic import ValidationError
 
 from service.heap import heap
 from service.http import create_app
@@ -130,7 +131,7 @@ def main(argv: list[str] | None = None) -> None:
         settings = Settings()
         app = create_app(settings)
     except ValueError as exc:  # pydantic's ValidationError included
-        print(f"segserve: refusing to start: {exc}", file=sys.stderr)
+        print(f"segserve: refusing to start: {one_line(exc)}", file=sys.stderr)
         sys.exit(2)
     if settings.api_key is None and not is_loopback(args.host):
         log.warning(
@@ -162,6 +163,18 @@ def main(argv: list[str] | None = None) -> None:
     server.run()
     if server.load_failed:
         sys.exit(1)
+
+
+def one_line(error: ValueError) -> str:
+    """Each bad setting as ``SEGSERVE_NAME: why``, joined on one line (pydantic's own text takes
+    three lines a setting, the value included: a secret's too)."""
+    if not isinstance(error, ValidationError):
+        return str(error)
+    return "; ".join(
+        ("SEGSERVE_" + "__".join(str(part) for part in e["loc"]).upper() + ": " if e["loc"] else "")
+        + e["msg"]
+        for e in error.errors()
+    )
 
 
 def is_loopback(host: str) -> bool:

@@ -187,6 +187,11 @@ class Engine:
             self.provider,
             self.postprocess,
         )
+        if not self.bundle.metadata.trained:
+            log.warning(
+                "model %s is UNTRAINED (exported with --random-init): its masks are meaningless",
+                self.name,
+            )
 
     def _device_postprocess(self, runtime: Runtime) -> DevicePostprocess | None:
         """Post-processing sessions on the model's provider (warmed up), or None to post-process

@@ -18,6 +18,7 @@ from pathlib import Path
 import cv2
 import httpx
 import numpy as np
+import pytest
 from PIL import Image
 
 from tests.servers import SegserveServer
@@ -194,10 +195,22 @@ def test_second_sigterm_stops_at_once_with_143(
     assert [o.status for o in outcomes] == [None]  # the abandoned request lost its connection
 
 
-def test_required_key_missing_refuses_to_start(model_repository: Path, tmp_path: Path) -> None:
-    server = SegserveServer(
-        model_repository, tmp_path / "server.log", require_api_key="true", api_key=""
-    )
+@pytest.mark.parametrize(
+    ("settings", "reason"),
+    [
+        ({"require_api_key": "true", "api_key": ""}, "SEGSERVE_REQUIRE_API_KEY is set but"),
+        (
+            {"max_batch_size": "abc", "max_queue_delay_ms": "-1"},
+            "SEGSERVE_MAX_BATCH_SIZE: Input should be a valid integer, unable to parse string as "
+            "an integer; SEGSERVE_MAX_QUEUE_DELAY_MS: Input should be greater than or equal to 0",
+        ),
+    ],
+    ids=["required-key-missing", "malformed-values"],
+)
+def test_unservable_settings_refuse_to_start_in_one_line(
+    model_repository: Path, tmp_path: Path, settings: dict[str, str], reason: str
+) -> None:
+    server = SegserveServer(model_repository, tmp_path / "server.log", **settings)
     try:
         status = server.process.wait(30)
     finally:
@@ -206,4 +219,4 @@ def test_required_key_missing_refuses_to_start(model_repository: Path, tmp_path:
         server.terminate()
     assert status == 2
     (line,) = [line for line in server.log().splitlines() if line.strip()]
-    assert line.startswith("segserve: refusing to start: SEGSERVE_REQUIRE_API_KEY is set but")
+    assert line.startswith(f"segserve: refusing to start: {reason}"), line
