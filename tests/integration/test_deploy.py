@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
-import os
 import re
 import shlex
 import shutil
@@ -20,7 +19,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
 import jsonschema
 import kubernetes_validate
 import numpy as np
@@ -34,7 +32,7 @@ from service.errors import StoreUnavailableError
 from service.http import create_app
 from service.settings import Settings
 from service.store import StoredMask, create_store
-from tests.servers import REDIS_SERVER, free_port, start_server
+from tests.servers import REDIS_SERVER, free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILE = REPO_ROOT / "Dockerfile"
@@ -734,27 +732,6 @@ def bake_command(stages: dict[str, Stage]) -> str:
     """The serve image's RUN line that compiles the Numba kernels into the baked cache."""
     (command,) = [r for r in stage_instructions(stages, "serve", "RUN") if "NUMBA_CACHE_DIR" in r]
     return command
-
-
-def test_the_baked_kernels_are_all_a_server_compiles(
-    model_repository: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The image's bake step, run as written (into an empty cache), leaves nothing for a server
-    to compile at start: baking the label-map kernels alone left the TTA kernels, about 30 s of
-    every container start (deploy probe)."""
-    argv = shlex.split(bake_command(dockerfile_stages()))
-    assignment, program = argv[0], argv[1:]
-    assert assignment.startswith("NUMBA_CACHE_DIR=") and program[0] == "python"
-    cache = tmp_path / "numba-cache"
-    env = {**os.environ, "NUMBA_CACHE_DIR": str(cache)}
-    subprocess.run([sys.executable, *program[1:]], cwd=REPO_ROOT, env=env, check=True)
-    baked = {path: path.stat().st_mtime_ns for path in cache.rglob("*") if path.is_file()}
-    assert any(path.suffix == ".nbc" for path in baked)
-    monkeypatch.setenv("NUMBA_CACHE_DIR", str(cache))
-    for server in start_server(model_repository, tmp_path):  # warms every engine, then stops
-        assert httpx.get(f"{server.url}/readyz").status_code == 200
-    after = {path: path.stat().st_mtime_ns for path in cache.rglob("*") if path.is_file()}
-    assert after == baked, sorted(str(p.relative_to(cache)) for p in set(after) ^ set(baked))
 
 
 def test_numba_cache_is_baked_where_the_server_seeds_it_from() -> None:

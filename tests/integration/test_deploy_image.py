@@ -1,5 +1,6 @@
-"""The serving image's exact CMD and HEALTHCHECK, parsed from the Dockerfile and run as the image
-runs them (no Docker engine here): from a directory holding only ``service/`` (the image's /app),
+"""The serving image's exact kernel bake, CMD and HEALTHCHECK, parsed from the Dockerfile and run
+as the image runs them (no Docker engine here): from a directory holding only ``service/`` and the
+baked cache (the image's /app),
 the image's ENV, its port 8000 inside a private network namespace (so a developer's server on
 8000 does not interfere), and a ``torch`` that fails to import, since the image has none. Also
 ``scripts/serve.sh``, the local "run the service" command, on a repository that has a bundle."""
@@ -9,6 +10,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -21,6 +23,7 @@ import pytest
 
 from tests.integration.test_deploy import (
     REPO_ROOT,
+    bake_command,
     dockerfile_stages,
     exec_form,
     stage_env,
@@ -62,9 +65,22 @@ def can_unshare_network() -> bool:
     return probe.returncode == 0
 
 
-def test_image_cmd_serves_a_bundle_and_healthcheck_follows_readiness(
+def files(directory: Path) -> dict[str, bytes]:
+    return {
+        str(path.relative_to(directory)): path.read_bytes()
+        for path in directory.rglob("*")
+        if path.is_file()
+    }
+
+
+def test_image_bakes_kernels_then_cmd_serves_and_healthcheck_follows_readiness(
     model_repository: Path, tmp_path: Path
 ) -> None:
+    """The serving image's build and start, rehearsed: its bake line, as written, compiles the
+    Numba kernels into WORKDIR/numba-cache; its CMD serves with them copied into the runtime
+    cache and compiles nothing more (baking the label-map kernels alone left the TTA kernels,
+    about 30 s of every container start); its HEALTHCHECK fails before readiness and passes
+    after."""
     if not can_unshare_network():
         pytest.fail("needs `unshare --net` (root or CAP_SYS_ADMIN) and iproute2's `ip`")
     stages = dockerfile_stages()
@@ -73,23 +89,36 @@ def test_image_cmd_serves_a_bundle_and_healthcheck_follows_readiness(
     health = exec_form(health_line[health_line.index("CMD") + 3 :].strip())
     assert exec_form(stage_instructions(stages, "serve-cpu", "CMD")[-1]) == command
 
+    (workdir,) = set(stage_instructions(stages, "serve", "WORKDIR"))
     app = tmp_path / "app"  # the image's WORKDIR: only service/ is copied there
-    app.mkdir()
-    (app / "service").symlink_to(REPO_ROOT / "service")
+    shutil.copytree(
+        REPO_ROOT / "service", app / "service", ignore=shutil.ignore_patterns("__pycache__")
+    )
     (app / "torch").mkdir()
     (app / "torch" / "__init__.py").write_text("raise ImportError('no torch in the image')\n")
-
     env = stage_env(stages, "serve-cpu")  # the GPU image's ENV asks for CUDA, absent here
     venv_bin = str(Path(sys.executable).parent)
     env["PATH"] = env["PATH"].replace("/opt/venv/bin", venv_bin)
+    env["HOME"] = str(tmp_path)
+    env["LANG"] = os.environ.get("LANG", "C.UTF-8")
+
+    assignment, *bake = shlex.split(bake_command(stages))
+    name, baked_in_image = assignment.split("=", 1)
+    assert name == "NUMBA_CACHE_DIR" and bake[0] == "python"
+    baked = app / Path(baked_in_image).relative_to(workdir)
+    subprocess.run(bake, cwd=app, env=env | {name: str(baked)}, check=True, timeout=300)
+    kernels = files(baked)
+    assert any(name.endswith(".nbc") for name in kernels)
+
     env["SEGSERVE_MODEL_REPOSITORY"] = str(model_repository)  # the image mounts it at /models
     env["SEGSERVE_INTRA_OP_THREADS"] = "1"
-    env["HOME"] = str(tmp_path)
+    runtime_cache = tmp_path / Path(env["NUMBA_CACHE_DIR"]).relative_to("/")  # /tmp/numba-cache
+    env["NUMBA_CACHE_DIR"] = str(runtime_cache)
     driver = [sys.executable, "-c", DRIVER, json.dumps(command), json.dumps(health)]
     result = subprocess.run(
         ["unshare", "--net", "--", *driver],
         cwd=app,
-        env=env | {"LANG": os.environ.get("LANG", "C.UTF-8")},
+        env=env,
         capture_output=True,
         text=True,
         timeout=300,
@@ -103,6 +132,8 @@ def test_image_cmd_serves_a_bundle_and_healthcheck_follows_readiness(
     assert report["health_after"] == 0
     assert sorted(report["models"]) == sorted(p.name for p in model_repository.iterdir())
     assert report["exit"] == 0, result.stderr
+    started_with = files(runtime_cache)
+    assert started_with == kernels, sorted(set(started_with) ^ set(kernels))
 
 
 def listening_addresses(port: int) -> set[str]:
