@@ -20,6 +20,7 @@ from service.encodings import (
 from service.http.auth import API_KEY
 from service.http.delivery import request_holding
 from service.http.errors import ERROR_RESPONSES
+from service.http.segment import ONE_VALUE_PER_PARAMETER
 from service.http.state import Services, ServicesDep
 from service.imageio import decode_image
 from service.render import (
@@ -38,7 +39,7 @@ PNG = "image/png"
 # ``encodings.encoding_bytes`` (their measured bytes a pixel are there, shared with /segment's
 # plan).
 OVERLAY_BYTES_PER_PIXEL = 10
-router = APIRouter(dependencies=[API_KEY], responses=ERROR_RESPONSES)
+router = APIRouter(dependencies=[API_KEY, ONE_VALUE_PER_PARAMETER], responses=ERROR_RESPONSES)
 
 
 async def mask_for(request: Request, svc: Services, mask_id: str) -> tuple[StoredMask, np.ndarray]:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Annotated, Literal
 
 import numpy as np
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import Response
 
 from service import errors
@@ -48,6 +48,21 @@ MEDIA_TYPES = {
 # Outputs that encode the label map: their encoder's memory is part of the plan's estimate.
 ENCODED: dict[str, Literal["rle", "polygons"]] = {"rle": "rle", "polygons": "polygons"}
 router = APIRouter()
+
+
+async def one_value_per_parameter(request: Request) -> None:
+    """422 naming each query parameter given more than once: ``scales=0.75&scales=1.25`` (how
+    httpx, requests and ``URLSearchParams`` send a list) was read as its last value alone."""
+    params = request.query_params
+    repeated = sorted({key for key in params if len(params.getlist(key)) > 1})
+    if repeated:
+        raise errors.InvalidParameterError(
+            f"query parameters given more than once: {', '.join(repeated)}; each takes one "
+            "value (scales one comma list, e.g. scales=0.75,1,1.25)"
+        )
+
+
+ONE_VALUE_PER_PARAMETER = Depends(one_value_per_parameter)
 
 
 def parse_size(name: str, text: str | None) -> tuple[int, int] | None:
@@ -105,7 +120,7 @@ def segment_options(query: SegmentQuery) -> SegmentOptions:
         },
     },
     openapi_extra=IMAGE_BODY,
-    dependencies=[API_KEY],
+    dependencies=[API_KEY, ONE_VALUE_PER_PARAMETER],
 )
 async def segment(
     request: Request,

@@ -384,6 +384,20 @@ BAD_INPUTS = [
         422,
         "invalid_parameter",
     ),
+    (
+        "repeated scales",  # how httpx, requests and URLSearchParams send a list: was 1.25 alone
+        {"files": {"image": ("a.png", "OK")}},
+        {"scales": ["0.75", "1.25"]},
+        422,
+        "invalid_parameter",
+    ),
+    (
+        "repeated flip",
+        {"files": {"image": ("a.png", "OK")}},
+        {"flip": ["true", "false"]},
+        422,
+        "invalid_parameter",
+    ),
 ]
 
 

@@ -92,6 +92,9 @@ def test_stored_mask_offers_the_same_encodings(client: TestClient, photo: np.nda
     assert client.get(overlay, params={"opacity": 0.5}).content == client.get(overlay).content
     assert client.get(overlay, params={"opacity": 0}).content != client.get(overlay).content
     assert client.get(overlay, params={"opacity": 1.5}).status_code == 422
+    repeated = client.get(overlay, params={"opacity": [0, 1]})
+    assert (repeated.status_code, repeated.json()["error"]) == (422, "invalid_parameter")
+    assert "given more than once: opacity" in repeated.json()["message"]
 
 
 def test_probabilities_are_the_reference_tta_softmax(
