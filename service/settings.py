@@ -25,7 +25,10 @@ _RUNTIME = RuntimeSettings()
 class Settings(BaseSettings):
     """Everything the server can be told; defaults suit a single CPU or GPU box."""
 
-    model_config = SettingsConfigDict(env_prefix="SEGSERVE_", extra="ignore", frozen=True)
+    # Errors leave the values out: a refused key or store URL would otherwise reach the log.
+    model_config = SettingsConfigDict(
+        env_prefix="SEGSERVE_", extra="ignore", frozen=True, hide_input_in_errors=True
+    )
 
     model_repository: Path = Path("model_repository")
     default_model: str | None = None
@@ -108,6 +111,18 @@ class Settings(BaseSettings):
         """Surrounding whitespace (the newline of a key file) dropped; empty means none."""
         if isinstance(value, str):
             value = value.strip() or None
+        return value
+
+    @field_validator("api_key")
+    @classmethod
+    def _sendable_key(cls, value: SecretStr | None) -> SecretStr | None:
+        """Clients send the key in a header, which carries printable ASCII: any other character
+        is read differently by clients, browsers and the server, so no call would match."""
+        if value is not None and not re.fullmatch(r"[\x20-\x7e]+", value.get_secret_value()):
+            raise ValueError(
+                "api_key must be printable ASCII (clients send it in the X-API-Key header); "
+                "the key given has other characters"
+            )
         return value
 
     @field_validator("cors_origins", mode="before")

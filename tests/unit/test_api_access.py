@@ -102,6 +102,17 @@ def test_key_file_newline_is_not_part_of_the_key() -> None:
     assert settings.api_key is not None and settings.api_key.get_secret_value() == KEY
 
 
+def test_a_key_no_client_can_send_refuses_to_start() -> None:
+    """A header carries ASCII: curl and httpx sent 'ключ-ü' as UTF-8, Starlette read it as
+    Latin-1, and every call was a 401; a browser's fetch refused to send it at all."""
+    for unsendable in ("ключ-ü", "tab\tinside", "bell\x07"):
+        with pytest.raises(ValueError, match="printable ASCII") as refused:
+            Settings(api_key=unsendable)
+        assert unsendable not in str(refused.value)  # the secret stays out of the log
+    settings = Settings(api_key="with space-and_symbols!~")
+    assert settings.api_key is not None
+
+
 def test_cross_origin_requests_are_refused_unless_listed(
     keyed: TestClient, photos: dict[str, np.ndarray]
 ) -> None:
