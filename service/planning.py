@@ -177,7 +177,15 @@ def plan_request(
     inputs = 0
     for scaled_w, scaled_h in sizes:
         if scaled_w < 1 or scaled_h < 1:
-            raise InvalidParameterError(f"a scale makes the {width}x{height} image empty")
+            if options.scales is None:
+                raise InvalidParameterError(
+                    f"the model's test resize to {test_config.resize_scale} (keeping the aspect "
+                    f"ratio, as mmseg does) makes the {width}x{height} image {scaled_w}x"
+                    f"{scaled_h}: ask for scales=1 to run it at its own size"
+                )
+            raise InvalidParameterError(
+                f"a scale makes the {width}x{height} image {scaled_w}x{scaled_h}, empty"
+            )
         if scaled_w * scaled_h > limits.max_pixels:
             raise InvalidParameterError(
                 f"a scale makes the image {scaled_w}x{scaled_h}, over {limits.max_pixels} pixels"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import tracemalloc
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -207,3 +208,21 @@ def test_rle_and_polygon_answers_are_held_with_their_encoder(windowed_bundle: Bu
     assert answer_bytes(rle, metadata.num_classes) == 12 * 620 * 620 + (16 << 20)
     assert answer_bytes(polygons, metadata.num_classes) == 24 * 620 * 620 + 600 * 385_641
     assert answer_bytes(rle, 300) == 24 * 620 * 620 + (16 << 20)  # 16-bit labels
+
+
+def test_a_strip_the_test_resize_empties_is_refused_with_what_to_ask(tmp_path: Path) -> None:
+    """ADE20K's keep-ratio resize to (2048, 512) takes a 5000x1 strip to 2048x0 (mmseg cannot run
+    it either): the refusal names the resize and the option that runs the strip, not "a scale",
+    which the request never gave."""
+    ade = write_tiny_bundle(
+        tmp_path / "ade",
+        test_config=TestConfig(mode="whole", resize_scale=(2048, 512)),
+    )
+    with pytest.raises(
+        InvalidParameterError,
+        match=r"test resize to \(2048, 512\).*makes the 5000x1 image 2048x0: ask for scales=1",
+    ):
+        plan_request(ade.metadata, SegmentOptions(), 1, 5000, Limits())
+    assert plan_request(ade.metadata, SegmentOptions(scales=(1.0,)), 1, 5000, Limits()).passes
+    with pytest.raises(InvalidParameterError, match=r"a scale makes the 5000x1 image 0x0, empty"):
+        plan_request(ade.metadata, SegmentOptions(scales=(0.25,)), 1, 5000, Limits())
