@@ -121,6 +121,14 @@ async def _from_multipart(request: Request, body: bytes) -> bytes:
             )
         raise errors.InvalidImageError("multipart body has no file field named 'image'")
     try:
+        # Options are read from the query string only: a form field (-F model=b2) would be
+        # silently ignored, and the answer come from the default model.
+        others = sorted(set(form.keys()) - {"image"})
+        if others:
+            raise errors.InvalidParameterError(
+                f"multipart fields other than 'image' are not read: {', '.join(others)}; "
+                "options go in the query string, e.g. /segment?model=NAME&mode=slide"
+            )
         return await upload.read()
     finally:
         await form.close()

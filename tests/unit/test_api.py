@@ -622,3 +622,16 @@ def test_a_multipart_body_cut_short_is_named_as_such(
     )
     assert wrong.status_code == 400
     assert "no file field named 'image'" in wrong.json()["message"]
+
+
+def test_options_sent_as_form_fields_are_refused_by_name(
+    client: TestClient, chelsea: np.ndarray
+) -> None:
+    """``curl -F image=@a.png -F model=tiny-float`` was answered by the default model, the field
+    silently ignored: options are read from the query string only."""
+    files = {"image": ("c.png", png_bytes(chelsea))}
+    refused = client.post("/segment", files=files, data={"model": "tiny-float", "flip": "true"})
+    assert refused.status_code == 422
+    assert refused.json()["error"] == "invalid_parameter"
+    assert "not read: flip, model; options go in the query string" in refused.json()["message"]
+    assert client.post("/segment", files=files, params={"model": "tiny-float"}).status_code == 200
