@@ -61,6 +61,10 @@ async def mask_for(request: Request, svc: Services, mask_id: str) -> tuple[Store
 def cached(svc: Services, content: bytes | memoryview, media_type: str = PNG) -> Response:
     ttl = int(svc.settings.mask_ttl_s)
     headers = {"Cache-Control": f"private, max-age={ttl}"}
+    if svc.settings.api_key is not None:
+        # A browser keeps these: without Vary it answered them from its cache after the key was
+        # cleared from the page, to whoever used the browser next.
+        headers["Vary"] = "X-API-Key, Authorization"
     return Response(content, media_type=media_type, headers=headers)
 
 

@@ -176,3 +176,19 @@ def test_cors_origins_setting(monkeypatch: pytest.MonkeyPatch) -> None:
     for bad in ("*", "https://a.example/app", "a.example"):
         with pytest.raises(ValueError, match="scheme://host"):
             Settings(cors_origins=bad)
+
+
+def test_stored_masks_are_cached_per_key(keyed: TestClient, photos: dict[str, np.ndarray]) -> None:
+    """Browsers cache mask renderings (private, max-age): with a key they must vary on it, or a
+    cleared key still shows the masks from the cache."""
+    with_key = {"x-api-key": KEY}
+    headers = {"content-type": "image/png", **with_key}
+    stored = keyed.post("/segment", content=png_body(photos), headers=headers).json()
+    for url in stored["urls"].values():
+        response = keyed.get(url, headers=with_key)
+        assert response.status_code == 200, url
+        assert response.headers["cache-control"].startswith("private, max-age=")
+        assert {v.strip().lower() for v in response.headers["vary"].split(",")} >= {
+            "x-api-key",
+            "authorization",
+        }, url
