@@ -82,6 +82,13 @@ def load(
             f"{where}: checkpoint holds {name} (read from the {fmt} weights), "
             f"not the requested {model_name}"
         )
+    if not any(key.startswith("decode_head.") for key in state_dict):
+        raise CheckpointError(
+            f"{where}: holds a {name} encoder without a decode head (no decode_head.* keys: "
+            "a transformers SegformerModel, or an ImageNet-pretrained MiT backbone); export a "
+            "checkpoint trained for segmentation (SegformerForSemanticSegmentation, or mmseg's "
+            "or NVlabs' whole model)"
+        )
     num_classes = _shape0(state_dict, CLASSIFIER_KEYS[fmt], where, fmt)
     model = SegFormer(
         name,

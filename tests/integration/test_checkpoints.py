@@ -463,6 +463,20 @@ def test_wrong_variant_named(hf_dir: Path) -> None:
         load_checkpoint(hf_dir, model_name="segformer-b2")
 
 
+def test_an_encoder_without_its_decode_head_is_named_as_such(
+    tmp_path: Path, reference: nn.Module
+) -> None:
+    """transformers' SegformerModel (the encoder ``SegformerForSemanticSegmentation`` wraps)
+    saved alone: the error said only "missing key decode_head.classifier.weight"."""
+    encoder = tmp_path / "encoder"
+    reference.segformer.save_pretrained(encoder)
+    with pytest.raises(
+        CheckpointError,
+        match=r"holds a segformer-b0 encoder without a decode head .*SegformerForSemanticSeg",
+    ):
+        load_checkpoint(encoder)
+
+
 @pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
 def test_truncated_file(tmp_path: Path, reference: nn.Module, suffix: str) -> None:
     path = tmp_path / f"cut{suffix}"
