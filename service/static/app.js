@@ -6,10 +6,13 @@
 
 const $ = (id) => document.getElementById(id);
 let chosenFile = null;
-const objectUrls = [];
 // The last result: its JSON, the options it was made with, and its label map (column-major,
-// as COCO RLE stores it) for naming the class under the cursor.
+// as COCO RLE stores it) for naming the class under the cursor; null while none is shown.
 let shown = null;
+// The Segment in flight and the opacity re-render in flight: aborted when they become stale, so
+// a late response never replaces a newer one.
+let segmenting = null;
+let overlayRequest = null;
 const EXTENSIONS = { png: "png", labels: "png", overlay: "png", rle: "json", polygons: "geojson", probabilities: "npy" };
 
 function headers() {
@@ -50,8 +53,22 @@ async function loadModels() {
   updateButton();
 }
 
+// Results go as soon as they stop matching the form (a new file, a new Segment), so a failure
+// that follows never leaves the previous result on screen.
+function clearResults() {
+  segmenting?.abort();
+  segmenting = null;
+  overlayRequest?.abort();
+  shown = null;
+  $("results").hidden = true;
+  $("untrained").hidden = true;
+  $("hover").textContent = "";
+}
+
 function choose(file) {
   if (!file) return;
+  if (segmenting) $("status").textContent = "cancelled";
+  clearResults();
   chosenFile = file;
   const preview = $("preview");
   URL.revokeObjectURL(preview.src);
@@ -61,19 +78,45 @@ function choose(file) {
 }
 
 function updateButton() {
-  $("run").disabled = !(chosenFile && $("model").value);
+  $("run").disabled = !(chosenFile && $("model").value) || segmenting !== null;
 }
 
-async function fetchImage(url, img) {
-  const response = await fetch(url, { headers: headers() });
+// Fetches and decodes an image off-screen; resolves to its object URL, or throws (an aborted
+// request included, its URL released) so that only complete, current images are shown.
+async function loadImage(url, signal) {
+  const response = await fetch(url, { headers: headers(), signal });
   if (!response.ok) throw new Error(await errorMessage(response));
   const objectUrl = URL.createObjectURL(await response.blob());
-  objectUrls.push(objectUrl);
-  await new Promise((resolve, reject) => {
-    img.onload = resolve;
-    img.onerror = () => reject(new Error(`could not show ${url}`));
-    img.src = objectUrl;
-  });
+  const probe = new Image();
+  probe.src = objectUrl;
+  try {
+    await probe.decode().catch(() => Promise.reject(new Error(`could not show ${url}`)));
+    signal.throwIfAborted();
+  } catch (error) {
+    URL.revokeObjectURL(objectUrl);
+    throw error;
+  }
+  return objectUrl;
+}
+
+// All or nothing: if one image fails, the others' URLs are released too.
+async function loadImages(urls, signal) {
+  const settled = await Promise.allSettled(urls.map((url) => loadImage(url, signal)));
+  const failed = settled.find((s) => s.status === "rejected");
+  if (!failed) return settled.map((s) => s.value);
+  for (const s of settled) if (s.status === "fulfilled") URL.revokeObjectURL(s.value);
+  throw failed.reason;
+}
+
+function showImage(img, objectUrl) {
+  if (img.src.startsWith("blob:")) URL.revokeObjectURL(img.src);
+  img.src = objectUrl;
+}
+
+async function fetchJson(url, signal) {
+  const response = await fetch(url, { headers: headers(), signal });
+  if (!response.ok) throw new Error(await errorMessage(response));
+  return response.json();
 }
 
 function renderLegend(classes) {
@@ -113,10 +156,10 @@ function withOutput(params, output) {
   return copy;
 }
 
-function postImage(params, file) {
+function postImage(params, file, signal) {
   const form = new FormData();
   form.append("image", file);
-  return fetch(`/segment?${params}`, { method: "POST", body: form, headers: headers() });
+  return fetch(`/segment?${params}`, { method: "POST", body: form, headers: headers(), signal });
 }
 
 // pycocotools' compressed RLE counts (rleFrString): 5-bit groups, low first, 0x20 = more follows,
@@ -153,22 +196,45 @@ function labelMap(rle) {
   return labels;
 }
 
-function overlayUrl() {
-  return `${shown.result.urls.overlay}?opacity=${$("opacity").value / 100}`;
+function overlayUrl(result) {
+  return `${result.urls.overlay}?opacity=${$("opacity").value / 100}`;
 }
 
+async function refreshOverlay() {
+  overlayRequest?.abort();
+  const controller = (overlayRequest = new AbortController());
+  try {
+    showImage($("overlay"), await loadImage(overlayUrl(shown.result), controller.signal));
+  } catch (error) {
+    if (!controller.signal.aborted) showError(error.message);
+  }
+}
+
+function markHovered(id) {
+  for (const row of $("legend").tBodies[0].rows) row.classList.toggle("hovered", Number(row.dataset.classId) === id);
+}
+
+// The pixel under the cursor, from the shown box (fractional CSS pixels) rather than clientWidth
+// (whole ones); clamped, since the cursor on the bottom/right edge lands one past the last pixel.
 function showHover(event) {
-  const img = $("overlay");
-  if (!shown || !shown.labels || !img.naturalWidth) return;
-  const x = Math.floor((event.offsetX * img.naturalWidth) / img.clientWidth);
-  const y = Math.floor((event.offsetY * img.naturalHeight) / img.clientHeight);
+  if (!shown?.labels) return;
   const { width, height } = shown.result;
-  if (x < 0 || y < 0 || x >= width || y >= height) return;
+  const box = $("overlay").getBoundingClientRect();
+  const clamp = (value, size) => Math.min(Math.max(value, 0), size - 1);
+  const x = clamp(Math.floor(((event.clientX - box.left) * width) / box.width), width);
+  const y = clamp(Math.floor(((event.clientY - box.top) * height) / box.height), height);
   const id = shown.labels[x * height + y];
   const found = shown.result.classes.find((c) => c.id === id);
   $("hover").textContent = `${found ? found.name : "class"} (${id}) at ${x}, ${y}`;
   $("hover").dataset.classId = id;
-  for (const row of $("legend").tBodies[0].rows) row.classList.toggle("hovered", Number(row.dataset.classId) === id);
+  markHovered(id);
+}
+
+function clearHover() {
+  if (!shown?.labels) return;  // keeps the note that the readout is unavailable
+  $("hover").textContent = "";
+  delete $("hover").dataset.classId;
+  markHovered(null);
 }
 
 async function download(event) {
@@ -180,7 +246,7 @@ async function download(event) {
     const response =
       encoding === "probabilities"
         ? await postImage(withOutput(shown.params, "probabilities"), shown.file)
-        : await fetch(encoding === "overlay" ? overlayUrl() : shown.result.urls[encoding], { headers: headers() });
+        : await fetch(encoding === "overlay" ? overlayUrl(shown.result) : shown.result.urls[encoding], { headers: headers() });
     if (!response.ok) throw new Error(await errorMessage(response));
     const url = URL.createObjectURL(await response.blob());
     const link = document.createElement("a");
@@ -195,30 +261,36 @@ async function download(event) {
   }
 }
 
+// The result is shown only once all of it has arrived; the RLE only feeds the hover readout, so
+// its failure turns that readout off instead of failing the result.
 async function segment(event) {
   event.preventDefault();
+  clearResults();
   showError("");
-  $("run").disabled = true;
+  const controller = (segmenting = new AbortController());
+  const { signal } = controller;
+  updateButton();
   $("status").textContent = "segmenting…";
   const params = segmentParams("json");  // kept for the probabilities download
   const file = chosenFile;
   try {
-    const response = await postImage(params, file);
+    const response = await postImage(params, file, signal);
     if (!response.ok) throw new Error(await errorMessage(response));
     const result = await response.json();
-    while (objectUrls.length) URL.revokeObjectURL(objectUrls.pop());
-    shown = { result, file, params, labels: null };
-    $("hover").textContent = "";
-    const rle = fetch(result.urls.rle, { headers: headers() }).then(async (r) => {
-      if (!r.ok) throw new Error(await errorMessage(r));
-      return r.json();
-    });
-    await Promise.all([
-      fetchImage(overlayUrl(), $("overlay")),
-      fetchImage(result.urls.png, $("mask")),
-      rle.then((body) => (shown.labels = labelMap(body))),
-    ]);
+    const rle = fetchJson(result.urls.rle, signal).then(labelMap).catch((error) => error);
+    const [overlay, mask] = await loadImages([overlayUrl(result), result.urls.png], signal);
+    const labels = await rle;
+    if (signal.aborted) {
+      URL.revokeObjectURL(overlay);
+      URL.revokeObjectURL(mask);
+      return;
+    }
+    const readable = !(labels instanceof Error);
+    shown = { result, file, params, labels: readable ? labels : null };
+    showImage($("overlay"), overlay);
+    showImage($("mask"), mask);
     renderLegend(result.classes);
+    $("hover").textContent = readable ? "" : `no class readout (${labels.message})`;
     $("untrained").hidden = result.trained;
     $("timing").textContent =
       `${result.width}×${result.height} px, ${result.num_inputs} model input(s), ` +
@@ -226,9 +298,11 @@ async function segment(event) {
     $("results").hidden = false;
     $("status").textContent = `done: mask ${result.mask_id}`;
   } catch (error) {
+    if (signal.aborted) return;
     showError(error.message);
     $("status").textContent = "failed";
   } finally {
+    if (segmenting === controller) segmenting = null;
     updateButton();
   }
 }
@@ -245,8 +319,9 @@ $("file").addEventListener("change", (e) => choose(e.target.files[0]));
 $("model").addEventListener("change", updateButton);
 $("form").addEventListener("submit", segment);
 $("overlay").addEventListener("mousemove", showHover);
+$("overlay").addEventListener("mouseleave", clearHover);
 $("opacity").addEventListener("change", () => {
-  if (shown) fetchImage(overlayUrl(), $("overlay")).catch((error) => showError(error.message));
+  if (shown) refreshOverlay();
 });
 for (const link of $("downloads").querySelectorAll("a")) link.addEventListener("click", download);
 loadModels();

@@ -4,6 +4,7 @@ pick or drop a photo, choose options, see the overlay, the mask and the legend, 
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import shutil
 from collections.abc import Iterator
@@ -14,7 +15,8 @@ import httpx
 import numpy as np
 import pytest
 from PIL import Image
-from playwright.sync_api import Browser, Page, sync_playwright
+from playwright.sync_api import Browser, Page, Route, sync_playwright
+from playwright.sync_api import Error as PlaywrightError
 
 from service.bundle import load_bundle
 from tests.servers import SegserveServer, start_server
@@ -279,3 +281,171 @@ def test_hover_opacity_and_downloads(
             probabilities = np.load(io.BytesIO(content))
             assert probabilities.shape == (len(meta.classes), *labels.shape)
             assert (probabilities.argmax(axis=0) == labels).mean() >= 0.999
+
+
+def run_segment(page: Page) -> str:
+    """Click Segment and wait for it to end; the status it ended with."""
+    page.click("#run")
+    page.wait_for_function(
+        "/^(done|failed)/.test(document.querySelector('#status').textContent)", timeout=30_000
+    )
+    return page.text_content("#status") or ""
+
+
+def natural_size(page: Page, selector: str) -> list[int]:
+    return page.eval_on_selector(selector, "e => [e.naturalWidth, e.naturalHeight]")
+
+
+def served_overlay(server: SegserveServer, mask: str, opacity: float) -> bytes:
+    return httpx.get(f"{server.url}/masks/{mask}/overlay.png?opacity={opacity}").content
+
+
+def overlay_bytes(page: Page) -> bytes:
+    """The bytes of the overlay the page shows."""
+    return bytes(
+        page.evaluate(
+            """async () => {
+            const blob = await (await fetch(document.querySelector('#overlay').src)).blob();
+            return [...new Uint8Array(await blob.arrayBuffer())];
+        }"""
+        )
+    )
+
+
+def set_opacity(page: Page, percent: int) -> None:
+    page.eval_on_selector(
+        "#opacity", "(e, v) => { e.value = v; e.dispatchEvent(new Event('change')); }", percent
+    )
+
+
+def wait_for_item(page: Page, items: list) -> None:
+    """Wait for an event handler to have added to items (handlers run while Playwright waits)."""
+    for _ in range(500):
+        if items:
+            return
+        page.wait_for_timeout(20)
+    raise AssertionError("the event did not come")
+
+
+def test_no_stale_or_partial_result(
+    page: Page, photos: dict[str, np.ndarray], tmp_path: Path
+) -> None:
+    """A new file hides the old result; a failed Segment (or a failed overlay fetch after it)
+    shows none; the RLE failing only turns the class readout off, the rest is the new result."""
+    first = photos["astronaut"][::8, ::8].copy()  # 64x64
+    second = photos["coffee"][::8, ::8].copy()  # 50x75
+    page.set_input_files("#file", png_file(first, tmp_path / "first.png"))
+    assert run_segment(page).startswith("done")
+    page.set_input_files("#file", png_file(second, tmp_path / "second.png"))
+    assert page.is_hidden("#results")
+
+    def busy(route: Route) -> None:
+        route.fulfill(status=503, json={"error": "overloaded", "message": "busy"})
+
+    page.route("**/overlay.png*", busy)
+    assert run_segment(page) == "failed"
+    assert page.text_content("#error") == "503: busy"
+    assert page.is_hidden("#results")
+    page.unroute("**/overlay.png*")
+
+    page.route("**/rle.json", busy)
+    assert run_segment(page).startswith("done")
+    assert page.is_hidden("#error") and page.is_visible("#results")
+    assert natural_size(page, "#overlay") == natural_size(page, "#mask") == [75, 50]
+    assert (page.text_content("#timing") or "").startswith("75×50 px")
+    assert page.text_content("#hover") == "no class readout (503: busy)"
+    page.hover("#overlay")
+    assert page.text_content("#hover") == "no class readout (503: busy)"
+
+    page.set_input_files("#file", {"name": "x.txt", "mimeType": "text/plain", "buffer": b"text"})
+    assert run_segment(page) == "failed"
+    assert (page.text_content("#error") or "").startswith("415:")
+    assert page.is_hidden("#results")
+
+
+def test_late_overlays_never_replace_newer_ones(
+    page: Page, server: SegserveServer, photos: dict[str, np.ndarray], tmp_path: Path
+) -> None:
+    """An overlay response held back until a newer one is shown (a later opacity, a new photo)
+    is dropped, and replaced overlays release their object URLs."""
+    page.set_input_files(
+        "#file", png_file(photos["astronaut"][::8, ::8].copy(), tmp_path / "a.png")
+    )
+    assert run_segment(page).startswith("done")
+    mask = mask_id(page)
+    page.evaluate(
+        """() => {
+            window.liveUrls = new Set();
+            const create = URL.createObjectURL, revoke = URL.revokeObjectURL;
+            URL.createObjectURL = (blob) => {
+                const url = create(blob);
+                liveUrls.add(url);
+                return url;
+            };
+            URL.revokeObjectURL = (url) => { liveUrls.delete(url); revoke(url); };
+        }"""
+    )
+    held: list[Route] = []
+
+    def hold(url: str) -> bool:  # this mask's overlays at 20% and 40%
+        return mask in url and ("opacity=0.2" in url or "opacity=0.4" in url)
+
+    page.route(hold, lambda route: held.append(route))
+    set_opacity(page, 20)
+    wait_for_item(page, held)
+    for percent in (30, 70):
+        before = page.get_attribute("#overlay", "src")
+        set_opacity(page, percent)
+        page.wait_for_function(
+            "(old) => document.querySelector('#overlay').src !== old", arg=before
+        )
+    with contextlib.suppress(PlaywrightError):  # the page may have aborted it already
+        held.pop().fulfill(body=served_overlay(server, mask, 0.2), content_type="image/png")
+    page.wait_for_timeout(500)  # ample for a late 64x64 overlay to land
+    assert overlay_bytes(page) == served_overlay(server, mask, 0.7)
+    assert page.evaluate("liveUrls.size") == 1  # of those made since: the shown overlay's
+
+    # An opacity change, then a new photo segmented before its overlay arrives.
+    set_opacity(page, 40)
+    wait_for_item(page, held)
+    page.set_input_files("#file", png_file(photos["coffee"][::8, ::8].copy(), tmp_path / "c.png"))
+    assert run_segment(page).startswith("done")
+    with contextlib.suppress(PlaywrightError):
+        held.pop().fulfill(body=served_overlay(server, mask, 0.4), content_type="image/png")
+    page.wait_for_timeout(500)
+    assert natural_size(page, "#overlay") == [75, 50]
+
+
+def test_hover_edges_and_leave(
+    page: Page, server: SegserveServer, photos: dict[str, np.ndarray], tmp_path: Path
+) -> None:
+    """The readout names the last row's and column's pixels (the overlay shown at a fractional
+    size), and clears when the cursor leaves the image."""
+    page.set_input_files(
+        "#file", png_file(photos["astronaut"][::8, ::8].copy(), tmp_path / "a.png")
+    )
+    assert run_segment(page).startswith("done")
+    labels_png = httpx.get(f"{server.url}/masks/{mask_id(page)}/labels.png").content
+    labels = cv2.imdecode(np.frombuffer(labels_png, np.uint8), cv2.IMREAD_UNCHANGED)
+    page.eval_on_selector("#overlay", "e => { e.style.width = '200.4px'; }")
+    page.locator("#overlay").scroll_into_view_if_needed()
+    box = page.locator("#overlay").bounding_box()
+    assert box is not None
+    edges = {  # (row, column) of the pixel: the cursor's (x, y) there
+        (63, 12): (box["x"] + 40, box["y"] + box["height"] - 0.2),
+        (30, 63): (box["x"] + box["width"] - 0.2, box["y"] + 95),
+    }
+    for (row, column), (x, y) in edges.items():
+        # First a pixel of another class, so a readout left from it shows.
+        other = np.argwhere(labels != labels[row, column])[0]
+        scale = box["width"] / 64
+        page.mouse.move(box["x"] + (other[1] + 0.5) * scale, box["y"] + (other[0] + 0.5) * scale)
+        page.mouse.move(x, y)
+        page.wait_for_function(
+            "(text) => document.querySelector('#hover').textContent.endsWith(text)",
+            arg=f"({labels[row, column]}) at {column}, {row}",
+            timeout=5_000,
+        )
+    page.mouse.move(box["x"] + box["width"] + 20, box["y"] + 10)
+    assert page.text_content("#hover") == ""
+    assert page.query_selector("#legend tr.hovered") is None
