@@ -15,7 +15,7 @@ import httpx
 import numpy as np
 import pytest
 from PIL import Image
-from playwright.sync_api import Browser, Page, Route, sync_playwright
+from playwright.sync_api import Browser, FileChooser, Page, Route, sync_playwright
 from playwright.sync_api import Error as PlaywrightError
 
 from service.bundle import load_bundle
@@ -449,3 +449,42 @@ def test_hover_edges_and_leave(
     page.mouse.move(box["x"] + box["width"] + 20, box["y"] + 10)
     assert page.text_content("#hover") == ""
     assert page.query_selector("#legend tr.hovered") is None
+
+
+def test_keyboard_picks_a_file(page: Page, photos: dict[str, np.ndarray], tmp_path: Path) -> None:
+    """Tab reaches the file picker, its drop zone shows the focus, and Enter opens it."""
+    choosers: list[FileChooser] = []
+    # Listening early: Playwright starts intercepting choosers asynchronously.
+    page.on("filechooser", lambda chooser: choosers.append(chooser))
+    for _ in range(3):
+        page.keyboard.press("Tab")
+        if page.evaluate("document.activeElement.id") == "file":
+            break
+    assert page.evaluate("document.activeElement.id") == "file"
+    assert page.eval_on_selector("#drop", "e => getComputedStyle(e).outlineStyle") == "solid"
+    page.keyboard.press("Enter")
+    wait_for_item(page, choosers)
+    choosers[0].set_files(png_file(photos["rocket"][::8, ::8].copy(), tmp_path / "r.png"))
+    page.wait_for_selector("#preview", state="visible")
+    assert page.is_enabled("#run")
+
+
+def test_fits_a_phone_screen(page: Page) -> None:
+    """A long model name does not widen the page past a 375 px screen."""
+    page.set_viewport_size({"width": 375, "height": 800})
+    page.eval_on_selector(
+        "#model", "e => e.add(new Option('segformer-b5-cityscapes-1024x1024 (segformer, cuda)'))"
+    )
+    assert page.evaluate("document.documentElement.scrollWidth") <= 375
+
+
+def test_page_icon_loads(page: Page) -> None:
+    """The icon a browser loads for the page exists: without one, every page load logged a 404
+    for /favicon.ico (when Chromium asks for it is not something a test can wait for)."""
+    status = page.evaluate(
+        """async () => {
+            const link = document.querySelector("link[rel~='icon']");
+            return (await fetch(link ? link.href : "/favicon.ico")).status;
+        }"""
+    )
+    assert status == 200
