@@ -9,11 +9,17 @@ pod), for as long as they stayed open. Here a connection gets ``head_timeout_s``
 request's head, from its opening or from the end of the previous answer, and is closed
 otherwise; requests in progress beyond ``max_connections`` get the service's JSON 503 with
 ``Retry-After``, counted in ``segserve_rejected_total``, and the probes are always served.
+
+A connection given up on is aborted, not closed: ``close()`` first flushes what is buffered,
+which for a client that does not read is never, and the socket stayed the server's with the
+answer's unsent tail. Each request's scope carries the abort (``ABORT``) for the answer's
+deadline (``service/http/delivery.py``).
 """
 
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -31,6 +37,8 @@ from service.http.errors import (
 
 # Cheap answers orchestrators and scrapers need most when the server is busiest.
 PROBES = frozenset({"/healthz", "/readyz", "/v2/health/live", "/v2/health/ready", "/metrics"})
+# Scope extension: drops the request's connection at once, whatever is left unsent.
+ABORT = "segserve.abort"
 
 
 def head_deadline_protocol(head_timeout_s: float) -> type[H11Protocol]:
@@ -39,6 +47,21 @@ def head_deadline_protocol(head_timeout_s: float) -> type[H11Protocol]:
 
     class HeadDeadlineProtocol(H11Protocol):
         _head_timer: asyncio.TimerHandle | None = None
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            app = self.app
+
+            async def with_abort(scope: Scope, receive: Receive, send: Send) -> None:
+                scope["extensions"] = {**scope.get("extensions", {}), ABORT: self.abort}
+                await app(scope, receive, send)
+
+            self.app = with_abort
+
+        def abort(self) -> None:
+            """Drop the connection now: uvicorn then sees the client gone (no close waiting on
+            a client that does not read, no "returned without completing response")."""
+            self.transport.abort()
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
@@ -61,7 +84,11 @@ def head_deadline_protocol(head_timeout_s: float) -> type[H11Protocol]:
             def expire() -> None:
                 idle = waiting is None or waiting.response_complete
                 if self.cycle is waiting and idle and not self.transport.is_closing():
-                    self.transport.close()
+                    # The last answer's tail still buffered: the client is not reading it.
+                    if self.transport.get_write_buffer_size():
+                        self.transport.abort()
+                    else:
+                        self.transport.close()
 
             self._head_timer = self.loop.call_later(head_timeout_s, expire)
 
