@@ -70,6 +70,24 @@ def test_requests_hold_their_plan_and_release_it(
         assert admission.held == 0
 
 
+def test_a_multipart_form_holds_its_parsing(
+    model_repository: Path, photos: dict[str, np.ndarray]
+) -> None:
+    """Parsing a form takes three times its body (the parser's copy, then the image read out of
+    it), where the body alone was held: within a budget of twice the body, the form is refused
+    while it parses, and the same image as a raw body passes that stage."""
+    body = _png(photos["chelsea"])
+    with make_client(model_repository, max_inflight_bytes=2 * len(body) + 50_000) as client:
+        wait_ready(client)
+        admission = client.app.state.services.admission  # type: ignore[attr-defined]
+        form = client.post("/segment", files={"image": ("c.png", body)})
+        assert form.status_code == 413, form.text
+        assert form.json()["message"].startswith("parsing the multipart form needs")
+        raw = client.post("/segment", content=body, headers={"content-type": "image/png"})
+        assert "multipart" not in raw.json()["message"]  # refused later: the decoded image
+        assert admission.held == 0
+
+
 def test_an_overlay_holds_its_bytes_while_it_renders(
     model_repository: Path, photos: dict[str, np.ndarray]
 ) -> None:
