@@ -28,6 +28,7 @@ from service.http.connections import ABORT
 
 log = logging.getLogger("segserve.http")
 PIECE = 256 * 1024  # bytes per write once the socket has drained
+ANSWER_DROPPED = "answer_dropped"  # request state: the client did not take its answer in time
 
 
 def request_holding(request: Request) -> Holding:
@@ -77,6 +78,7 @@ class AnswerDelivery:
                             )
                 except TimeoutError:
                     abandoned = True
+                    scope["state"][ANSWER_DROPPED] = True  # counted as 499, not its status
                     abort = scope.get("extensions", {}).get(ABORT)
                     if abort is not None:
                         abort()

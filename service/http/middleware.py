@@ -6,6 +6,9 @@ import time
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.errors import ClientClosedError
+from service.http.delivery import ANSWER_DROPPED
+from service.http.errors import ERROR_STATUS
 from service.metrics import REQUEST_LATENCY, REQUESTS
 
 
@@ -36,7 +39,10 @@ class RequestMetrics:
             await self.app(scope, receive, send_with_status)
         finally:
             endpoint = getattr(scope.get("route"), "path", None) or "unmatched"
-            model = scope.get("state", {}).get("model", "")
+            state = scope.get("state", {})
+            if state.get(ANSWER_DROPPED):  # its status was sent, its answer never taken
+                status, _ = ERROR_STATUS[ClientClosedError]
+            model = state.get("model", "")
             REQUESTS.labels(model, endpoint, str(status)).inc()
             REQUEST_LATENCY.labels(model, endpoint).observe(time.perf_counter() - started)
 

@@ -176,6 +176,7 @@ def test_an_answer_not_taken_stays_held_then_is_dropped(server: SegserveServer) 
     def held() -> float:
         return _samples(server, "segserve_inflight_bytes")[()]
 
+    dropped_before = _count(server, "499")
     client.settimeout(60)
     head = client.recv(4096, socket.MSG_PEEK)  # the answer has started, and is not taken
     length = int(re.search(rb"(?i)content-length: (\d+)", head).group(1))  # type: ignore[union-attr]
@@ -196,6 +197,7 @@ def test_an_answer_not_taken_stays_held_then_is_dropped(server: SegserveServer) 
     log = server.log()
     assert "did not take its answer within 2 s" in log
     assert "returned without completing response" not in log
+    assert _count(server, "499") == dropped_before + 1  # not the 200 its head said
 
 
 def test_pipelined_answers_not_taken_are_dropped(server: SegserveServer) -> None:
