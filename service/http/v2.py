@@ -319,8 +319,12 @@ async def _infer(request: Request, name: str, version: str, svc: Services) -> Re
             request, settings.max_upload_bytes, holding, settings.body_timeout_s
         )
         if encoding is not None:
+            # Held before inflating: deflate expands at most ~1032:1, and the upload limit caps it.
+            compressed = holding.bytes
+            bound = min(settings.max_upload_bytes + 1, DEFLATE_MAX_RATIO * len(body))
+            holding.grow(bound, "decompressing the request body")
             body = await svc.in_pool(_inflate, body, encoding, settings.max_upload_bytes)
-            holding.grow(len(body), "the decompressed request body")
+            holding.hold(compressed + len(body), "the decompressed request body")
         json_length = _header_length(request.headers.get(HEADER_LENGTH), len(body))
         if json_length > MAX_JSON_REQUEST_BYTES:
             raise errors.PayloadTooLargeError(
@@ -373,6 +377,9 @@ def _labels_datatype(engine: Engine) -> str:
 
 def _malformed(message: str) -> errors.MalformedRequestError:
     return errors.MalformedRequestError(f"malformed inference request: {message}")
+
+
+DEFLATE_MAX_RATIO = 1032  # deflate's largest expansion (RFC 1951 blocks of repeated bytes)
 
 
 def _inflate(body: bytes, encoding: str, limit: int) -> bytes:

@@ -4,6 +4,7 @@ well-formed ones with tritonclient against a real server)."""
 
 from __future__ import annotations
 
+import gzip
 import json
 import struct
 from collections.abc import Iterator
@@ -249,3 +250,22 @@ def test_a_header_length_of_non_ascii_digits_is_malformed() -> None:
     with pytest.raises(MalformedRequestError, match="'²' for a body of 2 bytes"):
         _header_length("²", 2)
     assert _header_length("2", 2) == 2 and _header_length(None, 7) == 7
+
+
+def test_decompression_is_held_before_it_runs(model_repository: Path) -> None:
+    """A compressed body is held at what it can inflate to (deflate's 1032:1, capped by the
+    upload limit) before it inflates: a 2 KB gzip of zeros inflated to the upload limit (2 MB
+    here) outside the budget, then was refused for its size. A small one still fits."""
+    bomb = gzip.compress(bytes(2 * 1024 * 1024))
+    with make_client(model_repository, max_inflight_bytes=1 << 20) as budgeted:
+        wait_ready(budgeted)
+        admission = budgeted.app.state.services.admission  # type: ignore[attr-defined]
+        headers = {"content-type": "application/json", "content-encoding": "gzip"}
+        refused = budgeted.post("/v2/models/tiny/infer", content=bomb, headers=headers)
+        assert refused.status_code == 413
+        assert refused.json()["error"].startswith("decompressing the request body needs")
+        request = pixels([1, 2, 3], [0, 0, 0, 255, 255, 255])
+        small = gzip.compress(json.dumps(request).encode())
+        answer = budgeted.post("/v2/models/tiny/infer", content=small, headers=headers)
+        assert answer.status_code == 200, answer.text
+        assert admission.held == 0
