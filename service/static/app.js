@@ -72,8 +72,15 @@ function choose(file) {
   chosenFile = file;
   const preview = $("preview");
   URL.revokeObjectURL(preview.src);
+  // Chromium and Firefox cannot draw HEIC or TIFF, which the server decodes: say so rather
+  // than show a broken image.
+  preview.onerror = () => {
+    preview.hidden = true;
+    $("no-preview").hidden = false;
+  };
   preview.src = URL.createObjectURL(file);
   preview.hidden = false;
+  $("no-preview").hidden = true;
   updateButton();
 }
 

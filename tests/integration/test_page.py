@@ -488,3 +488,21 @@ def test_page_icon_loads(page: Page) -> None:
         }"""
     )
     assert status == 200
+
+
+def test_a_format_the_browser_cannot_show_is_still_segmented(
+    page: Page, photos: dict[str, np.ndarray], tmp_path: Path
+) -> None:
+    """A phone's HEIC (or a TIFF) is decoded by the server, not by Chromium: the preview says so
+    instead of showing a broken image, and Segment works."""
+    photo = photos["chelsea"][::4, ::4].copy()
+    tiff = tmp_path / "scan.tiff"
+    Image.fromarray(photo).save(tiff, format="TIFF")
+    page.set_input_files("#file", tiff)
+    page.wait_for_selector("#no-preview", state="visible", timeout=30_000)
+    assert page.is_hidden("#preview")
+    assert run_segment(page).startswith("done")
+    assert natural_size(page, "#overlay") == [photo.shape[1], photo.shape[0]]
+    page.set_input_files("#file", png_file(photo, tmp_path / "cat.png"))
+    page.wait_for_selector("#preview", state="visible", timeout=30_000)
+    assert page.is_hidden("#no-preview")
