@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import shutil
 import signal
@@ -14,6 +15,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -142,3 +144,36 @@ class RedisProcess:
 
     def client(self) -> redis.Redis:
         return redis.Redis(port=self.port, password=self.password)
+
+
+@dataclass(frozen=True)
+class TcpSocket:
+    """One row of /proc/net/tcp or tcp6."""
+
+    address: str  # local
+    port: int  # local
+    remote_port: int
+    listening: bool
+    inode: int
+
+
+def tcp_sockets() -> list[TcpSocket]:
+    """This machine's TCP sockets, as the kernel lists them."""
+    sockets = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            (address, port), remote_port = fields[1].split(":"), fields[2].rsplit(":", 1)[1]
+            raw = bytes.fromhex(address)
+            # The kernel prints each 32-bit word in host (little-endian) order.
+            words = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
+            sockets.append(
+                TcpSocket(
+                    str(ipaddress.ip_address(words)),
+                    int(port, 16),
+                    int(remote_port, 16),
+                    fields[3] == "0A",  # LISTEN
+                    int(fields[9]),
+                )
+            )
+    return sockets

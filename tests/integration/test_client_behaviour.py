@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.servers import SegserveServer, start_server
+from tests.servers import SegserveServer, start_server, tcp_sockets
 
 
 @pytest.fixture(scope="module")
@@ -139,18 +139,19 @@ def test_client_gone_mid_inference_drops_its_queued_inputs(server: SegserveServe
     assert "Traceback" not in server.log()
 
 
+def _held(server: SegserveServer) -> float:
+    return _samples(server, "segserve_inflight_bytes")[()]
+
+
 def _owns_connection(server: SegserveServer, client: socket.socket) -> bool:
     """Whether the server process still has the socket of ``client``'s connection open (found
     through /proc: the TCP entry from its port to the client's, and the process's fds)."""
     client_port = client.getsockname()[1]
-    inodes = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        for line in Path(table).read_text().splitlines()[1:]:
-            fields = line.split()
-            local, remote, inode = fields[1], fields[2], fields[9]
-            ports = int(local.rsplit(":", 1)[1], 16), int(remote.rsplit(":", 1)[1], 16)
-            if ports == (server.port, client_port) and inode != "0":
-                inodes.add(f"socket:[{inode}]")
+    inodes = {
+        f"socket:[{s.inode}]"
+        for s in tcp_sockets()
+        if (s.port, s.remote_port) == (server.port, client_port) and s.inode
+    }
     fds = Path(f"/proc/{server.process.pid}/fd")
     return any(os.readlink(fd) in inodes for fd in fds.iterdir())
 
@@ -173,17 +174,14 @@ def test_an_answer_not_taken_stays_held_then_is_dropped(server: SegserveServer) 
     client.connect(("127.0.0.1", server.port))
     client.sendall(_headers("/segment?output=probabilities", len(body)) + body)
 
-    def held() -> float:
-        return _samples(server, "segserve_inflight_bytes")[()]
-
     dropped_before = _count(server, "499")
     client.settimeout(60)
     head = client.recv(4096, socket.MSG_PEEK)  # the answer has started, and is not taken
     length = int(re.search(rb"(?i)content-length: (\d+)", head).group(1))  # type: ignore[union-attr]
     assert length > 5_000_000
     time.sleep(0.5)
-    assert held() >= length
-    _wait_for(lambda: held() == 0, timeout_s=10)
+    assert _held(server) >= length
+    _wait_for(lambda: _held(server) == 0, timeout_s=10)
     _wait_for(lambda: not _owns_connection(server, client), timeout_s=5)
     client.settimeout(10)
     received = b""
@@ -216,11 +214,8 @@ def test_pipelined_answers_not_taken_are_dropped(server: SegserveServer) -> None
         except BlockingIOError:
             break
 
-    def held() -> float:
-        return _samples(server, "segserve_inflight_bytes")[()]
-
-    _wait_for(lambda: held() > 0, timeout_s=10)
-    _wait_for(lambda: held() == 0 and not _owns_connection(server, client), timeout_s=15)
+    _wait_for(lambda: _held(server) > 0, timeout_s=10)
+    _wait_for(lambda: _held(server) == 0 and not _owns_connection(server, client), timeout_s=15)
     client.close()
     assert httpx.get(f"{server.url}/models", timeout=5).status_code == 200
 

@@ -7,7 +7,6 @@ the image's ENV, its port 8000 inside a private network namespace (so a develope
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import os
 import shlex
@@ -29,7 +28,7 @@ from tests.integration.test_deploy import (
     stage_env,
     stage_instructions,
 )
-from tests.servers import free_port
+from tests.servers import free_port, tcp_sockets
 
 # Runs inside the namespace: loopback up, the CMD started, the HEALTHCHECK run before and after
 # readiness, SIGTERM, then one JSON line with what happened.
@@ -136,21 +135,6 @@ def test_image_bakes_kernels_then_cmd_serves_and_healthcheck_follows_readiness(
     assert started_with == kernels, sorted(set(started_with) ^ set(kernels))
 
 
-def listening_addresses(port: int) -> set[str]:
-    """Local addresses of the sockets listening on ``port``, from /proc/net/tcp and tcp6."""
-    addresses = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        for line in Path(table).read_text().splitlines()[1:]:
-            local, state = line.split()[1], line.split()[3]
-            address, port_hex = local.split(":")
-            if state == "0A" and int(port_hex, 16) == port:  # 0A: LISTEN
-                raw = bytes.fromhex(address)
-                # The kernel prints each 32-bit word in host (little-endian) order.
-                words = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
-                addresses.add(str(ipaddress.ip_address(words)))
-    return addresses
-
-
 def test_serve_script_serves_an_existing_repository_without_exporting(
     model_repository: Path, tmp_path: Path
 ) -> None:
@@ -186,7 +170,8 @@ def test_serve_script_serves_an_existing_repository_without_exporting(
                     break
                 time.sleep(0.3)
             assert status == 200, log_path.read_text()
-            assert listening_addresses(port) == {"127.0.0.1"}
+            listening = {s.address for s in tcp_sockets() if s.listening and s.port == port}
+            assert listening == {"127.0.0.1"}
             models = httpx.get(f"http://127.0.0.1:{port}/models", timeout=10).json()
             assert sorted(m["name"] for m in models) == sorted(
                 p.name for p in model_repository.iterdir()
